@@ -1,0 +1,94 @@
+"""Authentication and keys: the forward token comes off the request, the provider key goes on.
+
+The token is decoded at `requestheaders` (a bad one is a 401 before the body is read), its
+secrets are checked against the database at `request`, and the key sent upstream is the
+gateway's managed key for that provider or the customer's own (BYOK). A managed key is only
+ever sent to its own provider: the target was resolved from the registry, never from input.
+"""
+
+import os
+
+from mitmproxy import http
+
+from addons.calls import fail_closed, call_of, refuse
+from addons.ledger import Ledger
+from meterproxy.errors import GatewayError
+from meterproxy.providers import AuthStyle, Provider
+from meterproxy.token import KeyMode, bearer, decode_token
+
+REDACTED = "<redacted by meterproxy>"
+KEY_HEADERS = {AuthStyle.BEARER: "authorization", AuthStyle.X_API_KEY: "x-api-key", AuthStyle.X_GOOG_API_KEY: "x-goog-api-key"}
+
+
+class ManagedKeys:
+    """The gateway's own provider keys, from the environment; several comma-separated keys
+    are used in turn."""
+
+    def __init__(self, environ=os.environ):
+        self.environ = environ
+        self._turns: dict[str, int] = {}
+
+    def next_key(self, provider: Provider) -> str | None:
+        keys = [key.strip() for key in self.environ.get(provider.key_env, "").split(",") if key.strip()]
+        if not keys:
+            return None
+        turn = self._turns.get(provider.name, 0)
+        self._turns[provider.name] = turn + 1
+        return keys[turn % len(keys)]
+
+
+class Auth:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.managed_keys = ManagedKeys()
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is None or call.refusal:
+            return
+        credential = bearer(flow.request.headers.get("authorization"))
+        for name in KEY_HEADERS.values():
+            flow.request.headers.pop(name, None)
+        try:
+            call.token = decode_token(credential or "")
+        except GatewayError as error:
+            refuse(flow, call, error)
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is None or call.refusal:
+            return
+        token = call.token
+        try:
+            call.principal = await self.ledger.writer.call(lambda store: store.authorize(token))
+            key = self._key_for(call.target.provider, token)
+        except GatewayError as error:
+            refuse(flow, call, error)
+            return
+        style = call.target.provider.auth
+        flow.request.headers[KEY_HEADERS[style]] = f"Bearer {key}" if style is AuthStyle.BEARER else key
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._redact(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._redact(flow)
+
+    def _key_for(self, provider: Provider, token) -> str:
+        if token.key_mode is KeyMode.UNMANAGED:
+            return token.provider_key
+        key = self.managed_keys.next_key(provider)
+        if key is None:
+            raise GatewayError(403, f"no managed key for {provider.name}: send your own provider_key", "no_managed_key")
+        return key
+
+    @staticmethod
+    def _redact(flow: http.HTTPFlow) -> None:
+        """The flow outlives the request (mitmweb shows it): keep no provider key on it."""
+        call = call_of(flow)
+        if call is not None and call.target is not None and not call.refusal:
+            name = KEY_HEADERS[call.target.provider.auth]
+            if name in flow.request.headers:
+                flow.request.headers[name] = REDACTED

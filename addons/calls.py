@@ -1,0 +1,58 @@
+"""Helpers shared by the addons: the call a flow carries, answering a flow ourselves, and
+failing closed when an addon itself breaks."""
+
+import functools
+import inspect
+import logging
+
+from mitmproxy import http
+
+from meterproxy.call import Call
+from meterproxy.errors import GatewayError
+
+CALL = "meterproxy"
+log = logging.getLogger("meterproxy")
+
+
+def call_of(flow: http.HTTPFlow) -> Call | None:
+    """The live call of a gateway flow, or None for flows the gateway does not meter."""
+    call = flow.metadata.get(CALL)
+    return call if isinstance(call, Call) else None
+
+
+def refuse(flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
+    """Answer locally in the OpenAI error shape; nothing goes upstream, the ledger audits it."""
+    call.refusal = error
+    headers = {"content-type": "application/json", **error.headers}
+    flow.response = http.Response.make(error.status, error.body(), headers)
+
+
+def fail_closed(hook):
+    """A bug in a request-phase hook must not let the call through unauthenticated or
+    unmetered: it is answered with a 500 instead (and audited)."""
+
+    def handle(flow: http.HTTPFlow, error: Exception) -> None:
+        log.error("meterproxy %s failed: %r", hook.__qualname__, error, exc_info=error)
+        call = call_of(flow)
+        if call is not None and flow.response is None:
+            refuse(flow, call, GatewayError(500, "internal gateway error", "internal_error"))
+
+    if inspect.iscoroutinefunction(hook):
+
+        @functools.wraps(hook)
+        async def guarded(self, flow: http.HTTPFlow) -> None:
+            try:
+                await hook(self, flow)
+            except Exception as error:
+                handle(flow, error)
+
+    else:
+
+        @functools.wraps(hook)
+        def guarded(self, flow: http.HTTPFlow) -> None:
+            try:
+                hook(self, flow)
+            except Exception as error:
+                handle(flow, error)
+
+    return guarded

@@ -1,0 +1,118 @@
+"""The ledger: a `pending` row before the call goes upstream, completed (priced, wallet
+charged) when it ends, and an audit entry for every request refused before forwarding.
+
+All database work happens on the `LedgerWriter` thread; only the pending row is awaited.
+"""
+
+from datetime import datetime, timezone
+from typing import Optional
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.calls import fail_closed, call_of, refuse
+from meterproxy.call import Call
+from meterproxy.errors import GatewayError
+from meterproxy.ledger import Outcome, closing_fields, from_timestamp, opening_row
+from meterproxy.store import Store, utc_now
+from meterproxy.writer import LedgerWriter
+from pricing.money import ZERO
+from pricing.prices import DEFAULT_OVERRIDES, PriceBook
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.writer: LedgerWriter | None = None
+        self.prices = PriceBook()
+
+    def load(self, loader):
+        loader.add_option("meterproxy_db", str, "meterproxy.sqlite", "SQLite database of the ledger and accounts.")
+        loader.add_option(
+            "meterproxy_prices",
+            Optional[str],
+            str(DEFAULT_OVERRIDES),
+            "TOML file of price overrides (dollars per million tokens), consulted before genai-prices.",
+        )
+
+    def configure(self, updated):
+        if "meterproxy_prices" in updated:
+            try:
+                self.prices = PriceBook.from_file(ctx.options.meterproxy_prices)
+            except ValueError as error:
+                raise exceptions.OptionsError(str(error)) from None
+        if "meterproxy_db" in updated:
+            self.done()
+            try:
+                self.writer = LedgerWriter(ctx.options.meterproxy_db)
+            except Exception as error:
+                raise exceptions.OptionsError(f"cannot open {ctx.options.meterproxy_db}: {error}") from None
+
+    def done(self):
+        if self.writer is not None:
+            self.writer.stop()
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is None or call.refusal:
+            return
+        row = opening_row(call, from_timestamp(flow.request.timestamp_start))
+        try:
+            await self.writer.call(lambda store: _open(store, call, row))
+        except GatewayError as error:
+            refuse(flow, call, error)
+            return
+        call.opened = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is None:
+            return
+        if call.refusal:
+            self._audit(flow, call)
+        elif call.opened:
+            self._close(flow, call, error=None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is not None and call.opened:
+            self._close(flow, call, error=flow.error.msg if flow.error else "request failed")
+
+    def _close(self, flow: http.HTTPFlow, call: Call, error: str | None) -> None:
+        """Hand the completion to the writer; the client's stream ends without waiting for it."""
+        response = flow.response
+        outcome = Outcome(
+            started=from_timestamp(flow.request.timestamp_start),
+            first_byte=from_timestamp(response.timestamp_start) if response else None,
+            ended=datetime.now(timezone.utc),
+            upstream_status=response.status_code if response else None,
+            error=error,
+        )
+        call.opened = False  # one completion per call, whichever hook comes first
+        prices = self.prices
+
+        def complete(store: Store) -> None:
+            fields, wallet_cost = closing_fields(call, outcome, prices)
+            store.complete_request(call.request_id, fields, call.principal.wallet_id, wallet_cost)
+
+        self.writer.submit(complete)
+
+    def _audit(self, flow: http.HTTPFlow, call: Call) -> None:
+        refusal = call.refusal
+        entry = {
+            "created_at": utc_now(),
+            "request_id": call.request_id,
+            "status": refusal.status,
+            "code": refusal.code,
+            "reason": refusal.message,
+            "client_address": flow.client_conn.peername[0] if flow.client_conn.peername else None,
+            "target_host": call.target_host,
+        }
+        self.writer.submit(lambda store: store.record_audit(entry))
+
+
+def _open(store: Store, call: Call, row: dict) -> None:
+    """Refuse a wallet that cannot pay, then write the pending row, in one transaction."""
+    wallet_id = call.principal.wallet_id
+    if wallet_id and store.wallet_balance(wallet_id) <= ZERO:
+        raise GatewayError(402, "wallet balance cannot cover this request", "insufficient_balance")
+    store.open_request(row)

@@ -1,0 +1,37 @@
+"""One metered call's state, from routing to its ledger row, carried on the flow."""
+
+from dataclasses import dataclass, field
+
+from meterproxy.errors import GatewayError
+from meterproxy.providers import Target
+from meterproxy.store import Principal
+from meterproxy.stream import StreamMeter
+from meterproxy.token import ForwardToken, KeyMode
+from meterproxy.usage import Reply, Usage
+
+
+@dataclass
+class Call:
+    request_id: str
+    method: str = "POST"
+    target: Target | None = None
+    target_host: str | None = None  # as asked for, kept for the audit even when refused
+    metadata: dict[str, str] = field(default_factory=dict)
+    token: ForwardToken | None = None
+    principal: Principal | None = None
+    model: str | None = None
+    stream: bool = False
+    refusal: GatewayError | None = None
+    usage: Usage | None = None
+    reply: Reply = field(default_factory=Reply)
+    meter: StreamMeter | None = None
+    drop_usage_event: bool = False  # the gateway asked for the stream's usage event itself
+    opened: bool = False  # its pending row is on disk
+
+    @property
+    def key_mode(self) -> KeyMode | None:
+        return self.token.key_mode if self.token else None
+
+    @property
+    def endpoint(self) -> str | None:
+        return None if self.target is None else f"{self.method} {self.target.url.partition('?')[0]}"

@@ -1,0 +1,188 @@
+"""The provider registry and the parsing of forward targets (SPEC §1.1, §1.2, §4).
+
+A target URL is accepted only when its scheme, host and port are exactly those of a registered
+provider: no userinfo, no lookalike or suffix hosts, no IP literals, no dot-segment paths. The
+optional providers TOML file adds OpenAI-compatible providers and points any provider's upstream
+at another base URL (how tests reach the local fake provider).
+"""
+
+import enum
+import re
+import tomllib
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+from meterproxy.errors import GatewayError
+
+
+class AuthStyle(str, enum.Enum):
+    """How a provider expects its key."""
+
+    BEARER = "bearer"  # Authorization: Bearer <key>
+    X_API_KEY = "x-api-key"  # Anthropic
+    X_GOOG_API_KEY = "x-goog-api-key"  # Gemini
+
+
+class Wire(str, enum.Enum):
+    """Which wire format the provider speaks, hence how its usage is read."""
+
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+    GOOGLE = "google"
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    base_url: str  # the public origin, e.g. https://api.openai.com
+    key_env: str
+    auth: AuthStyle
+    wire: Wire
+    price_provider: str  # the provider id in genai-prices
+    upstream: str | None = None  # where calls really go, when overridden
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        parts = urllib.parse.urlsplit(self.base_url)
+        return parts.scheme, parts.hostname or "", parts.port or _DEFAULT_PORTS[parts.scheme]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One accepted call: the provider, the URL as the client named it, where it really goes."""
+
+    provider: Provider
+    url: str
+    upstream_url: str
+
+
+BUILT_IN = (
+    Provider("openai", "https://api.openai.com", "OPENAI_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "openai"),
+    Provider("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY", AuthStyle.X_API_KEY, Wire.ANTHROPIC, "anthropic"),
+    Provider("google", "https://generativelanguage.googleapis.com", "GEMINI_API_KEY", AuthStyle.X_GOOG_API_KEY, Wire.GOOGLE, "google"),
+    Provider("mistral", "https://api.mistral.ai", "MISTRAL_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "mistral"),
+    Provider("deepseek", "https://api.deepseek.com", "DEEPSEEK_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "deepseek"),
+    Provider("xai", "https://api.x.ai", "XAI_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "x-ai"),
+)
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_UNSAFE = re.compile(r"[\x00-\x20\x7f\\]")
+_DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+
+
+class ProviderEntry(BaseModel):
+    """One `[providers.<name>]` table of the providers file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | None = None
+    upstream: str | None = None
+    key_env: str | None = None
+    auth: AuthStyle = AuthStyle.BEARER
+    wire: Wire = Wire.OPENAI
+    price_provider: str | None = None
+
+
+class ProvidersFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    providers: dict[str, ProviderEntry] = {}
+
+
+class Registry:
+    """Providers by name and by origin; `resolve` is the only way a URL becomes a Target."""
+
+    def __init__(self, providers: tuple[Provider, ...] | list[Provider] = BUILT_IN):
+        self.by_name = {provider.name: provider for provider in providers}
+        self.by_origin = {provider.origin: provider for provider in providers}
+
+    @classmethod
+    def from_file(cls, path: str | Path | None) -> "Registry":
+        if not path:
+            return cls()
+        try:
+            parsed = ProvidersFile.model_validate(tomllib.loads(Path(path).read_text()))
+        except (OSError, tomllib.TOMLDecodeError, pydantic.ValidationError) as error:
+            raise ValueError(f"providers file {path}: {error}") from None
+        providers = {provider.name: provider for provider in BUILT_IN}
+        for name, entry in parsed.providers.items():
+            providers[name] = _merge(name, entry, providers.get(name))
+        return cls(list(providers.values()))
+
+    def resolve(self, url: str) -> Target:
+        """Accept `url` only if it names a registered provider exactly."""
+        if not url:
+            raise GatewayError(400, "missing target URL: pass ?u=<provider URL>", "missing_target")
+        if _UNSAFE.search(url):
+            raise GatewayError(400, "target URL contains whitespace or control characters", "malformed_target")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise GatewayError(400, "target URL is malformed", "malformed_target") from None
+        if parts.scheme not in _DEFAULT_PORTS or not parts.netloc:
+            raise GatewayError(400, "target URL must be an absolute http(s) URL", "malformed_target")
+        if parts.fragment or _DOT_SEGMENT.search(urllib.parse.unquote(parts.path)):
+            raise GatewayError(400, "target URL has a fragment or dot segments", "malformed_target")
+        host = parts.hostname or ""
+        origin = (parts.scheme, host, port or _DEFAULT_PORTS[parts.scheme])
+        provider = self.by_origin.get(origin)
+        if provider is None or "@" in parts.netloc:
+            raise GatewayError(403, f"{host or 'target'} is not a registered provider", "provider_not_allowed")
+        path_and_query = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        canonical = provider.base_url + path_and_query
+        return Target(provider, canonical, (provider.upstream or provider.base_url) + path_and_query)
+
+    def route(self, name: str, path_and_query: str) -> Target:
+        """`/<provider>/<path>` is `/v1/forward?u=<provider base>/<path>` (SPEC §1.2)."""
+        provider = self.by_name.get(name)
+        if provider is None:
+            raise GatewayError(404, f"no provider named {name!r}", "unknown_provider")
+        return self.resolve(provider.base_url + path_and_query)
+
+
+def _merge(name: str, entry: ProviderEntry, known: Provider | None) -> Provider:
+    if known is None:
+        if not entry.base_url:
+            raise ValueError(f"providers file: new provider {name!r} needs a base_url")
+        known = Provider(name, "", f"{name.upper()}_API_KEY", entry.auth, entry.wire, name)
+    base_url = (entry.base_url or known.base_url).rstrip("/")
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.path or parts.query:
+        raise ValueError(f"providers file: {name}.base_url must be a scheme and host only")
+    fields = entry.model_dump(exclude_unset=True, exclude={"base_url", "upstream"})
+    upstream = entry.upstream.rstrip("/") if entry.upstream else known.upstream
+    return Provider(**{**known.__dict__, **fields, "base_url": base_url, "upstream": upstream})
+
+
+def forward_target(query: str) -> tuple[str, dict[str, str]]:
+    """Split a /v1/forward query into `u` and the other parameters.
+
+    `u` may be percent-encoded or raw; a raw `u` carrying its own query (`…?alt=sse&key=…`)
+    is taken to run to the end of the string, so it must be the last parameter.
+    """
+    target = ""
+    params: dict[str, str] = {}
+    rest = query
+    while rest:
+        field, sep, rest = rest.partition("&")
+        name, _, value = field.partition("=")
+        if name == "u":
+            if "?" in value:  # a raw URL with its own query: everything that follows is its own
+                return value + sep + rest, params
+            target = urllib.parse.unquote(value) if value[:8].lower().startswith(("http%3a", "https%3a")) else value
+        elif name:
+            params[urllib.parse.unquote_plus(name)] = urllib.parse.unquote_plus(value)
+    return target, params
+
+
+def target_host(url: str) -> str | None:
+    """The host a URL names, best effort and never its userinfo, path or query (for the audit)."""
+    try:
+        return urllib.parse.urlsplit(url).hostname
+    except ValueError:
+        return None

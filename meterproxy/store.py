@@ -1,0 +1,294 @@
+"""The SQLite database: merchants, products, wallets, connections, the ledger and the audit log.
+
+One file in WAL mode, shared by the gateway (through `LedgerWriter`'s single thread) and the
+`meterproxy` admin command. Money is stored as exact 10-decimal strings; secrets only as
+SHA-256 hashes (they are 256-bit random, so a plain hash is enough and lookups stay indexed).
+"""
+
+import hashlib
+import json
+import secrets
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import sqlite_utils
+
+from meterproxy.errors import GatewayError
+from meterproxy.ids import new_id
+from meterproxy.token import ForwardToken
+from pricing.fees import Payer, ProductFees
+from pricing.money import ZERO, money_text
+
+TOKEN_COLUMNS = {
+    "input_tokens": int,
+    "output_tokens": int,
+    "cached_input_tokens": int,
+    "cache_write_tokens": int,
+    "reasoning_tokens": int,
+    "input_characters": int,
+    "output_characters": int,
+    "input_seconds": str,
+    "output_seconds": str,
+}
+LEDGER_COLUMNS = {
+    "request_id": str,
+    "status": str,
+    "provider": str,
+    "endpoint": str,
+    "key_mode": str,
+    "model": str,
+    "provider_response_id": str,
+    "connection_id": str,
+    "product_id": str,
+    "merchant_id": str,
+    "wallet_id": str,
+    "metadata": str,
+    **TOKEN_COLUMNS,
+    "usage_source": str,
+    "stream": int,
+    "cache_hit": int,
+    "attempts": int,
+    "upstream_status": int,
+    "error_message": str,
+    "total_cost": str,
+    "wallet_cost": str,
+    "merchant_cost": str,
+    "created_at": str,
+    "completed_at": str,
+    "latency_ms": int,
+    "ttfb_ms": int,
+}
+
+
+def utc_now() -> str:
+    """ISO 8601 UTC with milliseconds, the one time format of the database."""
+    return iso(datetime.now(timezone.utc))
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a forward token names: always a merchant; a connection, wallet and product unless
+    the request is metering-only."""
+
+    merchant_id: str
+    connection_id: str | None = None
+    wallet_id: str | None = None
+    product_id: str | None = None
+    fees: ProductFees | None = None
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # in WAL: durable across process crashes
+        self.db.execute("PRAGMA busy_timeout=30000")
+        self.ensure_schema()
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self):
+        """A write transaction that takes the lock up front, so that it waits for other
+        writers (busy_timeout) instead of failing on a lock upgrade."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.db.rollback()
+            raise
+        self.db.commit()
+
+    def ensure_schema(self) -> None:
+        db = self.db
+        db["merchants"].create(
+            {"id": str, "name": str, "secret_hash": str, "created_at": str}, pk="id", if_not_exists=True
+        )
+        db["products"].create(
+            {
+                "id": str,
+                "merchant_id": str,
+                "name": str,
+                "secret_hash": str,
+                "fixed_fee": str,
+                "markup_percent": str,
+                "provider_cost_payer": str,
+                "created_at": str,
+            },
+            pk="id",
+            foreign_keys=[("merchant_id", "merchants")],
+            if_not_exists=True,
+        )
+        db["wallets"].create({"id": str, "name": str, "balance": str, "created_at": str}, pk="id", if_not_exists=True)
+        db["connections"].create(
+            {
+                "id": str,
+                "merchant_id": str,
+                "wallet_id": str,
+                "secret_hash": str,
+                "created_at": str,
+                "revoked_at": str,
+            },
+            pk="id",
+            foreign_keys=[("merchant_id", "merchants"), ("wallet_id", "wallets")],
+            if_not_exists=True,
+        )
+        db["requests"].create(LEDGER_COLUMNS, pk="request_id", if_not_exists=True)
+        db["audit"].create(
+            {
+                "id": int,
+                "created_at": str,
+                "request_id": str,
+                "status": int,
+                "code": str,
+                "reason": str,
+                "client_address": str,
+                "target_host": str,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        for table, columns, unique in (
+            ("merchants", ["secret_hash"], True),
+            ("products", ["secret_hash"], True),
+            ("connections", ["secret_hash"], True),
+            ("requests", ["merchant_id", "created_at"], False),
+            ("requests", ["status"], False),
+        ):
+            db[table].create_index(columns, unique=unique, if_not_exists=True)
+
+    # --- administration -------------------------------------------------------------------
+
+    def create_merchant(self, name: str) -> tuple[dict, str]:
+        secret = new_secret("msk")
+        row = {"id": new_id("mer"), "name": name, "secret_hash": hash_secret(secret), "created_at": utc_now()}
+        with self.transaction():
+            self.db["merchants"].insert(row)
+        return row, secret
+
+    def create_product(self, merchant_id: str, name: str, fees: ProductFees) -> tuple[dict, str]:
+        self._require("merchants", merchant_id)
+        secret = new_secret("psk")
+        row = {
+            "id": new_id("prd"),
+            "merchant_id": merchant_id,
+            "name": name,
+            "secret_hash": hash_secret(secret),
+            "fixed_fee": money_text(fees.fixed_fee),
+            "markup_percent": str(fees.markup_percent),
+            "provider_cost_payer": fees.provider_cost_payer.value,
+            "created_at": utc_now(),
+        }
+        with self.transaction():
+            self.db["products"].insert(row)
+        return row, secret
+
+    def create_wallet(self, name: str, balance: Decimal = ZERO) -> dict:
+        row = {"id": new_id("wal"), "name": name, "balance": money_text(balance), "created_at": utc_now()}
+        with self.transaction():
+            self.db["wallets"].insert(row)
+        return row
+
+    def top_up(self, wallet_id: str, amount: Decimal) -> Decimal:
+        with self.transaction():
+            balance = self.wallet_balance(wallet_id) + amount
+            self.db["wallets"].update(wallet_id, {"balance": money_text(balance)})
+        return balance
+
+    def wallet_balance(self, wallet_id: str) -> Decimal:
+        return Decimal(self._require("wallets", wallet_id)["balance"])
+
+    def create_connection(self, merchant_id: str, wallet_id: str) -> tuple[dict, str]:
+        self._require("merchants", merchant_id)
+        self._require("wallets", wallet_id)
+        secret = new_secret("csk")
+        row = {
+            "id": new_id("con"),
+            "merchant_id": merchant_id,
+            "wallet_id": wallet_id,
+            "secret_hash": hash_secret(secret),
+            "created_at": utc_now(),
+            "revoked_at": None,
+        }
+        with self.transaction():
+            self.db["connections"].insert(row)
+        return row, secret
+
+    def revoke_connection(self, connection_id: str) -> None:
+        self._require("connections", connection_id)
+        with self.transaction():
+            self.db["connections"].update(connection_id, {"revoked_at": utc_now()})
+
+    def _require(self, table: str, row_id: str) -> dict:
+        try:
+            return self.db[table].get(row_id)
+        except sqlite_utils.db.NotFoundError:
+            raise KeyError(f"no {table[:-1]} {row_id}") from None
+
+    # --- the gateway's side (called on the writer thread) ------------------------------------
+
+    def authorize(self, token: ForwardToken) -> Principal:
+        merchant = self._by_secret("merchants", token.secret_key)
+        if merchant is None:
+            raise GatewayError(401, "unknown secret key", "invalid_secret_key")
+        if token.connection_secret is None:
+            return Principal(merchant_id=merchant["id"])
+        connection = self._by_secret("connections", token.connection_secret, merchant["id"])
+        if connection is None or connection["revoked_at"]:
+            raise GatewayError(401, "unknown or revoked connection", "invalid_connection")
+        product = self._by_secret("products", token.product_secret, merchant["id"])
+        if product is None:
+            raise GatewayError(401, "unknown product", "invalid_product")
+        fees = ProductFees(
+            fixed_fee=Decimal(product["fixed_fee"]),
+            markup_percent=Decimal(product["markup_percent"]),
+            provider_cost_payer=Payer(product["provider_cost_payer"]),
+        )
+        return Principal(merchant["id"], connection["id"], connection["wallet_id"], product["id"], fees)
+
+    def _by_secret(self, table: str, secret: str, merchant_id: str | None = None) -> dict | None:
+        """The row a secret names, if it belongs to `merchant_id` (when given)."""
+        rows = self.db[table].rows_where("secret_hash = ?", [hash_secret(secret)], limit=1)
+        row = next(iter(rows), None)
+        return row if row and (merchant_id is None or row["merchant_id"] == merchant_id) else None
+
+    def open_request(self, row: dict) -> None:
+        """The `pending` row, written before the call goes upstream."""
+        self.db["requests"].insert({**row, "status": "pending", "metadata": json.dumps(row.get("metadata") or {})})
+
+    def complete_request(self, request_id: str, fields: dict, wallet_id: str | None, wallet_cost: Decimal) -> None:
+        """Finish the row and debit the wallet in one transaction."""
+        self.db["requests"].update(request_id, fields)
+        if wallet_id and wallet_cost:
+            balance = self.wallet_balance(wallet_id) - wallet_cost
+            self.db["wallets"].update(wallet_id, {"balance": money_text(balance)})
+
+    def record_audit(self, entry: dict) -> None:
+        self.db["audit"].insert(entry)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def request(self, request_id: str) -> dict | None:
+        rows = self.db["requests"].rows_where("request_id = ?", [request_id])
+        return next(iter(rows), None)
+
+    def recent_requests(self, limit: int = 20) -> list[dict]:
+        return list(self.db["requests"].rows_where(order_by="created_at desc, request_id desc", limit=limit))

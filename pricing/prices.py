@@ -1,0 +1,90 @@
+"""Provider cost of one request: genai-prices, unless the override file prices the model.
+
+The override file (`pricing/overrides.toml` by default) holds models genai-prices lacks and
+negotiated prices, in dollars per million tokens. A model priced nowhere raises `PriceNotFound`
+so that the request becomes an `error` row, never a silent zero.
+"""
+
+import tomllib
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+import genai_prices
+from pydantic import BaseModel, ConfigDict
+
+from meterproxy.usage import Usage
+
+DEFAULT_OVERRIDES = Path(__file__).with_name("overrides.toml")
+MILLION = Decimal(1_000_000)
+
+
+class PriceNotFound(LookupError):
+    pass
+
+
+class ModelPrice(BaseModel):
+    """Dollars per million tokens; cache prices default to the input price."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str
+    model: str
+    input_mtok: Decimal
+    output_mtok: Decimal
+    cache_read_mtok: Decimal | None = None
+    cache_write_mtok: Decimal | None = None
+
+    def cost(self, usage: Usage) -> Decimal:
+        cache_read = self.input_mtok if self.cache_read_mtok is None else self.cache_read_mtok
+        cache_write = self.input_mtok if self.cache_write_mtok is None else self.cache_write_mtok
+        uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
+        total = (
+            uncached * self.input_mtok
+            + usage.cached_input_tokens * cache_read
+            + usage.cache_write_tokens * cache_write
+            + usage.output_tokens * self.output_mtok
+        )
+        return total / MILLION
+
+
+class OverridesFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: list[ModelPrice] = []
+
+
+class PriceBook:
+    def __init__(self, overrides: list[ModelPrice] = ()):
+        self.overrides = {(price.provider, price.model): price for price in overrides}
+
+    @classmethod
+    def from_file(cls, path: str | Path | None = DEFAULT_OVERRIDES) -> "PriceBook":
+        if not path:
+            return cls()
+        try:
+            parsed = OverridesFile.model_validate(tomllib.loads(Path(path).read_text()))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"price overrides {path}: {error}") from None
+        return cls(parsed.model)
+
+    def provider_cost(self, provider: str, model: str, usage: Usage, at: datetime) -> Decimal:
+        """The provider's price for `usage`, in force at `at` (some providers price by time)."""
+        override = self.overrides.get((provider, model))
+        if override is not None:
+            return override.cost(usage)
+        try:
+            calculation = genai_prices.calc_price(
+                genai_prices.Usage(
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    cache_read_tokens=usage.cached_input_tokens,
+                    cache_write_tokens=usage.cache_write_tokens,
+                ),
+                model,
+                provider_id=provider,
+                genai_request_timestamp=at,
+            )
+        except LookupError:
+            raise PriceNotFound(f"no price for model {model!r} of provider {provider!r}") from None
+        return calculation.total_price

@@ -1,0 +1,168 @@
+"""Real processes for integration tests: the fake provider and `mitmdump -s addons/gateway.py`,
+each on a free loopback port, plus helpers to make accounts and read the ledger."""
+
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from meterproxy.store import Store
+from meterproxy.token import encode_token
+from pricing.fees import ProductFees
+
+ROOT = Path(__file__).resolve().parents[1]
+MANAGED_KEYS = {
+    "OPENAI_API_KEY": "sk-managed-openai-7f3a",
+    "ANTHROPIC_API_KEY": "sk-ant-managed-51c2",
+    "GEMINI_API_KEY": "AIza-managed-gemini-93d1",
+    "MISTRAL_API_KEY": "managed-mistral-2b8e",
+    "DEEPSEEK_API_KEY": "sk-managed-deepseek-c4f0",
+    "XAI_API_KEY": "xai-managed-6e19",
+}
+FAKE_PROVIDERS = ("openai", "mistral", "deepseek", "xai")
+SELF_HOSTED = "https://llm.selfhosted.test"  # added by the providers file; no managed key
+
+
+def _start(command: list[str], pattern: str, env: dict | None = None) -> tuple[subprocess.Popen, re.Match, list[str]]:
+    """Start a process and wait for the line that says where it listens; keep its output."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    lines: list[str] = []
+    for line in process.stdout:
+        lines.append(line)
+        if match := re.search(pattern, line):
+            break
+    else:
+        raise RuntimeError(f"{command[0]} did not start:\n{''.join(lines)}")
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    return process, match, lines
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class FakeProvider:
+    def __init__(self) -> None:
+        self.process, match, self.output = _start(
+            [sys.executable, "scripts/fake_provider.py", "--port", "0"], r"listening at 127\.0\.0\.1:(\d+)"
+        )
+        self.port = int(match.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _control(self, method: str, body: object = None) -> object:
+        path = "/_fake/behaviours" if method == "POST" else "/_fake/requests"
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request(method, path, body=None if body is None else json.dumps(body))
+            return json.loads(connection.getresponse().read())
+        finally:
+            connection.close()
+
+    def behave(self, *behaviours: dict) -> None:
+        """Script the next requests (fault injection, cached tokens, slow streams…)."""
+        self._control("POST", list(behaviours))
+
+    def requests(self) -> list[dict]:
+        return self._control("GET")
+
+    def reset(self) -> None:
+        self._control("DELETE")
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+class Gateway:
+    """The real gateway: `mitmdump -s addons/gateway.py` with its own database and confdir."""
+
+    def __init__(self, tmp: Path, fake: FakeProvider, extra_env: dict | None = None):
+        self.db_path = tmp / "ledger.sqlite"
+        providers = tmp / "providers.toml"
+        providers.write_text(
+            "".join(f'[providers.{name}]\nupstream = "{fake.url}/{name}"\n\n' for name in FAKE_PROVIDERS)
+            + f'[providers.selfhosted]\nbase_url = "{SELF_HOSTED}"\nupstream = "{fake.url}/openai"\n'
+            + 'price_provider = "openai"\n'
+        )
+        env = {key: value for key, value in os.environ.items() if not key.endswith("_API_KEY")}
+        env.update(MANAGED_KEYS, **(extra_env or {}))
+        mitmdump = Path(sys.executable).with_name("mitmdump")
+        self.process, match, self.output = _start(
+            [
+                str(mitmdump),
+                "--listen-host", "127.0.0.1",
+                "--listen-port", "0",
+                "--set", f"confdir={tmp / 'mitmproxy'}",
+                "-s", "addons/gateway.py",
+                "--set", f"meterproxy_db={self.db_path}",
+                "--set", f"meterproxy_providers={providers}",
+            ],
+            r"proxy listening at 127\.0\.0\.1:(\d+)",
+            env,
+        )
+        self.port = int(match.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.store = Store(self.db_path)
+
+    def forward_base(self, provider_base: str) -> str:
+        return f"{self.url}/v1/forward?u={provider_base}"
+
+    def row(self, request_id: str, timeout: float = 10) -> dict:
+        """The ledger row once it is no longer pending (completion is written off the event loop)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = self.store.request(request_id)
+            if row is not None and row["status"] != "pending":
+                return row
+            time.sleep(0.02)
+        raise AssertionError(f"ledger row {request_id} not completed: {self.store.request(request_id)}")
+
+    def rows(self) -> list[dict]:
+        return list(self.store.db["requests"].rows)
+
+    def audit(self) -> list[dict]:
+        return list(self.store.db["audit"].rows)
+
+    def stop(self) -> None:
+        _stop(self.process)
+        self.store.close()
+
+
+@dataclass
+class Account:
+    merchant_id: str
+    wallet_id: str
+    connection_id: str
+    product_id: str
+    secret_key: str
+    connection_secret: str
+    product_secret: str
+
+    def token(self, provider_key: str | None = None, billed: bool = True) -> str:
+        return encode_token(
+            secret_key=self.secret_key,
+            connection_secret=self.connection_secret if billed else None,
+            product_secret=self.product_secret if billed else None,
+            provider_key=provider_key,
+        )
+
+
+def make_account(store: Store, fees: ProductFees = ProductFees(), balance: Decimal = Decimal("10")) -> Account:
+    merchant, secret_key = store.create_merchant("test merchant")
+    product, product_secret = store.create_product(merchant["id"], "test product", fees)
+    wallet = store.create_wallet("test wallet", balance)
+    connection, connection_secret = store.create_connection(merchant["id"], wallet["id"])
+    return Account(
+        merchant["id"], wallet["id"], connection["id"], product["id"], secret_key, connection_secret, product_secret
+    )
