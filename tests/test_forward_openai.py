@@ -310,3 +310,65 @@ def test_managed_mode_for_a_provider_without_a_managed_key_is_a_403(gateway, fak
 def test_a_wallet_that_cannot_pay_is_refused_with_402(gateway, fake):
     account = make_account(gateway.store, balance=Decimal(0))
     refused(gateway, fake, gateway.forward_base(OPENAI_BASE), account.token(), openai.APIStatusError, 402, "insufficient_balance")
+
+
+def test_an_upstream_error_reaches_the_client_unchanged_and_is_an_error_row(gateway, fake, account):
+    fake.behave({"status": 429, "headers": {"retry-after": "7"}, "body": {"error": {"message": "slow down", "type": "rate_limit", "code": None}}})
+    balance_before = gateway.store.wallet_balance(account.wallet_id)
+    with pytest.raises(openai.RateLimitError) as raised:
+        client_for(gateway, account.token()).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    response = raised.value.response
+    assert response.headers["retry-after"] == "7" and raised.value.body["message"] == "slow down"
+    row = gateway.row(response.headers["x-lava-request-id"])
+    assert (row["status"], row["upstream_status"], row["error_message"]) == ("error", 429, "provider answered HTTP 429: slow down")
+    assert (row["total_cost"], row["wallet_cost"]) == ("0.0000000000", "0.0000000000")
+    assert gateway.store.wallet_balance(account.wallet_id) == balance_before
+
+
+def test_a_model_without_a_price_is_an_error_row_not_a_free_call(gateway, fake, account):
+    balance_before = gateway.store.wallet_balance(account.wallet_id)
+    raw = client_for(gateway, account.token()).chat.completions.with_raw_response.create(
+        model="gpt-unpriced-experimental", messages=MESSAGES
+    )
+    assert raw.parse().choices[0].message.content == "w0 w1 w2 w3 w4"
+    row = gateway.row(raw.headers["x-lava-request-id"])
+    assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("error", PROMPT_TOKENS, 5)
+    assert "gpt-unpriced-experimental" in row["error_message"]
+    assert gateway.store.wallet_balance(account.wallet_id) == balance_before
+
+
+def test_a_gzip_stream_is_metered_and_reaches_the_client_as_sent(gateway, fake, account):
+    """The client asked for usage itself, so the gateway drops nothing and passes the gzip bytes on."""
+    fake.behave({"gzip": True, "words": 9})
+    client = client_for(gateway, account.token())
+    with client.chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    ) as response:
+        assert response.headers["content-encoding"] == "gzip"
+        chunks = list(response.parse())
+        request_id = response.headers["x-lava-request-id"]
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == " ".join(f"w{i}" for i in range(9))
+    row = gateway.row(request_id)
+    assert (row["status"], row["output_tokens"], row["input_tokens"]) == ("completed", 9, PROMPT_TOKENS)
+
+
+def test_metadata_from_the_query_and_headers_is_recorded(gateway, fake, account):
+    base = f"{gateway.url}/v1/forward?metadata=%7B%22user%22%3A%22u_42%22%7D&u={OPENAI_BASE}"
+    client = openai.OpenAI(base_url=base, api_key=account.token(), max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_headers={"x-lava-metadata-feature": "summaries"}
+    )
+    row = gateway.row(raw.headers["x-lava-request-id"])
+    assert json.loads(row["metadata"]) == {"user": "u_42", "feature": "summaries"}
+    [seen] = fake.requests()
+    assert not [name for name, _ in seen["headers"] if name.startswith("x-lava")]
+
+
+def test_metadata_past_the_limits_is_a_400(gateway, fake, account):
+    client = client_for(gateway, account.token())
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers={"x-lava-metadata-user": "x" * 256}
+        )
+    assert raised.value.code == "invalid_metadata"
+    assert fake.requests() == []
