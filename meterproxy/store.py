@@ -178,34 +178,21 @@ class Store:
     # --- administration -------------------------------------------------------------------
 
     def create_merchant(self, name: str) -> tuple[dict, str]:
-        secret = new_secret("msk")
-        row = {"id": new_id("mer"), "name": name, "secret_hash": hash_secret(secret), "created_at": utc_now()}
-        with self.transaction():
-            self.db["merchants"].insert(row)
-        return row, secret
+        return self._create("merchants", "mer", {"name": name}, secret_prefix="msk")
 
     def create_product(self, merchant_id: str, name: str, fees: ProductFees) -> tuple[dict, str]:
         self._require("merchants", merchant_id)
-        secret = new_secret("psk")
-        row = {
-            "id": new_id("prd"),
+        fields = {
             "merchant_id": merchant_id,
             "name": name,
-            "secret_hash": hash_secret(secret),
             "fixed_fee": money_text(fees.fixed_fee),
             "markup_percent": str(fees.markup_percent),
             "provider_cost_payer": fees.provider_cost_payer.value,
-            "created_at": utc_now(),
         }
-        with self.transaction():
-            self.db["products"].insert(row)
-        return row, secret
+        return self._create("products", "prd", fields, secret_prefix="psk")
 
     def create_wallet(self, name: str, balance: Decimal = ZERO) -> dict:
-        row = {"id": new_id("wal"), "name": name, "balance": money_text(balance), "created_at": utc_now()}
-        with self.transaction():
-            self.db["wallets"].insert(row)
-        return row
+        return self._create("wallets", "wal", {"name": name, "balance": money_text(balance)})[0]
 
     def top_up(self, wallet_id: str, amount: Decimal) -> Decimal:
         with self.transaction():
@@ -219,17 +206,18 @@ class Store:
     def create_connection(self, merchant_id: str, wallet_id: str) -> tuple[dict, str]:
         self._require("merchants", merchant_id)
         self._require("wallets", wallet_id)
-        secret = new_secret("csk")
-        row = {
-            "id": new_id("con"),
-            "merchant_id": merchant_id,
-            "wallet_id": wallet_id,
-            "secret_hash": hash_secret(secret),
-            "created_at": utc_now(),
-            "revoked_at": None,
-        }
+        fields = {"merchant_id": merchant_id, "wallet_id": wallet_id, "revoked_at": None}
+        return self._create("connections", "con", fields, secret_prefix="csk")
+
+    def _create(self, table: str, id_prefix: str, fields: dict, secret_prefix: str | None = None) -> tuple[dict, str | None]:
+        """Insert an account row with a new id and, if it has one, a new secret: returned
+        here once, stored only hashed."""
+        row = {"id": new_id(id_prefix), **fields, "created_at": utc_now()}
+        secret = new_secret(secret_prefix) if secret_prefix else None
+        if secret:
+            row["secret_hash"] = hash_secret(secret)
         with self.transaction():
-            self.db["connections"].insert(row)
+            self.db[table].insert(row)
         return row, secret
 
     def revoke_connection(self, connection_id: str) -> None:
