@@ -1,0 +1,463 @@
+"""The mitmproxy addons, tested the way mitmproxy tests its own: taddons contexts and tflow flows."""
+
+import asyncio
+import json
+
+import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.test import taddons, tflow
+
+from addons.auth import REDACTED, Auth, ManagedKeys
+from addons.calls import call_of
+from addons.ledger import Ledger
+from addons.metering import Metering
+from addons.routing import REQUEST_ID_HEADER, Routing
+from meterproxy.providers import Registry
+from meterproxy.store import Store
+from meterproxy.token import encode_token
+from meterproxy.writer import LedgerWriter
+from pricing.fees import ProductFees
+
+CHAT = "https://api.openai.com/v1/chat/completions"
+TOKEN = encode_token(secret_key="msk_addon_secret", provider_key="sk-addon-byok")
+
+
+def gateway_flow(path: str, headers: dict | None = None, body: object = None, method: str = "POST") -> http.HTTPFlow:
+    """A request addressed to the gateway itself (not through a CONNECT tunnel)."""
+    flow = tflow.tflow()
+    flow.server_conn.address = None
+    flow.request.method = method
+    flow.request.host, flow.request.port = "127.0.0.1", 8080
+    flow.request.path = path
+    flow.request.headers = http.Headers(host="127.0.0.1:8080")
+    for name, value in (headers or {}).items():
+        flow.request.headers[name] = value
+    flow.request.content = b"" if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    return flow
+
+
+def error_of(flow: http.HTTPFlow) -> tuple[int, dict]:
+    assert flow.response.headers["content-type"] == "application/json"
+    return flow.response.status_code, json.loads(flow.response.content)["error"]
+
+
+def routed(path: str, headers: dict | None = None, body: object = None, routing: Routing | None = None) -> http.HTTPFlow:
+    routing = routing or Routing()
+    with taddons.context(routing):
+        flow = gateway_flow(path, headers, body)
+        routing.requestheaders(flow)
+    return flow
+
+
+# --- Routing ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, url",
+    [
+        (f"/v1/forward?u={CHAT}", CHAT),
+        (f"/v1/forward/?u={CHAT}", CHAT),
+        ("/v1/forward?u=https%3A%2F%2Fapi.openai.com%2Fv1%2Fchat%2Fcompletions", CHAT),
+        (f"/v1/forward?metadata=%7B%22a%22%3A%22b%22%7D&u={CHAT}", CHAT),
+        ("/openai/v1/chat/completions", CHAT),
+        (
+            "/v1/forward?u=https://generativelanguage.googleapis.com/v1beta/models/g:streamGenerateContent?alt=sse",
+            "https://generativelanguage.googleapis.com/v1beta/models/g:streamGenerateContent?alt=sse",
+        ),
+        (
+            "/google/v1beta/models/g:streamGenerateContent?alt=sse",
+            "https://generativelanguage.googleapis.com/v1beta/models/g:streamGenerateContent?alt=sse",
+        ),
+        ("/anthropic/v1/messages", "https://api.anthropic.com/v1/messages"),
+    ],
+)
+def test_routing_rewrites_the_request_to_the_provider(path, url):
+    flow = routed(path)
+    call = call_of(flow)
+    assert flow.response is None
+    assert flow.request.url == url
+    assert flow.request.headers["host"] == url.split("/")[2]
+    assert call.target.url == url
+    assert call.request_id.startswith("req_") and len(call.request_id) == 30
+    assert call.endpoint == f"POST {url.partition('?')[0]}"
+
+
+def test_routing_sends_to_the_configured_upstream(tmp_path):
+    providers = tmp_path / "providers.toml"
+    providers.write_text('[providers.openai]\nupstream = "http://127.0.0.1:9911/openai"\n')
+    routing = Routing()
+    with taddons.context(routing) as tctx:
+        tctx.configure(routing, meterproxy_providers=str(providers))
+        flow = gateway_flow(f"/v1/forward?u={CHAT}?stream=1")
+        routing.requestheaders(flow)
+    assert flow.request.url == "http://127.0.0.1:9911/openai/v1/chat/completions?stream=1"
+    assert call_of(flow).target.url == CHAT + "?stream=1"
+
+
+def test_an_invalid_providers_file_is_an_options_error(tmp_path):
+    providers = tmp_path / "providers.toml"
+    providers.write_text("[providers.openai]\nbogus = 1\n")
+    routing = Routing()
+    with taddons.context(routing) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="bogus"):
+            tctx.configure(routing, meterproxy_providers=str(providers))
+
+
+@pytest.mark.parametrize(
+    "path, status, code, message",
+    [
+        ("/v1/forward?u=https://evil.example/v1/chat/completions", 403, "provider_not_allowed", "evil.example is not a registered provider"),
+        ("/v1/forward?u=https://api.openai.com.evil.example/v1", 403, "provider_not_allowed", "api.openai.com.evil.example is not a registered provider"),
+        ("/v1/forward?u=https://api.openai.com@evil.example/v1", 403, "provider_not_allowed", "evil.example is not a registered provider"),
+        ("/v1/forward?u=http://api.openai.com/v1", 403, "provider_not_allowed", "api.openai.com is not a registered provider"),
+        ("/v1/forward", 400, "missing_target", "missing target URL: pass ?u=<provider URL>"),
+        ("/v1/forward?u=https://api.openai.com/v1/../x", 400, "malformed_target", "target URL has a fragment or dot segments"),
+        ("/openai/v1/%2e%2e/admin", 400, "malformed_target", "target URL has a fragment or dot segments"),
+    ],
+)
+def test_routing_refuses_bad_targets_in_the_openai_error_shape(path, status, code, message):
+    flow = routed(path, {"x-lava-metadata-user_id": "u_42"})
+    assert error_of(flow) == (
+        status,
+        {"message": message, "type": {400: "invalid_request_error", 403: "permission_error"}[status], "param": None, "code": code},
+    )
+    assert call_of(flow).refusal.status == status
+    assert flow.request.host == "127.0.0.1"  # not rewritten: nothing goes anywhere
+
+
+def test_a_refused_target_is_kept_for_the_audit_without_userinfo():
+    flow = routed("/v1/forward?u=https://alice:hunter2@evil.example/x")
+    assert call_of(flow).target_host == "evil.example"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [f"/v1/forward?u={CHAT}", "/openai/v1/chat/completions", "/v1/forward?u=https://evil.example/"],
+)
+def test_a_flow_through_a_tunnel_or_transparent_proxy_is_left_untouched(path):
+    routing = Routing()
+    with taddons.context(routing):
+        flow = tflow.tflow()  # server_conn.address is set: the client named its own server
+        flow.request.path = path
+        flow.request.headers["x-lava-metadata-user_id"] = "u_42"
+        url = flow.request.url
+        routing.requestheaders(flow)
+    assert call_of(flow) is None
+    assert flow.response is None
+    assert flow.request.url == url
+    assert flow.request.headers["x-lava-metadata-user_id"] == "u_42"
+
+
+@pytest.mark.parametrize("path", ["/", "/v1/models", "/health"])
+def test_other_gateway_paths_are_not_calls(path):
+    flow = routed(path)
+    assert call_of(flow) is None and flow.response is None
+
+
+def test_metadata_is_read_and_its_headers_are_stripped():
+    flow = routed(
+        "/v1/forward?u=" + CHAT,
+        {
+            "X-Lava-Metadata": '{"plan": "pro", "user_id": "from-json"}',
+            "x-lava-metadata-user_id": "u_42",
+            "authorization": "Bearer " + TOKEN,
+            "content-type": "application/json",
+        },
+    )
+    assert call_of(flow).metadata == {"plan": "pro", "user_id": "u_42"}
+    assert [name.lower() for name in flow.request.headers] == ["host", "authorization", "content-type", "content-length"]
+
+
+def test_bad_metadata_is_a_400():
+    flow = routed("/v1/forward?u=" + CHAT, {"x-lava-metadata-user-id": "u_42"})
+    status, error = error_of(flow)
+    assert (status, error["code"]) == (400, "invalid_metadata")
+
+
+def test_responseheaders_adds_the_request_id():
+    routing = Routing()
+    flow = routed("/openai/v1/chat/completions", routing=routing)
+    flow.response = http.Response.make(200, b"{}")
+    routing.responseheaders(flow)
+    assert flow.response.headers[REQUEST_ID_HEADER] == call_of(flow).request_id
+
+
+def test_a_refusal_also_carries_the_request_id():
+    routing = Routing()
+    flow = routed("/v1/forward?u=https://evil.example/", routing=routing)
+    routing.responseheaders(flow)
+    assert flow.response.headers[REQUEST_ID_HEADER] == call_of(flow).request_id
+
+
+def test_a_flow_that_is_not_a_call_gets_no_request_id():
+    routing = Routing()
+    flow = tflow.tflow(resp=True)
+    routing.responseheaders(flow)
+    assert REQUEST_ID_HEADER not in flow.response.headers
+
+
+# --- Auth ---------------------------------------------------------------------------------------
+
+
+def authenticated(headers: dict, path: str = "/v1/forward?u=" + CHAT) -> http.HTTPFlow:
+    flow = routed(path, headers)
+    auth = Auth(Ledger())
+    with taddons.context(auth):
+        auth.requestheaders(flow)
+    return flow
+
+
+def test_auth_takes_the_token_off_the_request():
+    flow = authenticated({"authorization": f"Bearer {TOKEN}", "x-api-key": "k", "x-goog-api-key": "g", "accept": "*/*"})
+    call = call_of(flow)
+    assert flow.response is None
+    assert (call.token.secret_key, call.token.provider_key) == ("msk_addon_secret", "sk-addon-byok")
+    assert [name.lower() for name in flow.request.headers] == ["host", "accept", "content-length"]
+
+
+@pytest.mark.parametrize(
+    "headers, message",
+    [
+        ({}, "no forward token"),
+        ({"authorization": "Bearer "}, "no forward token"),
+        ({"authorization": f"Basic {TOKEN}"}, "no forward token"),
+        ({"authorization": "Bearer msk_addon_secret-not-base64!"}, "forward token is not base64-encoded JSON"),
+        (
+            {"authorization": "Bearer " + encode_token(secret_key="msk_addon_secret")},
+            "invalid forward token: Value error, a token without connection and product needs a provider_key",
+        ),
+    ],
+)
+def test_auth_refuses_a_missing_or_undecodable_token_with_401(headers, message):
+    flow = authenticated(headers)
+    assert error_of(flow) == (401, {"message": message, "type": "authentication_error", "param": None, "code": "invalid_token"})
+    assert "authorization" not in flow.request.headers
+    assert "msk_addon_secret" not in flow.response.text
+
+
+def test_auth_leaves_refused_and_foreign_flows_alone():
+    refused = authenticated({"authorization": "Bearer garbage"}, "/v1/forward?u=https://evil.example/")
+    assert error_of(refused)[0] == 403
+    assert refused.request.headers["authorization"] == "Bearer garbage"
+
+    auth = Auth(Ledger())
+    foreign = tflow.tflow()
+    foreign.request.headers["authorization"] = "Bearer upstream-credential"
+    with taddons.context(auth):
+        auth.requestheaders(foreign)
+    assert foreign.request.headers["authorization"] == "Bearer upstream-credential"
+    assert foreign.response is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="NOT IMPLEMENTED vs SPEC §2: the token is only read from Authorization, not from "
+    "x-api-key (Anthropic SDK) / x-goog-api-key / ?key= (Google), so those clients get a 401",
+)
+@pytest.mark.parametrize(
+    "path, headers",
+    [
+        ("/anthropic/v1/messages", {"x-api-key": TOKEN}),
+        ("/google/v1beta/models/g:generateContent", {"x-goog-api-key": TOKEN}),
+        (f"/google/v1beta/models/g:generateContent?key={TOKEN}", {}),
+    ],
+    ids=["x-api-key", "x-goog-api-key", "query-key"],
+)
+def test_the_token_is_accepted_where_each_sdk_puts_its_key(path, headers):
+    flow = authenticated(headers, path)
+    assert flow.response is None
+    assert call_of(flow).token.secret_key == "msk_addon_secret"
+    assert TOKEN not in flow.request.url
+
+
+def test_managed_keys_rotate_over_comma_separated_keys():
+    keys = ManagedKeys({"OPENAI_API_KEY": " sk-1, sk-2,,sk-3 ", "ANTHROPIC_API_KEY": "ant-1"})
+    openai, anthropic = Registry().by_name["openai"], Registry().by_name["anthropic"]
+    assert [keys.next_key(openai) for _ in range(4)] == ["sk-1", "sk-2", "sk-3", "sk-1"]
+    assert [keys.next_key(anthropic) for _ in range(2)] == ["ant-1", "ant-1"]
+    assert keys.next_key(openai) == "sk-2"  # each provider keeps its own turn
+
+
+@pytest.mark.parametrize("environ", [{}, {"OPENAI_API_KEY": ""}, {"OPENAI_API_KEY": " , ,"}])
+def test_no_managed_key(environ):
+    assert ManagedKeys(environ).next_key(Registry().by_name["openai"]) is None
+
+
+@pytest.fixture
+def accounts(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    store = Store(path)
+    merchant, secret_key = store.create_merchant("m")
+    product, product_secret = store.create_product(merchant["id"], "p", ProductFees())
+    wallet = store.create_wallet("w")
+    _, connection_secret = store.create_connection(merchant["id"], wallet["id"])
+    store.close()
+    ledger = Ledger()
+    ledger.writer = LedgerWriter(path)
+    auth = Auth(ledger)
+    auth.managed_keys = ManagedKeys({"OPENAI_API_KEY": "sk-managed-1,sk-managed-2", "ANTHROPIC_API_KEY": "ant-managed"})
+    secrets = dict(secret_key=secret_key, connection_secret=connection_secret, product_secret=product_secret)
+    yield auth, secrets
+    ledger.writer.stop()
+
+
+def keyed(auth: Auth, path: str, token: str) -> http.HTTPFlow:
+    flow = routed(path, {"authorization": f"Bearer {token}"})
+    with taddons.context(auth):
+        auth.requestheaders(flow)
+        asyncio.run(auth.request(flow))
+    return flow
+
+
+@pytest.mark.parametrize(
+    "path, byok, header, value",
+    [
+        ("/openai/v1/chat/completions", None, "authorization", "Bearer sk-managed-1"),
+        ("/openai/v1/chat/completions", "sk-mine", "authorization", "Bearer sk-mine"),
+        ("/anthropic/v1/messages", None, "x-api-key", "ant-managed"),
+        ("/google/v1beta/models/g:generateContent", "AIza-mine", "x-goog-api-key", "AIza-mine"),
+    ],
+)
+def test_auth_request_injects_the_key_in_the_providers_style(accounts, path, byok, header, value):
+    auth, secrets = accounts
+    flow = keyed(auth, path, encode_token(**secrets, provider_key=byok))
+    assert flow.response is None
+    assert flow.request.headers.get_all(header) == [value]
+    assert call_of(flow).principal.product_id.startswith("prd_")
+    auth.responseheaders(flow)
+    assert flow.request.headers[header] == REDACTED
+
+
+def test_auth_request_refuses_managed_mode_without_a_managed_key(accounts):
+    auth, secrets = accounts
+    flow = keyed(auth, "/mistral/v1/chat/completions", encode_token(**secrets))
+    status, error = error_of(flow)
+    assert (status, error["code"]) == (403, "no_managed_key")
+    assert "authorization" not in flow.request.headers
+
+
+def test_auth_request_refuses_an_unknown_secret_with_401(accounts):
+    auth, secrets = accounts
+    flow = keyed(auth, "/openai/v1/chat/completions", encode_token(**{**secrets, "secret_key": "msk_unknown"}))
+    assert error_of(flow)[0] == 401
+    assert "authorization" not in flow.request.headers
+
+
+# --- Metering -----------------------------------------------------------------------------------
+
+
+def metered(body: object, path: str = "/openai/v1/chat/completions", headers: dict | None = None) -> http.HTTPFlow:
+    flow = routed(path, {"accept-encoding": "gzip, br", **(headers or {})}, body)
+    metering = Metering()
+    with taddons.context(metering):
+        metering.request(flow)
+    return flow
+
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_a_stream_gets_include_usage_and_identity_encoding():
+    flow = metered({"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "temperature": 0})
+    call = call_of(flow)
+    assert json.loads(flow.request.content) == {
+        "model": "gpt-4o-mini",
+        "messages": MESSAGES,
+        "stream": True,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
+    assert flow.request.headers["content-length"] == str(len(flow.request.content))
+    assert flow.request.headers["accept-encoding"] == "identity"
+    assert (call.model, call.stream, call.drop_usage_event) == ("gpt-4o-mini", True, True)
+
+
+def test_include_usage_false_is_turned_on_keeping_other_stream_options():
+    flow = metered(
+        {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": False, "x": 1}}
+    )
+    assert json.loads(flow.request.content)["stream_options"] == {"include_usage": True, "x": 1}
+    assert call_of(flow).drop_usage_event is True
+
+
+@pytest.mark.parametrize(
+    "body, path",
+    [
+        (
+            {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}},
+            "/openai/v1/chat/completions",
+        ),
+        ({"model": "gpt-4o-mini", "messages": MESSAGES}, "/openai/v1/chat/completions"),
+        ({"model": "gpt-4o-mini", "messages": MESSAGES, "stream": "yes"}, "/openai/v1/chat/completions"),
+        ({"model": "gpt-4o-mini", "input": "hi", "stream": True}, "/openai/v1/responses"),
+        ({"model": "claude-sonnet-4-0", "messages": MESSAGES, "stream": True}, "/anthropic/v1/messages"),
+    ],
+    ids=["client-asked-for-usage", "not-streamed", "stream-not-true", "responses-api", "anthropic"],
+)
+def test_the_body_is_left_exactly_as_sent_when_usage_need_not_be_asked_for(body, path):
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    flow = metered(raw, path)
+    assert flow.request.content == raw
+    assert flow.request.headers["accept-encoding"] == "gzip, br"
+    assert call_of(flow).drop_usage_event is False
+    assert call_of(flow).model == body["model"]
+
+
+@pytest.mark.parametrize(
+    "body, code, message",
+    [
+        (b"not json", "invalid_json", "request body is not valid JSON"),
+        (b'{"model": "gpt-4o-mini",', "invalid_json", "request body is not valid JSON"),
+        (b'["gpt-4o-mini"]', "invalid_json", "request body must be a JSON object"),
+        (b'{"messages": []}', "missing_model", "request body has no model"),
+        (b'{"model": "", "messages": []}', "missing_model", "request body has no model"),
+        (b'{"model": 4, "messages": []}', "missing_model", "request body has no model"),
+        (b'{"model": null}', "missing_model", "request body has no model"),
+    ],
+)
+def test_bad_bodies_are_400(body, code, message):
+    flow = metered(body)
+    assert error_of(flow) == (400, {"message": message, "type": "invalid_request_error", "param": None, "code": code})
+
+
+def test_a_request_without_a_body_is_not_checked():
+    flow = routed("/openai/v1/models")
+    flow.request.method = "GET"
+    Metering().request(flow)
+    assert flow.response is None and call_of(flow).model is None
+
+
+def test_a_non_streamed_response_body_is_metered():
+    flow = metered({"model": "gpt-4o-mini", "messages": MESSAGES})
+    flow.response = http.Response.make(
+        200,
+        json.dumps(
+            {"id": "chatcmpl-1", "model": "gpt-4o-mini-2024-07-18", "usage": {"prompt_tokens": 9, "completion_tokens": 3}}
+        ),
+        {"content-type": "application/json"},
+    )
+    metering = Metering()
+    metering.responseheaders(flow)
+    metering.response(flow)
+    call = call_of(flow)
+    assert flow.response.stream is False
+    assert (call.usage.input_tokens, call.usage.output_tokens) == (9, 3)
+    assert (call.reply.response_id, call.reply.model) == ("chatcmpl-1", "gpt-4o-mini-2024-07-18")
+
+
+@pytest.mark.parametrize(
+    "drop, encoding, handed_on",
+    [(True, None, None), (True, "gzip", None), (False, "gzip", "gzip"), (False, None, None)],
+)
+def test_an_event_stream_response_is_teed_through_the_meter(drop, encoding, handed_on):
+    """When the meter may drop an event it hands on decoded bytes, so the encoding header goes."""
+    options = {} if drop else {"stream_options": {"include_usage": True}}
+    flow = metered({"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, **options})
+    headers = {"content-type": "text/event-stream; charset=utf-8", **({"content-encoding": encoding} if encoding else {})}
+    flow.response = http.Response.make(200, b"", headers)
+    metering = Metering()
+    metering.responseheaders(flow)
+    call = call_of(flow)
+    assert call.drop_usage_event is drop
+    assert flow.response.stream is call.meter
+    assert flow.response.headers.get("content-encoding") == handed_on

@@ -1,0 +1,524 @@
+"""The ledger core: a call's rows (meterproxy/ledger.py), the database thread (meterproxy/writer.py)
+and the accounts store (meterproxy/store.py)."""
+
+import asyncio
+import sqlite3
+import threading
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from meterproxy.call import Call
+from meterproxy.errors import GatewayError
+from meterproxy.ledger import MAX_ERROR_MESSAGE, Outcome, closing_fields, opening_row
+from meterproxy.providers import Registry
+from meterproxy.store import Principal, Store, hash_secret
+from meterproxy.token import ForwardToken
+from meterproxy.usage import Reply, Usage
+from meterproxy.writer import LedgerWriter
+from pricing.fees import Payer, ProductFees
+from pricing.prices import ModelPrice, PriceBook
+
+STARTED = datetime(2025, 3, 4, 5, 6, 7, 123000, tzinfo=timezone.utc)
+OUTCOME = Outcome(
+    started=STARTED,
+    first_byte=STARTED + timedelta(milliseconds=120),
+    ended=STARTED + timedelta(milliseconds=850),
+    upstream_status=200,
+)
+# Prices of our own, so that the expected costs below do not depend on genai-prices' data.
+PRICES = PriceBook(
+    [
+        ModelPrice(
+            provider="openai",
+            model="gpt-4o-mini-2024-07-18",
+            input_mtok=Decimal("2"),
+            output_mtok=Decimal("8"),
+            cache_read_mtok=Decimal("0.5"),
+        )
+    ]
+)
+USAGE = Usage(input_tokens=1000, output_tokens=100, cached_input_tokens=400)
+# provider cost: (600*2 + 400*0.5 + 100*8) / 1e6 = 0.0022; fee: 0.001 + 10% = 0.00122
+FEES = ProductFees(fixed_fee=Decimal("0.001"), markup_percent=Decimal("10"))
+ZERO_COSTS = {"total_cost": "0.0000000000", "wallet_cost": "0.0000000000", "merchant_cost": "0.0000000000"}
+
+
+def make_call(**overrides) -> Call:
+    fields = dict(
+        request_id="req_01JNJ5V8Q2X3Y4Z5A6B7C8D9E0",
+        method="POST",
+        target=Registry().resolve("https://api.openai.com/v1/chat/completions?x=1"),
+        target_host="api.openai.com",
+        metadata={"user_id": "u_42"},
+        token=ForwardToken(secret_key="msk_s", connection_secret="csk_s", product_secret="psk_s"),
+        principal=Principal("mer_1", "con_1", "wal_1", "prd_1", FEES),
+        model="gpt-4o-mini",
+        stream=True,
+        usage=USAGE,
+        reply=Reply("chatcmpl-abc", "gpt-4o-mini-2024-07-18"),
+    )
+    fields.update(overrides)
+    return Call(**fields)
+
+
+# --- opening_row --------------------------------------------------------------------------------
+
+
+def test_opening_row():
+    assert opening_row(make_call(), STARTED) == {
+        "request_id": "req_01JNJ5V8Q2X3Y4Z5A6B7C8D9E0",
+        "provider": "openai",
+        "endpoint": "POST https://api.openai.com/v1/chat/completions",
+        "key_mode": "managed",
+        "model": "gpt-4o-mini",
+        "connection_id": "con_1",
+        "product_id": "prd_1",
+        "merchant_id": "mer_1",
+        "wallet_id": "wal_1",
+        "metadata": {"user_id": "u_42"},
+        "stream": True,
+        "cache_hit": False,
+        "attempts": 1,
+        "created_at": "2025-03-04T05:06:07.123Z",
+    }
+
+
+def test_opening_row_of_a_metering_only_call():
+    call = make_call(
+        token=ForwardToken(secret_key="msk_s", provider_key="sk-byok"), principal=Principal("mer_1"), metadata={}
+    )
+    row = opening_row(call, STARTED)
+    assert (row["key_mode"], row["connection_id"], row["product_id"], row["wallet_id"], row["metadata"]) == (
+        "unmanaged",
+        None,
+        None,
+        None,
+        {},
+    )
+    assert "sk-byok" not in repr(row)
+
+
+# --- closing_fields -----------------------------------------------------------------------------
+
+
+def test_a_completed_row_has_exact_costs():
+    fields, wallet_cost = closing_fields(make_call(), OUTCOME, PRICES)
+    assert fields == {
+        "upstream_status": 200,
+        "provider_response_id": "chatcmpl-abc",
+        "completed_at": "2025-03-04T05:06:07.973Z",
+        "latency_ms": 850,
+        "ttfb_ms": 120,
+        "model": "gpt-4o-mini-2024-07-18",  # the model the provider says it used
+        "input_tokens": 1000,
+        "output_tokens": 100,
+        "cached_input_tokens": 400,
+        "cache_write_tokens": 0,
+        "reasoning_tokens": 0,
+        "input_characters": 0,
+        "output_characters": 0,
+        "input_seconds": "0",
+        "output_seconds": "0",
+        "usage_source": "provider",
+        "total_cost": "0.0034200000",
+        "wallet_cost": "0.0034200000",
+        "merchant_cost": "0.0000000000",
+        "status": "completed",
+        "error_message": None,
+    }
+    assert wallet_cost == Decimal("0.00342") and type(wallet_cost) is Decimal
+
+
+@pytest.mark.parametrize(
+    "token, principal, costs, wallet_cost",
+    [
+        (
+            ForwardToken(secret_key="m", connection_secret="c", product_secret="p", provider_key="sk-byok"),
+            Principal("mer_1", "con_1", "wal_1", "prd_1", FEES),
+            {"total_cost": "0.0034200000", "wallet_cost": "0.0012200000", "merchant_cost": "0.0000000000"},
+            Decimal("0.00122"),
+        ),
+        (
+            ForwardToken(secret_key="m", connection_secret="c", product_secret="p"),
+            Principal("mer_1", "con_1", "wal_1", "prd_1", FEES.model_copy(update={"provider_cost_payer": Payer.MERCHANT})),
+            {"total_cost": "0.0034200000", "wallet_cost": "0.0012200000", "merchant_cost": "0.0022000000"},
+            Decimal("0.00122"),
+        ),
+        (
+            ForwardToken(secret_key="m", provider_key="sk-byok"),
+            Principal("mer_1"),
+            {"total_cost": "0.0022000000", "wallet_cost": "0.0000000000", "merchant_cost": "0.0000000000"},
+            Decimal(0),
+        ),
+    ],
+    ids=["byok", "merchant-pays-provider", "metering-only"],
+)
+def test_completed_costs_per_key_mode(token, principal, costs, wallet_cost):
+    fields, charged = closing_fields(make_call(token=token, principal=principal), OUTCOME, PRICES)
+    assert fields["status"] == "completed"
+    assert {name: fields[name] for name in costs} == costs
+    assert charged == wallet_cost
+
+
+@pytest.mark.parametrize(
+    "status, message, error_message",
+    [
+        (429, "Rate limit reached for gpt-4o-mini", "provider answered HTTP 429: Rate limit reached for gpt-4o-mini"),
+        (400, "Invalid 'messages': empty array", "provider answered HTTP 400: Invalid 'messages': empty array"),
+        (500, "The server had an error", "provider answered HTTP 500: The server had an error"),
+        (503, None, "provider answered HTTP 503"),
+    ],
+)
+def test_an_upstream_error_is_an_error_row_with_zero_costs(status, message, error_message):
+    call = make_call(usage=None, reply=Reply(error=message))
+    outcome = Outcome(STARTED, STARTED, STARTED + timedelta(milliseconds=40), upstream_status=status)
+    fields, wallet_cost = closing_fields(call, outcome, PRICES)
+    assert {name: fields[name] for name in ("status", "error_message", "upstream_status", "model")} == {
+        "status": "error",
+        "error_message": error_message,
+        "upstream_status": status,
+        "model": "gpt-4o-mini",
+    }
+    assert {name: fields[name] for name in ZERO_COSTS} == ZERO_COSTS
+    assert wallet_cost == 0
+
+
+def test_an_upstream_error_is_not_charged_even_with_usage():
+    fields, wallet_cost = closing_fields(make_call(reply=Reply(error="bad")), Outcome(STARTED, None, STARTED, 400), PRICES)
+    assert (fields["status"], fields["error_message"], fields["ttfb_ms"], wallet_cost) == (
+        "error",
+        "provider answered HTTP 400: bad",
+        None,
+        0,
+    )
+    assert {name: fields[name] for name in ZERO_COSTS} == ZERO_COSTS
+
+
+def test_no_usage_is_an_error_row():
+    fields, wallet_cost = closing_fields(make_call(usage=None), OUTCOME, PRICES)
+    assert (fields["status"], fields["error_message"], wallet_cost) == ("error", "provider reported no usage", 0)
+    assert {name: fields[name] for name in ZERO_COSTS} == ZERO_COSTS
+    assert "input_tokens" not in fields
+
+
+def test_an_unpriced_model_is_an_error_row_naming_the_model():
+    call = make_call(model="no-such-model-xyz", reply=Reply("chatcmpl-abc", "no-such-model-xyz"))
+    fields, wallet_cost = closing_fields(call, OUTCOME, PriceBook())
+    assert fields["status"] == "error"
+    assert fields["error_message"] == "no price for model 'no-such-model-xyz' of provider 'openai'"
+    assert {name: fields[name] for name in ZERO_COSTS} == ZERO_COSTS
+    assert wallet_cost == 0
+    assert fields["input_tokens"] == 1000  # usage is still recorded
+
+
+def test_a_transport_failure_without_usage_is_an_error_row():
+    outcome = Outcome(STARTED, None, STARTED + timedelta(seconds=2), upstream_status=None, error="connection reset")
+    fields, wallet_cost = closing_fields(make_call(usage=None), outcome, PRICES)
+    assert (fields["status"], fields["error_message"], fields["upstream_status"], wallet_cost) == (
+        "error",
+        "connection reset",
+        None,
+        0,
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG vs SPEC §3 ('a client that disconnects mid-stream ... is charged for what was "
+    "generated'): any outcome.error zeroes the costs even when the provider reported usage",
+)
+def test_a_client_gone_after_the_usage_event_is_still_charged():
+    outcome = Outcome(STARTED, STARTED, STARTED + timedelta(seconds=1), upstream_status=200, error="client disconnected")
+    fields, wallet_cost = closing_fields(make_call(), outcome, PRICES)
+    assert (fields["total_cost"], wallet_cost) == ("0.0034200000", Decimal("0.00342"))
+
+
+def test_a_long_provider_error_message_is_truncated():
+    call = make_call(usage=None, reply=Reply(error="x" * 5000))
+    fields, _ = closing_fields(call, Outcome(STARTED, None, STARTED, upstream_status=500), PRICES)
+    assert len(fields["error_message"]) == MAX_ERROR_MESSAGE == 1000
+    assert fields["error_message"].startswith("provider answered HTTP 500: xxx")
+
+
+# --- LedgerWriter -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def writer(tmp_path):
+    writer = LedgerWriter(tmp_path / "ledger.sqlite")
+    yield writer
+    writer.stop()
+
+
+def insert_audit(reason: str):
+    def job(store: Store) -> int:
+        store.record_audit({"created_at": "t", "status": 403, "code": "c", "reason": reason})
+        return store.db["audit"].count
+
+    return job
+
+
+def committed_reasons(path) -> list[str]:
+    """What another connection sees: only committed rows."""
+    connection = sqlite3.connect(path)
+    try:
+        return [row[0] for row in connection.execute("select reason from audit order by id")]
+    finally:
+        connection.close()
+
+
+def test_a_job_result_resolves_after_its_commit(writer):
+    assert writer.submit(insert_audit("first")).result(timeout=10) == 1
+    assert committed_reasons(writer.path) == ["first"]
+
+
+def test_call_awaits_a_job(writer):
+    assert asyncio.run(writer.call(lambda store: store.db["audit"].count)) == 0
+
+
+def test_a_failing_job_in_a_batch_does_not_roll_back_the_others(writer):
+    started, release = threading.Event(), threading.Event()
+
+    def blocker(store):
+        started.set()
+        release.wait(timeout=10)
+
+    def failing(store):
+        store.record_audit({"created_at": "t", "status": 403, "code": "c", "reason": "rolled back"})
+        raise RuntimeError("job failed")
+
+    def seen_by_others(store):
+        return committed_reasons(writer.path)
+
+    first = writer.submit(blocker)
+    assert started.wait(timeout=10)
+    # these queue up behind the blocker and run as one batch, in one transaction
+    jobs = [
+        writer.submit(insert_audit("a")),
+        writer.submit(failing),
+        writer.submit(insert_audit("c")),
+        writer.submit(seen_by_others),
+    ]
+    release.set()
+    first.result(timeout=10)
+
+    assert jobs[0].result(timeout=10) == 1
+    with pytest.raises(RuntimeError, match="job failed"):
+        jobs[1].result(timeout=10)
+    assert jobs[2].result(timeout=10) == 2
+    assert jobs[3].result(timeout=10) == []  # a and c were not committed yet: same batch
+    assert committed_reasons(writer.path) == ["a", "c"]
+
+
+def test_stop_finishes_every_queued_job(tmp_path):
+    writer = LedgerWriter(tmp_path / "ledger.sqlite", max_batch=3)
+    futures = [writer.submit(insert_audit(f"r{i}")) for i in range(50)]
+    writer.stop()
+    assert all(future.done() for future in futures)
+    assert [future.result() for future in futures] == list(range(1, 51))
+    assert committed_reasons(writer.path) == [f"r{i}" for i in range(50)]
+
+
+def test_a_database_that_cannot_be_opened_fails_the_constructor(tmp_path):
+    with pytest.raises(sqlite3.OperationalError):
+        LedgerWriter(tmp_path / "no-such-directory" / "ledger.sqlite")
+
+
+# --- Store --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(tmp_path / "accounts.sqlite")
+    yield store
+    store.close()
+
+
+def make_accounts(store: Store, fees: ProductFees = FEES) -> dict:
+    merchant, secret_key = store.create_merchant("acme")
+    product, product_secret = store.create_product(merchant["id"], "chat", fees)
+    wallet = store.create_wallet("alice", Decimal("5"))
+    connection, connection_secret = store.create_connection(merchant["id"], wallet["id"])
+    return dict(
+        merchant=merchant,
+        product=product,
+        wallet=wallet,
+        connection=connection,
+        secret_key=secret_key,
+        product_secret=product_secret,
+        connection_secret=connection_secret,
+    )
+
+
+def authorize(store: Store, **token) -> Principal:
+    return store.authorize(ForwardToken(**token))
+
+
+def test_ids_and_secrets_are_prefixed(store):
+    accounts = make_accounts(store)
+    prefixes = {name: accounts[name]["id"].split("_")[0] for name in ("merchant", "product", "wallet", "connection")}
+    assert prefixes == {"merchant": "mer", "product": "prd", "wallet": "wal", "connection": "con"}
+    assert [accounts[name][:4] for name in ("secret_key", "product_secret", "connection_secret")] == [
+        "msk_",
+        "psk_",
+        "csk_",
+    ]
+
+
+def test_authorize_managed_and_byok(store):
+    accounts = make_accounts(store)
+    expected = Principal(
+        accounts["merchant"]["id"],
+        accounts["connection"]["id"],
+        accounts["wallet"]["id"],
+        accounts["product"]["id"],
+        FEES,
+    )
+    billed = dict(
+        secret_key=accounts["secret_key"],
+        connection_secret=accounts["connection_secret"],
+        product_secret=accounts["product_secret"],
+    )
+    assert authorize(store, **billed) == expected
+    assert authorize(store, **billed, provider_key="sk-byok") == expected
+
+
+def test_authorize_metering_only(store):
+    accounts = make_accounts(store)
+    principal = authorize(store, secret_key=accounts["secret_key"], provider_key="sk-byok")
+    assert principal == Principal(accounts["merchant"]["id"])
+    assert principal.fees is None
+
+
+def test_authorize_reads_the_products_fees_exactly(store):
+    fees = ProductFees(fixed_fee=Decimal("0.0000000123"), markup_percent=Decimal("12.5"), provider_cost_payer=Payer.MERCHANT)
+    accounts = make_accounts(store, fees)
+    principal = authorize(
+        store,
+        secret_key=accounts["secret_key"],
+        connection_secret=accounts["connection_secret"],
+        product_secret=accounts["product_secret"],
+    )
+    assert principal.fees == fees
+
+
+def refused_authorization(store: Store, **token) -> GatewayError:
+    with pytest.raises(GatewayError) as caught:
+        authorize(store, **token)
+    error = caught.value
+    assert error.status == 401
+    for secret in token.values():
+        assert secret not in error.message
+    return error
+
+
+def test_an_unknown_secret_key_is_401(store):
+    accounts = make_accounts(store)
+    error = refused_authorization(
+        store,
+        secret_key="msk_unknown",
+        connection_secret=accounts["connection_secret"],
+        product_secret=accounts["product_secret"],
+    )
+    assert error.code == "invalid_secret_key"
+    assert refused_authorization(store, secret_key="msk_unknown", provider_key="sk").code == "invalid_secret_key"
+
+
+@pytest.mark.parametrize(
+    "field, wrong, code",
+    [
+        ("connection_secret", lambda accounts: "csk_unknown", "invalid_connection"),
+        ("product_secret", lambda accounts: "psk_unknown", "invalid_product"),
+        ("connection_secret", lambda accounts: accounts["product_secret"], "invalid_connection"),  # wrong kind
+    ],
+    ids=["unknown-connection", "unknown-product", "product-secret-as-connection"],
+)
+def test_unknown_connection_or_product_is_401(store, field, wrong, code):
+    accounts = make_accounts(store)
+    token = dict(
+        secret_key=accounts["secret_key"],
+        connection_secret=accounts["connection_secret"],
+        product_secret=accounts["product_secret"],
+    )
+    token[field] = wrong(accounts)
+    assert refused_authorization(store, **token).code == code
+
+
+def test_a_revoked_connection_is_401(store):
+    accounts = make_accounts(store)
+    store.revoke_connection(accounts["connection"]["id"])
+    error = refused_authorization(
+        store,
+        secret_key=accounts["secret_key"],
+        connection_secret=accounts["connection_secret"],
+        product_secret=accounts["product_secret"],
+    )
+    assert (error.code, error.message) == ("invalid_connection", "unknown or revoked connection")
+
+
+@pytest.mark.parametrize("borrowed", ["product_secret", "connection_secret"])
+def test_another_merchants_product_or_connection_is_401(store, borrowed):
+    ours, theirs = make_accounts(store), make_accounts(store)
+    token = dict(
+        secret_key=ours["secret_key"],
+        connection_secret=ours["connection_secret"],
+        product_secret=ours["product_secret"],
+    )
+    token[borrowed] = theirs[borrowed]
+    error = refused_authorization(store, **token)
+    assert error.code == {"product_secret": "invalid_product", "connection_secret": "invalid_connection"}[borrowed]
+
+
+def test_secrets_are_stored_only_hashed(tmp_path):
+    path = tmp_path / "accounts.sqlite"
+    store = Store(path)
+    accounts = make_accounts(store)
+    secrets = [accounts["secret_key"], accounts["product_secret"], accounts["connection_secret"]]
+    rows = [accounts["merchant"], accounts["product"], accounts["connection"]]
+    assert [row["secret_hash"] for row in rows] == [hash_secret(secret) for secret in secrets]
+
+    def on_disk() -> bytes:
+        return b"".join(file.read_bytes() for file in sorted(tmp_path.glob("accounts.sqlite*")))
+
+    while_open = on_disk()
+    store.close()
+    closed = on_disk()
+    for content in (while_open, closed):
+        for secret in secrets:
+            assert secret.encode() not in content
+    for secret in secrets:  # the hashes are there, so we are looking at the right bytes
+        assert hash_secret(secret).encode() in closed
+
+
+def test_the_database_is_in_wal_mode(store, tmp_path):
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other = sqlite3.connect(tmp_path / "accounts.sqlite")
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent, for every opener
+    finally:
+        other.close()
+
+
+def test_open_and_complete_a_request_debits_the_wallet(store):
+    accounts = make_accounts(store)
+    call = make_call(
+        principal=Principal(
+            accounts["merchant"]["id"], accounts["connection"]["id"], accounts["wallet"]["id"], accounts["product"]["id"], FEES
+        )
+    )
+    with store.transaction():
+        store.open_request(opening_row(call, STARTED))
+    assert store.request(call.request_id)["status"] == "pending"
+    fields, wallet_cost = closing_fields(call, OUTCOME, PRICES)
+    with store.transaction():
+        store.complete_request(call.request_id, fields, accounts["wallet"]["id"], wallet_cost)
+    row = store.request(call.request_id)
+    assert (row["status"], row["total_cost"], row["metadata"], row["stream"]) == (
+        "completed",
+        "0.0034200000",
+        '{"user_id": "u_42"}',
+        1,
+    )
+    assert store.wallet_balance(accounts["wallet"]["id"]) == Decimal("4.99658")

@@ -1,0 +1,234 @@
+"""Money (SPEC §5): provider cost from genai-prices or the override file, product fees, the split
+between wallet and merchant, and 10-decimal exact amounts."""
+
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import genai_prices
+import pytest
+
+from meterproxy.token import KeyMode
+from meterproxy.usage import Usage
+from pricing.fees import Charge, Payer, ProductFees, split_charge
+from pricing.money import money, money_text
+from pricing.prices import DEFAULT_OVERRIDES, ModelPrice, PriceBook, PriceNotFound
+
+AT = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+MILLION = Decimal(1_000_000)
+USAGE = Usage(input_tokens=12_000, output_tokens=3_500, cached_input_tokens=2_048)
+
+
+def write_overrides(tmp_path, text: str) -> PriceBook:
+    path = tmp_path / "overrides.toml"
+    path.write_text(text)
+    return PriceBook.from_file(path)
+
+
+def assert_decimals(*values) -> None:
+    for value in values:
+        assert type(value) is Decimal, f"{value!r} is not a Decimal"
+
+
+# --- provider cost ------------------------------------------------------------------------------
+
+
+def test_gpt_4o_mini_costs_what_genai_prices_says_with_cached_tokens_at_the_cache_read_price():
+    reference = genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=12_000, output_tokens=3_500, cache_read_tokens=2_048),
+        "gpt-4o-mini",
+        provider_id="openai",
+        genai_request_timestamp=AT,
+    )
+    per_mtok = reference.model_price
+    assert (per_mtok.input_mtok, per_mtok.cache_read_mtok, per_mtok.output_mtok) == (
+        Decimal("0.15"),
+        Decimal("0.075"),
+        Decimal("0.6"),
+    )
+    by_hand = (
+        (12_000 - 2_048) * per_mtok.input_mtok + 2_048 * per_mtok.cache_read_mtok + 3_500 * per_mtok.output_mtok
+    ) / MILLION
+
+    cost = PriceBook().provider_cost("openai", "gpt-4o-mini", USAGE, AT)
+
+    assert cost == by_hand == reference.total_price == Decimal("0.0037464")
+    assert_decimals(cost)
+
+
+def test_cached_tokens_are_cheaper_than_uncached_ones():
+    cached = PriceBook().provider_cost("openai", "gpt-4o-mini", Usage(input_tokens=1000, cached_input_tokens=1000), AT)
+    uncached = PriceBook().provider_cost("openai", "gpt-4o-mini", Usage(input_tokens=1000), AT)
+    assert (cached, uncached) == (Decimal("0.000075"), Decimal("0.00015"))
+
+
+@pytest.mark.parametrize("provider, model", [("openai", "no-such-model-xyz"), ("no-such-provider", "gpt-4o-mini")])
+def test_an_unpriced_model_raises_price_not_found(provider, model):
+    with pytest.raises(PriceNotFound) as caught:
+        PriceBook().provider_cost(provider, model, USAGE, AT)
+    assert str(caught.value) == f"no price for model {model!r} of provider {provider!r}"
+
+
+OVERRIDES = """
+[[model]]
+provider = "openai"
+model = "gpt-4o-mini"
+input_mtok = "0.10"
+output_mtok = "0.40"
+cache_read_mtok = "0.025"
+
+[[model]]
+provider = "openai"
+model = "ft:gpt-4o-mini:acme"
+input_mtok = "0.30"
+output_mtok = "1.20"
+"""
+
+
+def test_an_override_wins_over_genai_prices(tmp_path):
+    book = write_overrides(tmp_path, OVERRIDES)
+    cost = book.provider_cost("openai", "gpt-4o-mini", USAGE, AT)
+    assert cost == (9_952 * Decimal("0.10") + 2_048 * Decimal("0.025") + 3_500 * Decimal("0.40")) / MILLION
+    assert cost == Decimal("0.0024464")
+    assert_decimals(cost)
+
+
+def test_an_override_prices_a_model_genai_prices_lacks_with_cache_prices_defaulting_to_input(tmp_path):
+    with pytest.raises(PriceNotFound):
+        PriceBook().provider_cost("openai", "ft:gpt-4o-mini:acme", USAGE, AT)
+    book = write_overrides(tmp_path, OVERRIDES)
+    usage = Usage(input_tokens=12_000, output_tokens=3_500, cached_input_tokens=2_048, cache_write_tokens=1_000)
+    # cached and cache-write tokens are parts of input_tokens, all at the input price here
+    assert book.provider_cost("openai", "ft:gpt-4o-mini:acme", usage, AT) == Decimal("0.0078")
+
+
+def test_an_override_only_applies_to_its_provider(tmp_path):
+    book = write_overrides(tmp_path, OVERRIDES)
+    with pytest.raises(PriceNotFound):
+        book.provider_cost("mistral", "ft:gpt-4o-mini:acme", USAGE, AT)
+
+
+def test_cache_write_tokens_use_the_cache_write_price():
+    price = ModelPrice(
+        provider="anthropic",
+        model="m",
+        input_mtok=Decimal("3"),
+        output_mtok=Decimal("15"),
+        cache_read_mtok=Decimal("0.30"),
+        cache_write_mtok=Decimal("3.75"),
+    )
+    usage = Usage(input_tokens=10_000, output_tokens=1_000, cached_input_tokens=4_000, cache_write_tokens=2_000)
+    assert price.cost(usage) == Decimal("0.0357")  # (4000*3 + 4000*0.30 + 2000*3.75 + 1000*15) / 1e6
+
+
+def test_the_shipped_override_file_loads():
+    assert PriceBook.from_file(DEFAULT_OVERRIDES).overrides == {}
+    assert PriceBook.from_file(None).overrides == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[[model]\n",
+        '[[model]]\nprovider = "openai"\nmodel = "m"\ninput_mtok = "1"\n',  # no output price
+        '[[model]]\nprovider = "openai"\nmodel = "m"\ninput_mtok = "1"\noutput_mtok = "2"\ncolour = "red"\n',
+        '[[model]]\nprovider = "openai"\nmodel = "m"\ninput_mtok = "one"\noutput_mtok = "2"\n',
+        'models = []\n',
+    ],
+)
+def test_an_invalid_override_file_is_a_value_error(tmp_path, text):
+    with pytest.raises(ValueError, match="price overrides"):
+        write_overrides(tmp_path, text)
+
+
+# --- money --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (Decimal("0.06391"), "0.0639100000"),
+        (Decimal("0"), "0.0000000000"),
+        (0, "0.0000000000"),
+        ("12.5", "12.5000000000"),
+        (Decimal("0.00000000005"), "0.0000000001"),  # half up, not half even
+        (Decimal("0.00000000015"), "0.0000000002"),
+        (Decimal("0.000000000049999"), "0.0000000000"),
+        (Decimal("1E-7"), "0.0000001000"),  # never scientific notation
+        (Decimal("123456.78901234567"), "123456.7890123457"),
+    ],
+)
+def test_money_text_has_exactly_ten_places(value, text):
+    assert money_text(value) == text
+    assert money(value) == Decimal(text)
+    assert_decimals(money(value))
+
+
+# --- split_charge -------------------------------------------------------------------------------
+
+PROVIDER_COST = Decimal("0.0581")
+FEES = ProductFees(fixed_fee=Decimal("0.002"), markup_percent=Decimal("10"))
+FEE = Decimal("0.00781")  # 0.002 + 10% of 0.0581
+
+
+def assert_charge(charge: Charge, provider: str, fees: str, wallet: str, merchant: str, total: str) -> None:
+    assert_decimals(charge.provider_cost, charge.fees, charge.wallet_cost, charge.merchant_cost, charge.total_cost)
+    assert charge.total_cost == charge.provider_cost + charge.fees
+    texts = [money_text(v) for v in (charge.provider_cost, charge.fees, charge.wallet_cost, charge.merchant_cost)]
+    assert texts + [money_text(charge.total_cost)] == [provider, fees, wallet, merchant, total]
+
+
+def test_managed_wallet_pays_provider_cost_and_fees():
+    charge = split_charge(PROVIDER_COST, FEES, KeyMode.MANAGED)
+    assert_charge(charge, "0.0581000000", "0.0078100000", "0.0659100000", "0.0000000000", "0.0659100000")
+
+
+def test_managed_merchant_pays_the_provider_cost_and_the_wallet_the_fees():
+    fees = ProductFees(fixed_fee=Decimal("0.002"), markup_percent=Decimal("10"), provider_cost_payer=Payer.MERCHANT)
+    charge = split_charge(PROVIDER_COST, fees, KeyMode.MANAGED)
+    assert_charge(charge, "0.0581000000", "0.0078100000", "0.0078100000", "0.0581000000", "0.0659100000")
+    assert charge.wallet_cost + charge.merchant_cost == charge.total_cost
+
+
+@pytest.mark.parametrize("payer", list(Payer))
+def test_byok_charges_the_wallet_fees_only_and_total_still_includes_the_provider_cost(payer):
+    fees = ProductFees(fixed_fee=Decimal("0.002"), markup_percent=Decimal("10"), provider_cost_payer=payer)
+    charge = split_charge(PROVIDER_COST, fees, KeyMode.UNMANAGED)
+    assert_charge(charge, "0.0581000000", "0.0078100000", "0.0078100000", "0.0000000000", "0.0659100000")
+
+
+@pytest.mark.parametrize("key_mode", list(KeyMode))
+def test_metering_only_charges_nobody(key_mode):
+    charge = split_charge(PROVIDER_COST, None, key_mode)
+    assert_charge(charge, "0.0581000000", "0.0000000000", "0.0000000000", "0.0000000000", "0.0581000000")
+
+
+def test_markup_only_matches_the_spec_example():
+    charge = split_charge(PROVIDER_COST, ProductFees(markup_percent=Decimal("10")), KeyMode.MANAGED)
+    assert money_text(charge.total_cost) == "0.0639100000"
+
+
+def test_no_fees_product_charges_exactly_the_provider_cost():
+    charge = split_charge(PROVIDER_COST, ProductFees(), KeyMode.MANAGED)
+    assert_charge(charge, "0.0581000000", "0.0000000000", "0.0581000000", "0.0000000000", "0.0581000000")
+
+
+def test_amounts_are_rounded_to_ten_places_half_up():
+    # provider cost 0.00000000005 rounds up to 1e-10; its 50% markup (5e-11) rounds up again
+    charge = split_charge(Decimal("0.00000000005"), ProductFees(markup_percent=Decimal("50")), KeyMode.MANAGED)
+    assert_charge(charge, "0.0000000001", "0.0000000001", "0.0000000002", "0.0000000000", "0.0000000002")
+    # an unrounded genai-prices figure (many places) is rounded once, half up
+    charge = split_charge(Decimal("0.00376085555"), ProductFees(markup_percent=Decimal("3")), KeyMode.MANAGED)
+    assert_charge(charge, "0.0037608556", "0.0001128257", "0.0038736813", "0.0000000000", "0.0038736813")
+
+
+def test_every_amount_is_a_decimal_end_to_end():
+    cost = PriceBook().provider_cost("openai", "gpt-4o-mini", USAGE, AT)
+    charge = split_charge(cost, FEES, KeyMode.MANAGED)
+    assert_decimals(cost, charge.provider_cost, charge.fees, charge.wallet_cost, charge.merchant_cost, charge.total_cost)
+    assert_decimals(FEES.fixed_fee, FEES.markup_percent)
+
+
+@pytest.mark.parametrize("field", ["fixed_fee", "markup_percent"])
+def test_negative_fees_are_refused(field):
+    with pytest.raises(ValueError):
+        ProductFees(**{field: Decimal("-0.01")})

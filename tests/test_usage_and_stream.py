@@ -1,0 +1,475 @@
+"""Usage extraction (meterproxy/usage.py) and stream metering (meterproxy/stream.py, SPEC §3.4)."""
+
+import gzip
+import json
+import random
+import zlib
+from decimal import Decimal
+
+import brotli
+import pytest
+import zstandard
+
+from meterproxy.stream import OpenAIEvents, StreamMeter, make_decoder
+from meterproxy.usage import Reply, Usage, UsageSource, openai_reply, openai_usage
+
+# --- openai_usage -----------------------------------------------------------------------------
+
+
+def test_chat_completions_usage_with_cached_and_reasoning_tokens():
+    usage = {
+        "prompt_tokens": 1187,
+        "completion_tokens": 650,
+        "total_tokens": 1837,
+        "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 576,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+    assert openai_usage(usage) == Usage(
+        input_tokens=1187, output_tokens=650, cached_input_tokens=1024, reasoning_tokens=576
+    )
+
+
+def test_responses_api_field_names():
+    usage = {
+        "input_tokens": 328,
+        "input_tokens_details": {"cached_tokens": 256},
+        "output_tokens": 52,
+        "output_tokens_details": {"reasoning_tokens": 32},
+        "total_tokens": 380,
+    }
+    assert openai_usage(usage) == Usage(input_tokens=328, output_tokens=52, cached_input_tokens=256, reasoning_tokens=32)
+
+
+def test_deepseek_cache_hit_tokens():
+    usage = {
+        "prompt_tokens": 20,
+        "completion_tokens": 10,
+        "total_tokens": 30,
+        "prompt_cache_hit_tokens": 12,
+        "prompt_cache_miss_tokens": 8,
+    }
+    assert openai_usage(usage) == Usage(input_tokens=20, output_tokens=10, cached_input_tokens=12)
+
+
+def test_embeddings_usage_has_no_output():
+    assert openai_usage({"prompt_tokens": 8, "total_tokens": 8}) == Usage(input_tokens=8)
+
+
+def test_empty_usage_is_all_zero_from_the_provider():
+    usage = openai_usage({})
+    assert usage == Usage()
+    assert usage.source is UsageSource.PROVIDER
+
+
+GARBAGE = [None, "12", -3, True, False, 1.5, [4], {"n": 4}]
+
+
+@pytest.mark.parametrize("value", GARBAGE)
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda v: {"prompt_tokens": v, "completion_tokens": 5}, Usage(output_tokens=5)),
+        (lambda v: {"prompt_tokens": 5, "completion_tokens": v}, Usage(input_tokens=5)),
+        (lambda v: {"input_tokens": v, "output_tokens": 5}, Usage(output_tokens=5)),
+        (lambda v: {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": v}}, Usage(input_tokens=5)),
+        (lambda v: {"prompt_tokens": 5, "prompt_cache_hit_tokens": v}, Usage(input_tokens=5)),
+        (lambda v: {"completion_tokens": 5, "completion_tokens_details": {"reasoning_tokens": v}}, Usage(output_tokens=5)),
+    ],
+    ids=["prompt", "completion", "input", "cached", "deepseek-hit", "reasoning"],
+)
+def test_garbage_counts_are_zero(make, expected, value):
+    assert openai_usage(make(value)) == expected
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a non-dict *_tokens_details (string, list) raises AttributeError ('.get' on it) "
+    "instead of counting as 0; in a stream the exception escapes StreamMeter",
+)
+@pytest.mark.parametrize("details", ["garbage", [1, 2]])
+def test_garbage_details_objects_are_zero(details):
+    usage = openai_usage({"prompt_tokens": 5, "prompt_tokens_details": details, "completion_tokens_details": details})
+    assert usage == Usage(input_tokens=5)
+
+
+def test_usage_columns_are_the_ledger_columns():
+    usage = Usage(input_tokens=3, output_tokens=2, input_seconds=Decimal("1.50"), source=UsageSource.ESTIMATED)
+    assert usage.columns() == {
+        "input_tokens": 3,
+        "output_tokens": 2,
+        "cached_input_tokens": 0,
+        "cache_write_tokens": 0,
+        "reasoning_tokens": 0,
+        "input_characters": 0,
+        "output_characters": 0,
+        "input_seconds": "1.50",
+        "output_seconds": "0",
+        "usage_source": "estimated",
+    }
+
+
+# --- openai_reply -----------------------------------------------------------------------------
+
+
+def test_openai_reply_of_a_completion():
+    body = {
+        "id": "chatcmpl-abc123",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10},
+    }
+    assert openai_reply(body) == (
+        Usage(input_tokens=9, output_tokens=1),
+        Reply(response_id="chatcmpl-abc123", model="gpt-4o-mini-2024-07-18", error=None),
+    )
+
+
+def test_openai_reply_of_an_error_body():
+    body = {
+        "error": {
+            "message": "Rate limit reached for gpt-4o-mini on tokens per min (TPM)",
+            "type": "tokens",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
+    assert openai_reply(body) == (
+        None,
+        Reply(response_id=None, model=None, error="Rate limit reached for gpt-4o-mini on tokens per min (TPM)"),
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error": {"message": 42}},
+        {"error": {"code": "x"}},
+        {"error": "a bare string"},
+        {"error": None},
+        {},
+    ],
+)
+def test_openai_reply_without_a_readable_error_message(body):
+    assert openai_reply(body) == (None, Reply())
+
+
+def test_openai_reply_ignores_non_text_identity_and_non_object_usage():
+    assert openai_reply({"id": 7, "model": ["gpt"], "usage": None}) == (None, Reply())
+    assert openai_reply({"id": "x", "usage": "12"}) == (None, Reply(response_id="x"))
+
+
+# --- a realistic OpenAI stream ----------------------------------------------------------------
+
+RESPONSE_ID = "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT"
+MODEL = "gpt-4o-mini-2024-07-18"
+USAGE = {
+    "prompt_tokens": 1187,
+    "completion_tokens": 9,
+    "total_tokens": 1196,
+    "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+    "completion_tokens_details": {
+        "reasoning_tokens": 0,
+        "audio_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
+}
+EXPECTED_USAGE = Usage(input_tokens=1187, output_tokens=9, cached_input_tokens=1024)
+EXPECTED_REPLY = Reply(response_id=RESPONSE_ID, model=MODEL)
+
+
+def sse(payload: object, newline: bytes = b"\n") -> bytes:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
+    return b"data: " + data + newline + newline
+
+
+def chunk(choices: list, usage: dict | None = None) -> dict:
+    return {
+        "id": RESPONSE_ID,
+        "object": "chat.completion.chunk",
+        "created": 1741569952,
+        "model": MODEL,
+        "service_tier": "default",
+        "system_fingerprint": "fp_06737a9306",
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+def delta(content: str | None = None, role: str | None = None, finish: str | None = None) -> list:
+    body = {} if content is None else {"content": content}
+    if role:
+        body = {"role": role, "content": "", "refusal": None}
+    return [{"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}]
+
+
+def openai_stream(words: list[str], newline: bytes = b"\n") -> tuple[bytes, bytes]:
+    """The whole stream as the API sends it with include_usage, and its usage event alone."""
+    events = [sse(chunk(delta(role="assistant")), newline)]
+    events += [sse(chunk(delta(word)), newline) for word in words]
+    events.append(sse(chunk(delta(finish="stop")), newline))
+    usage_event = sse(chunk([], USAGE), newline)
+    events += [usage_event, sse(b"[DONE]", newline)]
+    return b"".join(events), usage_event
+
+
+WORDS = ["Hello", " there", "!", " How", " can", " I", " help", " \"you\"", "\\n today?"]
+PLAIN, USAGE_EVENT = openai_stream(WORDS)
+CRLF, CRLF_USAGE_EVENT = openai_stream(WORDS, b"\r\n")
+
+
+def without(stream: bytes, event: bytes) -> bytes:
+    assert stream.count(event) == 1
+    return stream.replace(event, b"")
+
+
+def feed(meter: StreamMeter, pieces: list[bytes]) -> bytes:
+    """Play a stream through the meter as mitmproxy does (a final b"" marks its end)."""
+    out = []
+    for piece in [*pieces, b""]:
+        result = meter(piece)
+        assert isinstance(result, list), f"returned {result!r} for {piece!r}"
+        assert all(isinstance(part, bytes) and part for part in result), result
+        out.extend(result)
+    return b"".join(out)
+
+
+def new_meter(drop: bool, encoding: str = "identity") -> StreamMeter:
+    return StreamMeter(OpenAIEvents(), make_decoder(encoding), drop_usage_event=drop)
+
+
+def assert_metered(meter: StreamMeter) -> None:
+    assert meter.events.usage == EXPECTED_USAGE
+    assert meter.events.reply == EXPECTED_REPLY
+
+
+def cuts(data: bytes, rng: random.Random) -> list[bytes]:
+    points = sorted(rng.sample(range(1, len(data)), rng.randint(1, 40)))
+    return [data[start:end] for start, end in zip([0, *points], [*points, len(data)])]
+
+
+def test_the_stream_looks_like_the_real_api():
+    assert PLAIN.startswith(b'data: {"id":"chatcmpl-')
+    assert PLAIN.endswith(b"data: [DONE]\n\n")
+    assert USAGE_EVENT.startswith(b'data: {"id":"' + RESPONSE_ID.encode())
+    assert b'"choices":[],"usage":{"prompt_tokens":1187' in USAGE_EVENT
+    assert PLAIN.count(b'"usage":null') == len(WORDS) + 2
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["passthrough", "drop-usage"])
+@pytest.mark.parametrize("stream, usage_event", [(PLAIN, USAGE_EVENT), (CRLF, CRLF_USAGE_EVENT)], ids=["lf", "crlf"])
+def test_one_chunk(stream, usage_event, drop):
+    meter = new_meter(drop)
+    out = feed(meter, [stream])
+    assert out == (without(stream, usage_event) if drop else stream)
+    assert meter.received_bytes == len(stream)
+    assert_metered(meter)
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["passthrough", "drop-usage"])
+@pytest.mark.parametrize("stream, usage_event", [(PLAIN, USAGE_EVENT), (CRLF, CRLF_USAGE_EVENT)], ids=["lf", "crlf"])
+def test_split_at_every_byte_boundary(stream, usage_event, drop):
+    expected = without(stream, usage_event) if drop else stream
+    for at in range(1, len(stream)):
+        meter = new_meter(drop)
+        assert feed(meter, [stream[:at], stream[at:]]) == expected, f"split at {at}"
+        assert_metered(meter)
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["passthrough", "drop-usage"])
+@pytest.mark.parametrize("stream, usage_event", [(PLAIN, USAGE_EVENT), (CRLF, CRLF_USAGE_EVENT)], ids=["lf", "crlf"])
+def test_random_splits(stream, usage_event, drop):
+    rng = random.Random(20250101)
+    expected = without(stream, usage_event) if drop else stream
+    for _ in range(200):
+        meter = new_meter(drop)
+        assert feed(meter, cuts(stream, rng)) == expected
+        assert_metered(meter)
+
+
+def test_byte_by_byte():
+    meter = new_meter(drop=True)
+    assert feed(meter, [PLAIN[i : i + 1] for i in range(len(PLAIN))]) == without(PLAIN, USAGE_EVENT)
+    assert_metered(meter)
+
+
+COMPRESSORS = {
+    "gzip": gzip.compress,
+    "deflate": zlib.compress,
+    "br": brotli.compress,
+    "zstd": lambda data: zstandard.ZstdCompressor().compress(data),
+}
+ZSTD_END_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the zstd decoder raises ZstdError('cannot use a decompressobj multiple times') "
+    "on mitmproxy's end-of-stream call meter(b'') once its frame is complete",
+)
+# every zstd stream ends with meter(b""), so the whole-stream zstd cases show that bug
+STREAM_ENCODINGS = [pytest.param(e, marks=ZSTD_END_BUG) if e == "zstd" else e for e in COMPRESSORS]
+
+
+@pytest.mark.parametrize("encoding", STREAM_ENCODINGS)
+def test_compressed_stream_passes_through_unchanged_and_is_metered(encoding):
+    compressed = COMPRESSORS[encoding](PLAIN)
+    rng = random.Random(7)
+    for _ in range(50):
+        meter = new_meter(drop=False, encoding=encoding)
+        assert feed(meter, cuts(compressed, rng)) == compressed
+        assert_metered(meter)
+
+
+def test_gzip_stream_split_at_every_byte_boundary_passes_through():
+    compressed = gzip.compress(PLAIN)
+    for at in range(1, len(compressed)):
+        meter = new_meter(drop=False, encoding="gzip")
+        assert feed(meter, [compressed[:at], compressed[at:]]) == compressed, f"split at {at}"
+        assert_metered(meter)
+
+
+@pytest.mark.parametrize("encoding", STREAM_ENCODINGS)
+def test_compressed_stream_with_drop_hands_on_decoded_events_without_the_usage_event(encoding):
+    compressed = COMPRESSORS[encoding](PLAIN)
+    rng = random.Random(11)
+    for _ in range(50):
+        meter = new_meter(drop=True, encoding=encoding)
+        assert feed(meter, cuts(compressed, rng)) == without(PLAIN, USAGE_EVENT)
+        assert_metered(meter)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG vs SPEC §3.4 ('the client still receives the bytes the provider sent'): a body "
+    "that does not decode as its content-encoding raises (zlib.error/brotli.error) out of the "
+    "meter, which breaks the client's stream instead of passing it through unmetered",
+)
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+def test_undecodable_bytes_still_pass_through_when_nothing_is_dropped(encoding):
+    meter = new_meter(drop=False, encoding=encoding)
+    assert feed(meter, [PLAIN]) == PLAIN
+    assert meter.events.usage is None
+
+
+def test_an_incomplete_event_returns_an_empty_list_never_empty_bytes():
+    meter = new_meter(drop=True)
+    assert meter(b'data: {"id":"chatcmpl-') == []
+    assert meter(b"\n") == []
+    assert meter(b"\n") == [b'data: {"id":"chatcmpl-\n\n']
+
+
+def test_the_usage_event_alone_returns_an_empty_list():
+    meter = new_meter(drop=True)
+    assert meter(USAGE_EVENT) == []
+    assert meter.events.usage == EXPECTED_USAGE
+
+
+def test_end_of_stream_flushes_an_unterminated_last_event_as_it_came():
+    meter = new_meter(drop=True)
+    assert meter(b"data: [DONE]") == []
+    assert meter(b"") == [b"data: [DONE]"]
+    assert meter(b"") == []
+
+
+def test_a_usage_chunk_that_also_carries_content_is_not_dropped():
+    # some OpenAI-compatible providers put usage on the last content chunk
+    last = sse(chunk(delta("!", finish="stop"), USAGE))
+    stream = sse(chunk(delta("Hi"))) + last + sse(b"[DONE]")
+    meter = new_meter(drop=True)
+    assert feed(meter, [stream]) == stream
+    assert_metered(meter)
+
+
+def test_cumulative_usage_events_replace_the_running_figures():
+    first = sse(chunk([], {"prompt_tokens": 10, "completion_tokens": 1}))
+    last = sse(chunk([], {"prompt_tokens": 10, "completion_tokens": 4}))
+    meter = new_meter(drop=False)
+    feed(meter, [sse(chunk(delta("a"))) + first + last])
+    assert meter.events.usage == Usage(input_tokens=10, output_tokens=4)
+
+
+def test_a_stream_without_usage_meters_none_and_passes_unchanged():
+    stream = sse(chunk(delta("Hi"))) + sse(b"[DONE]")
+    meter = new_meter(drop=True)
+    assert feed(meter, [stream]) == stream
+    assert meter.events.usage is None
+    assert meter.events.reply == EXPECTED_REPLY
+
+
+def test_comments_and_non_json_events_pass_through():
+    stream = b": keep-alive\n\n" + b"event: ping\ndata: not json\n\n" + PLAIN
+    meter = new_meter(drop=True)
+    assert feed(meter, [stream]) == without(stream, USAGE_EVENT)
+    assert_metered(meter)
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["passthrough", "drop-usage"])
+def test_pending_buffer_stays_within_one_event_over_a_long_stream(drop):
+    words = [f" word{i}" for i in range(3000)]
+    stream, _ = openai_stream(words)
+    largest_event = max(len(event) + 2 for event in stream.split(b"\n\n"))
+    meter = new_meter(drop)
+    largest_pending = 0
+    for start in range(0, len(stream), 61):
+        meter(stream[start : start + 61])
+        largest_pending = max(largest_pending, len(meter._pending))
+    meter(b"")
+    assert 0 < largest_pending < largest_event
+    assert meter._pending == b""
+    assert_metered(meter)
+
+
+# --- make_decoder -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "deflate", "br", "zstd", " GZIP ", "Br"])
+def test_make_decoder_decodes_incrementally(encoding):
+    compressor = COMPRESSORS.get(encoding.strip().lower(), gzip.compress)
+    compressed = compressor(PLAIN)
+    decode = make_decoder(encoding)
+    decoded = b"".join(decode(compressed[i : i + 5]) for i in range(0, len(compressed), 5))
+    assert decoded == PLAIN
+
+
+def test_deflate_decoder_also_reads_gzip_framing():
+    assert make_decoder("deflate")(gzip.compress(PLAIN)) == PLAIN
+
+
+def test_a_streaming_zstd_frame_decodes_incrementally():
+    compressor = zstandard.ZstdCompressor().compressobj()
+    compressed = compressor.compress(PLAIN) + compressor.flush()
+    decode = make_decoder("zstd")
+    assert b"".join(decode(compressed[i : i + 3]) for i in range(0, len(compressed), 3)) == PLAIN
+
+
+@ZSTD_END_BUG
+def test_zstd_decoder_accepts_the_end_of_stream_call():
+    decode = make_decoder("zstd")
+    assert decode(COMPRESSORS["zstd"](PLAIN)) == PLAIN
+    assert decode(b"") == b""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the zstd decoder silently drops every frame after the first one "
+    "(a zstd stream may be several concatenated frames, RFC 8878 §3)",
+)
+def test_zstd_decoder_reads_every_frame():
+    first, second = PLAIN[:500], PLAIN[500:]
+    compressed = COMPRESSORS["zstd"](first) + COMPRESSORS["zstd"](second)
+    assert make_decoder("zstd")(compressed) == PLAIN
+
+
+@pytest.mark.parametrize("encoding", ["", "identity", "IDENTITY"])
+def test_identity_decoder_returns_the_bytes(encoding):
+    assert make_decoder(encoding)(b"data: x\n\n") == b"data: x\n\n"
+
+
+@pytest.mark.parametrize("encoding", ["compress", "gzip, br", "snappy", "lz4"])
+def test_unknown_encodings_are_a_value_error(encoding):
+    with pytest.raises(ValueError, match="unsupported content-encoding"):
+        make_decoder(encoding)
