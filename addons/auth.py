@@ -37,6 +37,16 @@ class ManagedKeys:
         return keys[turn % len(keys)]
 
 
+def take_credential(request: http.Request) -> str | None:
+    """Remove every place an SDK may have put the forward token and return the token: the
+    `Authorization` bearer, `x-api-key` (Anthropic), `x-goog-api-key` or `?key=` (Google)."""
+    found = [bearer(request.headers.pop("authorization", None))]
+    found += [request.headers.pop(name, None) for name in ("x-api-key", "x-goog-api-key")]
+    if "key" in request.query:
+        found.append(request.query.pop("key"))
+    return next((credential for credential in found if credential), None)
+
+
 class Auth:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
@@ -47,11 +57,8 @@ class Auth:
         call = call_of(flow)
         if call is None or call.refusal:
             return
-        credential = bearer(flow.request.headers.get("authorization"))
-        for name in KEY_HEADERS.values():
-            flow.request.headers.pop(name, None)
         try:
-            call.token = decode_token(credential or "")
+            call.token = decode_token(take_credential(flow.request) or "")
         except GatewayError as error:
             refuse(flow, call, error)
 

@@ -4,12 +4,14 @@ charged) when it ends, and an audit entry for every request refused before forwa
 All database work happens on the `LedgerWriter` thread; only the pending row is awaited.
 """
 
+import threading
 from datetime import datetime, timezone
 from typing import Optional
 
 from mitmproxy import ctx, exceptions, http
 
 from addons.calls import fail_closed, call_of, refuse
+from meterproxy import estimate
 from meterproxy.call import Call
 from meterproxy.errors import GatewayError
 from meterproxy.ledger import Outcome, closing_fields, from_timestamp, opening_row
@@ -40,6 +42,8 @@ class Ledger:
             except ValueError as error:
                 raise exceptions.OptionsError(str(error)) from None
         if "meterproxy_db" in updated:
+            # Load the tokenizer now, so that the first estimate does not stall the writer.
+            threading.Thread(target=estimate.encoding, args=(estimate.DEFAULT,), daemon=True).start()
             self.done()
             try:
                 self.writer = LedgerWriter(ctx.options.meterproxy_db)

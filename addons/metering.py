@@ -2,17 +2,17 @@
 usage the provider reports is read from the body or the event stream as it passes."""
 
 import json
+import re
 
 from mitmproxy import http
 
-from addons.calls import fail_closed, call_of, refuse
+from addons.calls import call_of, fail_closed, refuse
+from meterproxy.dialects import OpenAIChat, dialect_for
 from meterproxy.errors import GatewayError
 from meterproxy.providers import Wire
-from meterproxy.stream import OpenAIEvents, StreamMeter, make_decoder
-from meterproxy.usage import openai_reply
+from meterproxy.stream import StreamMeter, make_decoder
 
-# Streams for which an OpenAI-compatible provider reports usage only when asked.
-USAGE_ON_REQUEST = ("/chat/completions", "/completions")
+_GEMINI_MODEL = re.compile(r"/models/([^/:]+):(\w+)")
 
 
 class Metering:
@@ -21,72 +21,72 @@ class Metering:
         call = call_of(flow)
         if call is None or call.refusal:
             return
+        wire = call.target.provider.wire
+        path = flow.request.path.partition("?")[0]
+        gemini = _GEMINI_MODEL.search(path) if wire is Wire.GOOGLE else None
         try:
-            body = _json_body(flow.request)
+            body = _json_body(flow.request, model_in_body=gemini is None)
         except GatewayError as error:
             refuse(flow, call, error)
             return
-        if body is None:
-            return
-        call.model = body["model"]
-        call.stream = body.get("stream") is True
-        if call.stream and call.target.provider.wire is Wire.OPENAI and _asks_usage(flow, body):
+        call.request_body = body
+        call.model = gemini[1] if gemini else body.get("model") if body else None
+        call.stream = (gemini is not None and gemini[2] == "streamGenerateContent") or bool(body and body.get("stream") is True)
+        call.dialect = dialect_for(wire, path, call.model)
+        if call.stream and isinstance(call.dialect, OpenAIChat) and _asks_usage(body):
             call.drop_usage_event = True
-            # We may drop an event, which needs the plain bytes of the stream.
+            # Dropping an event needs the plain bytes of the stream.
             flow.request.headers["accept-encoding"] = "identity"
             flow.request.content = json.dumps(body).encode()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call is None or call.refusal:
+        if call is None or call.refusal or call.dialect is None:
             return
         headers = flow.response.headers
-        if not headers.get("content-type", "").startswith("text/event-stream"):
-            return  # a JSON body: buffered by mitmproxy and read whole at `response`
-        encoding = headers.get("content-encoding", "")
-        try:
-            decode = make_decoder(encoding)
-        except ValueError:
-            return  # cannot be read: no usage, so the row says so
-        call.meter = StreamMeter(OpenAIEvents(), decode, call.drop_usage_event)
-        if call.drop_usage_event and encoding:
-            headers.pop("content-encoding")  # the meter hands on the decoded events
-        flow.response.stream = call.meter
+        content_type = headers.get("content-type", "")
+        if content_type.startswith("text/event-stream"):
+            encoding = headers.get("content-encoding", "")
+            try:
+                decode = make_decoder(encoding)
+            except ValueError:
+                flow.response.stream = True  # cannot be read: passed on, estimated at the end
+                return
+            flow.response.stream = StreamMeter(call.dialect, decode, call.drop_usage_event)
+            if call.drop_usage_event and encoding:
+                headers.pop("content-encoding")  # the meter hands on the decoded events
+        elif "json" not in content_type:
+            flow.response.stream = True  # audio and other bodies the meter does not read
 
     def response(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call is None or call.refusal:
-            return
-        if call.meter is not None:
-            call.usage, call.reply = call.meter.events.usage, call.meter.events.reply
+        if call is None or call.refusal or call.dialect is None or flow.response.stream:
             return
         try:
             body = json.loads(flow.response.content or b"")
-        except ValueError:
+        except (ValueError, RecursionError):
             return
-        if isinstance(body, dict):
-            call.usage, call.reply = openai_reply(body)
+        call.dialect.read_body(body)
 
 
-def _json_body(request: http.Request) -> dict | None:
-    """The request's JSON object with its `model`, or None for requests without a body."""
+def _json_body(request: http.Request, model_in_body: bool) -> dict | None:
+    """The request's JSON object (with its `model` where the endpoint needs one), or None for
+    requests without a body."""
     if not request.raw_content:
         return None
     try:
         body = json.loads(request.content)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise GatewayError(400, "request body is not valid JSON", "invalid_json") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "request body must be a JSON object", "invalid_json")
-    if not isinstance(body.get("model"), str) or not body["model"]:
+    if model_in_body and (not isinstance(body.get("model"), str) or not body["model"]):
         raise GatewayError(400, "request body has no model", "missing_model")
     return body
 
 
-def _asks_usage(flow: http.HTTPFlow, body: dict) -> bool:
+def _asks_usage(body: dict) -> bool:
     """Add `stream_options.include_usage` unless the client asked for it; True if added."""
-    if not flow.request.path.partition("?")[0].endswith(USAGE_ON_REQUEST):
-        return False
     options = body.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
         return False

@@ -2,12 +2,11 @@
 
 from dataclasses import dataclass, field
 
+from meterproxy.dialects import Dialect
 from meterproxy.errors import GatewayError
 from meterproxy.providers import Target
 from meterproxy.store import Principal
-from meterproxy.stream import StreamMeter
 from meterproxy.token import ForwardToken, KeyMode
-from meterproxy.usage import Reply, Usage
 
 
 @dataclass
@@ -20,12 +19,11 @@ class Call:
     token: ForwardToken | None = None
     principal: Principal | None = None
     model: str | None = None
+    request_body: dict | None = None
     stream: bool = False
-    refusal: GatewayError | None = None
-    usage: Usage | None = None
-    reply: Reply = field(default_factory=Reply)
-    meter: StreamMeter | None = None
+    dialect: Dialect | None = None
     drop_usage_event: bool = False  # the gateway asked for the stream's usage event itself
+    refusal: GatewayError | None = None
     opened: bool = False  # its pending row is on disk
 
     @property

@@ -2,9 +2,11 @@
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import Decimal
 
 from meterproxy.call import Call
 from meterproxy.store import iso
+from meterproxy.usage import Usage
 from pricing.fees import split_charge
 from pricing.money import ZERO, money_text
 from pricing.prices import PriceBook, PriceNotFound
@@ -40,56 +42,64 @@ class Outcome:
     started: datetime
     first_byte: datetime | None
     ended: datetime
-    upstream_status: int | None = None
-    error: str | None = None  # transport failure, client gone, …
+    upstream_status: int | None = None  # None: no response came
+    error: str | None = None  # transport failure, client gone, stream cut…
 
 
-def closing_fields(call: Call, outcome: Outcome, prices: PriceBook) -> tuple[dict, object]:
-    """The completing update and the wallet debit: `completed` with exact costs, or `error`."""
+def closing_fields(call: Call, outcome: Outcome, prices: PriceBook) -> tuple[dict, Decimal]:
+    """The completing update and the wallet debit.
+
+    A response that arrived is charged for what it delivered, even if the stream was cut or the
+    client left (estimated where the provider did not report usage); an upstream error status,
+    no response at all, or a model with no price is an `error` row that charges nothing.
+    """
     fields = {
         "upstream_status": outcome.upstream_status,
-        "provider_response_id": call.reply.response_id,
+        "provider_response_id": call.dialect.reply.response_id if call.dialect else None,
         "completed_at": iso(outcome.ended),
         "latency_ms": _ms(outcome.started, outcome.ended),
         "ttfb_ms": _ms(outcome.started, outcome.first_byte) if outcome.first_byte else None,
-        "model": call.reply.model or call.model,
+        "model": (call.dialect.reply.model if call.dialect else None) or call.model,
     }
-    if call.usage is not None:
-        fields.update(call.usage.columns())
-    error = outcome.error or _upstream_error(outcome.upstream_status, call.reply.error) or _missing_usage(call)
+    error = _failure(call, outcome)
     wallet_cost = ZERO
     if error is None:
+        usage = call.dialect.metered_usage(call.request_body) if call.dialect else Usage()
+        fields.update(usage.columns())
         try:
-            provider_cost = prices.provider_cost(
-                call.target.provider.price_provider, fields["model"], call.usage, outcome.started
-            )
+            charge = _charge(call, fields["model"], usage, outcome.started, prices)
         except PriceNotFound as missing:
             error = str(missing)
         else:
-            charge = split_charge(provider_cost, call.principal.fees, call.key_mode)
             wallet_cost = charge.wallet_cost
             fields.update(
+                status="completed",
+                error_message=None,
                 total_cost=money_text(charge.total_cost),
                 wallet_cost=money_text(charge.wallet_cost),
                 merchant_cost=money_text(charge.merchant_cost),
             )
-    if error is None:
-        fields.update(status="completed", error_message=None)
-    else:
+    if error is not None:
         zero = money_text(ZERO)
-        fields.update(status="error", error_message=error[:MAX_ERROR_MESSAGE])
-        fields.update(total_cost=zero, wallet_cost=zero, merchant_cost=zero)
+        fields.update(status="error", error_message=error[:MAX_ERROR_MESSAGE], total_cost=zero, wallet_cost=zero, merchant_cost=zero)
     return fields, wallet_cost
 
 
-def _upstream_error(status: int | None, message: str | None) -> str | None:
-    if status is None or status < 400:
-        return None
-    return f"provider answered HTTP {status}" + (f": {message}" if message else "")
+def _failure(call: Call, outcome: Outcome) -> str | None:
+    status = outcome.upstream_status
+    if status is None:
+        return outcome.error or "no response from the provider"
+    if status >= 400:
+        message = call.dialect.reply.error if call.dialect else None
+        return f"provider answered HTTP {status}" + (f": {message}" if message else "")
+    return None
 
 
-def _missing_usage(call: Call) -> str | None:
-    return None if call.usage is not None else "provider reported no usage"
+def _charge(call: Call, model: str | None, usage: Usage, at: datetime, prices: PriceBook):
+    """Calls without a model (listing models, say) are not metered and cost nothing."""
+    provider_cost = ZERO if model is None else prices.provider_cost(call.target.provider.price_provider, model, usage, at)
+    fees = call.principal.fees if model is not None else None
+    return split_charge(provider_cost, fees, call.key_mode)
 
 
 def _ms(start: datetime, end: datetime) -> int:

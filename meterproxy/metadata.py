@@ -44,7 +44,7 @@ def validate_metadata(metadata: object) -> dict[str, str]:
 def _json_object(source: str, raw: str) -> dict:
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _bad(f"{source} is not valid JSON") from None
     if not isinstance(value, dict):
         raise _bad(f"{source} must be a JSON object")

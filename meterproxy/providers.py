@@ -129,7 +129,7 @@ class Registry:
         if parts.fragment or _DOT_SEGMENT.search(urllib.parse.unquote(parts.path)):
             raise GatewayError(400, "target URL has a fragment or dot segments", "malformed_target")
         host = parts.hostname or ""
-        origin = (parts.scheme, host, port or _DEFAULT_PORTS[parts.scheme])
+        origin = (parts.scheme, host, _DEFAULT_PORTS[parts.scheme] if port is None else port)
         provider = self.by_origin.get(origin)
         if provider is None or "@" in parts.netloc:
             raise GatewayError(403, f"{host or 'target'} is not a registered provider", "provider_not_allowed")

@@ -1,12 +1,12 @@
 """Metering a streamed response as it passes, chunk by chunk, never holding the whole stream.
 
 `StreamMeter` is the callable mitmproxy calls per read (`flow.response.stream`): it decodes
-the content-encoding incrementally, splits server-sent events, reads usage from the events
-that can carry it and returns the bytes the client should get: the provider's bytes unchanged,
-or, when the gateway itself asked for the usage event, the same events without that one.
+the content-encoding incrementally, splits server-sent events, hands each event to the
+provider's `Dialect` and returns the bytes the client should get: the provider's bytes
+unchanged, or, when the gateway itself asked for the usage event, the same events without it.
 """
 
-import json
+import logging
 import re
 import zlib
 from collections.abc import Callable
@@ -14,10 +14,10 @@ from collections.abc import Callable
 import brotli
 import zstandard
 
-from meterproxy.usage import Reply, Usage, openai_reply
+from meterproxy.dialects import Dialect
 
+log = logging.getLogger(__name__)
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_OPENAI_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
 
 def make_decoder(content_encoding: str) -> Callable[[bytes], bytes]:
@@ -30,7 +30,7 @@ def make_decoder(content_encoding: str) -> Callable[[bytes], bytes]:
     if encoding == "br":
         return brotli.Decompressor().process
     if encoding == "zstd":
-        return zstandard.ZstdDecompressor().decompressobj().decompress
+        return zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress
     raise ValueError(f"unsupported content-encoding {content_encoding!r}")
 
 
@@ -50,53 +50,35 @@ def event_data(event: bytes) -> bytes:
     return b"\n".join(lines)
 
 
-class OpenAIEvents:
-    """Usage from OpenAI-format chunks: only chunks that contain a usage object are parsed."""
-
-    def __init__(self) -> None:
-        self.usage: Usage | None = None
-        self.reply = Reply()
-
-    def read(self, data: bytes) -> bool:
-        """Meter one event's data; True when it is the usage-only chunk (`choices: []`)."""
-        if self.reply.response_id is not None and not _OPENAI_USAGE.search(data):
-            return False
-        try:
-            body = json.loads(data)
-        except ValueError:
-            return False
-        if not isinstance(body, dict):
-            return False
-        usage, reply = openai_reply(body)
-        if self.reply.response_id is None:
-            self.reply = reply
-        if usage is None:
-            return False
-        self.usage = usage  # usage events are cumulative: the last one is the total
-        return body.get("choices") == []
-
-
 class StreamMeter:
-    def __init__(self, events: OpenAIEvents, decode: Callable[[bytes], bytes], drop_usage_event: bool):
-        self.events = events
+    def __init__(self, dialect: Dialect, decode: Callable[[bytes], bytes], drop_usage_event: bool):
+        self.dialect = dialect
         self._decode = decode
         self._drop_usage_event = drop_usage_event
         self._pending = b""
-        self.received_bytes = 0
+        self.readable = True  # False once the bytes stop decoding: passed on, no longer metered
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
-        self.received_bytes += len(chunk)
-        events, self._pending = split_events(self._pending + self._decode(chunk))
-        kept = [event for event in events if not self._read(event)]
-        if not self._drop_usage_event:
+        events = self._read(chunk) if self.readable else []
+        if not self._drop_usage_event or not self.readable:
             return [chunk] if chunk else []
-        if not chunk:  # end of stream: flush an unterminated last event as it came
-            kept.append(self._pending)
-            self._pending = b""
+        out = b"".join(event for event, drop in events if not drop)
         # Never return b"" for a non-empty chunk: mitmproxy would end the response there.
-        out = b"".join(kept)
         return [out] if out else []
 
-    def _read(self, event: bytes) -> bool:
+    def _read(self, chunk: bytes) -> list[tuple[bytes, bool]]:
+        try:
+            decoded = self._decode(chunk) if chunk else b""
+        except (zlib.error, brotli.error, zstandard.ZstdError) as error:
+            log.warning("stream stopped decoding (%s); passing it on unmetered", error)
+            self.readable = False
+            return []
+        events, self._pending = split_events(self._pending + decoded)
+        if not chunk and self._pending:  # end of stream: an unterminated last event counts too
+            events.append(self._pending)
+            self._pending = b""
+        return [(event, self._meter(event)) for event in events]
+
+    def _meter(self, event: bytes) -> bool:
         data = event_data(event)
-        return bool(data) and data != b"[DONE]" and self.events.read(data)
+        return bool(data) and data != b"[DONE]" and self.dialect.read_event(data)

@@ -65,7 +65,7 @@ def decode_token(raw: str) -> ForwardToken:
         padded = raw + "=" * (-len(raw) % 4)
         decoded = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
         data = json.loads(decoded)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):
         raise _invalid("forward token is not base64-encoded JSON") from None
     if not isinstance(data, dict):
         raise _invalid("forward token must encode a JSON object")

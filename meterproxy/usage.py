@@ -1,8 +1,8 @@
-"""Usage figures and their extraction from provider responses, as plain functions over dicts.
+"""Usage figures and their extraction from each provider's usage objects, as plain functions.
 
 Token figures follow OpenAI's convention whatever the provider (SPEC §6): `input_tokens`
 counts every input token (cached and cache-write ones are parts of it) and `output_tokens`
-includes reasoning tokens.
+includes reasoning tokens. These are also genai-prices' conventions.
 """
 
 import dataclasses
@@ -47,34 +47,62 @@ class Reply:
     error: str | None = None  # the provider's own error message, if it sent one
 
 
-def _count(value: object) -> int:
+def count(value: object) -> int:
     """A token count as sent by a provider; anything else (null, missing, garbage) is 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _object(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def openai_usage(usage: dict) -> Usage:
     """Chat completions, completions, embeddings and the Responses API, plus the
     OpenAI-compatible providers' variants (DeepSeek's `prompt_cache_hit_tokens`)."""
-    input_tokens = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
-    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-    cached = _count(details.get("cached_tokens")) or _count(usage.get("prompt_cache_hit_tokens"))
-    output_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+    details = _object(usage.get("prompt_tokens_details") or usage.get("input_tokens_details"))
+    output_details = _object(usage.get("completion_tokens_details") or usage.get("output_tokens_details"))
     return Usage(
-        input_tokens=input_tokens,
-        output_tokens=_count(usage.get("completion_tokens", usage.get("output_tokens"))),
-        cached_input_tokens=cached,
-        reasoning_tokens=_count(output_details.get("reasoning_tokens")),
+        input_tokens=count(usage.get("prompt_tokens", usage.get("input_tokens"))),
+        output_tokens=count(usage.get("completion_tokens", usage.get("output_tokens"))),
+        cached_input_tokens=count(details.get("cached_tokens")) or count(usage.get("prompt_cache_hit_tokens")),
+        reasoning_tokens=count(output_details.get("reasoning_tokens")),
     )
 
 
-def openai_reply(body: dict) -> tuple[Usage | None, Reply]:
-    """Usage and identity of one OpenAI-format JSON body or stream chunk."""
-    usage = body.get("usage")
-    error = body.get("error")
-    message = _text(error.get("message")) if isinstance(error, dict) else None
-    reply = Reply(_text(body.get("id")), _text(body.get("model")), message)
-    return (openai_usage(usage) if isinstance(usage, dict) else None), reply
+def anthropic_usage(usage: dict, previous: Usage | None = None) -> Usage:
+    """Anthropic counts cache reads and writes apart from `input_tokens`. A `message_delta`
+    repeats cumulative figures, only some of them: the ones it has replace, the rest stay."""
+    previous = previous or Usage()
+
+    def figure(key: str, otherwise: int) -> int:
+        return count(usage[key]) if key in usage else otherwise
+
+    read = figure("cache_read_input_tokens", previous.cached_input_tokens)
+    write = figure("cache_creation_input_tokens", previous.cache_write_tokens)
+    uncached = figure("input_tokens", previous.input_tokens - previous.cached_input_tokens - previous.cache_write_tokens)
+    return Usage(
+        input_tokens=uncached + read + write,
+        output_tokens=figure("output_tokens", previous.output_tokens),
+        cached_input_tokens=read,
+        cache_write_tokens=write,
+    )
 
 
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+def google_usage(metadata: dict) -> Usage:
+    """Gemini's `usageMetadata`: thoughts are output (and reasoning), tool-use prompts input."""
+    thoughts = count(metadata.get("thoughtsTokenCount"))
+    return Usage(
+        input_tokens=count(metadata.get("promptTokenCount")) + count(metadata.get("toolUsePromptTokenCount")),
+        output_tokens=count(metadata.get("candidatesTokenCount")) + thoughts,
+        cached_input_tokens=count(metadata.get("cachedContentTokenCount")),
+        reasoning_tokens=thoughts,
+    )
+
+
+def error_message(body: dict) -> str | None:
+    """`{"error": {"message": …}}` (OpenAI, Anthropic, Google all use this shape)."""
+    return text(_object(body.get("error")).get("message"))

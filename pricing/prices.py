@@ -38,7 +38,7 @@ class ModelPrice(BaseModel):
     def cost(self, usage: Usage) -> Decimal:
         cache_read = self.input_mtok if self.cache_read_mtok is None else self.cache_read_mtok
         cache_write = self.input_mtok if self.cache_write_mtok is None else self.cache_write_mtok
-        uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
+        uncached = max(0, usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens)
         total = (
             uncached * self.input_mtok
             + usage.cached_input_tokens * cache_read
@@ -73,14 +73,17 @@ class PriceBook:
         override = self.overrides.get((provider, model))
         if override is not None:
             return override.cost(usage)
+        figures = {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_read_tokens": usage.cached_input_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        }
+        if usage.input_characters:  # text-to-speech is priced by the characters of its input
+            figures["input_characters"] = usage.input_characters
         try:
             calculation = genai_prices.calc_price(
-                genai_prices.Usage(
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    cache_read_tokens=usage.cached_input_tokens,
-                    cache_write_tokens=usage.cache_write_tokens,
-                ),
+                genai_prices.Usage(**figures),
                 model,
                 provider_id=provider,
                 genai_request_timestamp=at,

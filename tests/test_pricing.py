@@ -120,8 +120,13 @@ def test_cache_write_tokens_use_the_cache_write_price():
     assert price.cost(usage) == Decimal("0.0357")  # (4000*3 + 4000*0.30 + 2000*3.75 + 1000*15) / 1e6
 
 
-def test_the_shipped_override_file_loads():
-    assert PriceBook.from_file(DEFAULT_OVERRIDES).overrides == {}
+def test_the_shipped_override_file_prices_the_embedding_models_genai_prices_lacks():
+    shipped = PriceBook.from_file(DEFAULT_OVERRIDES)
+    assert sorted(model for _, model in shipped.overrides) == [
+        "text-embedding-3-large", "text-embedding-3-small", "text-embedding-ada-002"
+    ]
+    cost = shipped.provider_cost("openai", "text-embedding-3-small", Usage(input_tokens=1_000_000), AT)
+    assert cost == Decimal("0.02")
     assert PriceBook.from_file(None).overrides == {}
 
 

