@@ -26,7 +26,7 @@ MANAGED_KEYS = {
     "DEEPSEEK_API_KEY": "sk-managed-deepseek-c4f0",
     "XAI_API_KEY": "xai-managed-6e19",
 }
-FAKE_PROVIDERS = ("openai", "mistral", "deepseek", "xai")
+FAKE_PROVIDERS = ("openai", "anthropic", "google", "mistral", "deepseek", "xai")
 SELF_HOSTED = "https://llm.selfhosted.test"  # added by the providers file; no managed key
 
 
