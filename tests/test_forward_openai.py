@@ -6,6 +6,7 @@ costs computed here independently from genai-prices and the product's fees.
 
 import base64
 import json
+import threading
 import time
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -372,3 +373,24 @@ def test_metadata_past_the_limits_is_a_400(gateway, fake, account):
         )
     assert raised.value.code == "invalid_metadata"
     assert fake.requests() == []
+
+
+def test_the_pending_row_is_on_disk_before_the_provider_is_called(gateway, fake, account):
+    """So that a crash from the moment the call goes out loses nothing (SPEC §3.2)."""
+    fake.behave({"first_byte_delay": 1.0})
+    done = threading.Event()
+    client = client_for(gateway, account.token())
+    worker = threading.Thread(
+        target=lambda: (client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES), done.set())
+    )
+    worker.start()
+    deadline = time.monotonic() + 5
+    while not fake.requests() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pending = [row for row in gateway.rows() if row["status"] == "pending"]
+    assert fake.requests() and not done.is_set()
+    assert [(row["connection_id"], row["endpoint"]) for row in pending] == [
+        (account.connection_id, "POST https://api.openai.com/v1/chat/completions")
+    ]
+    worker.join()
+    assert gateway.row(pending[0]["request_id"])["status"] == "completed"
