@@ -4,6 +4,7 @@ charged) when it ends, and an audit entry for every request refused before forwa
 All database work happens on the `LedgerWriter` thread; only the pending row is awaited.
 """
 
+import logging
 import threading
 from datetime import datetime, timezone
 from typing import Optional
@@ -14,10 +15,9 @@ from addons.calls import fail_closed, call_of, refuse
 from meterproxy import estimate
 from meterproxy.call import Call
 from meterproxy.errors import GatewayError
-from meterproxy.ledger import Outcome, closing_fields, from_timestamp, opening_row
+from meterproxy.ledger import Outcome, closing_fields, from_timestamp, opening_row, worst_case_hold
 from meterproxy.store import Store, utc_now
 from meterproxy.writer import LedgerWriter
-from pricing.money import ZERO
 from pricing.prices import DEFAULT_OVERRIDES, PriceBook
 
 
@@ -49,6 +49,9 @@ class Ledger:
                 self.writer = LedgerWriter(ctx.options.meterproxy_db)
             except Exception as error:
                 raise exceptions.OptionsError(f"cannot open {ctx.options.meterproxy_db}: {error}") from None
+            interrupted = self.writer.submit(lambda store: store.recover()).result()
+            if interrupted:
+                logging.warning("meterproxy: %d requests were interrupted by the last stop; marked as errors", interrupted)
 
     def done(self):
         if self.writer is not None:
@@ -59,9 +62,15 @@ class Ledger:
         call = call_of(flow)
         if call is None or call.refusal:
             return
-        row = opening_row(call, from_timestamp(flow.request.timestamp_start))
+        started = from_timestamp(flow.request.timestamp_start)
+        row = opening_row(call, started)
+        body_size, prices = len(flow.request.raw_content or b""), self.prices
+
+        def open_request(store: Store) -> None:
+            store.open_request(row, worst_case_hold(call, body_size, prices, started))
+
         try:
-            await self.writer.call(lambda store: _open(store, call, row))
+            await self.writer.call(open_request)
         except GatewayError as error:
             refuse(flow, call, error)
             return
@@ -113,10 +122,3 @@ class Ledger:
         }
         self.writer.submit(lambda store: store.record_audit(entry))
 
-
-def _open(store: Store, call: Call, row: dict) -> None:
-    """Refuse a wallet that cannot pay, then write the pending row, in one transaction."""
-    wallet_id = call.principal.wallet_id
-    if wallet_id and store.wallet_balance(wallet_id) <= ZERO:
-        raise GatewayError(402, "wallet balance cannot cover this request", "insufficient_balance")
-    store.open_request(row)

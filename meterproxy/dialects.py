@@ -11,7 +11,7 @@ import re
 
 from meterproxy.estimate import TextCounter, chat_prompt_tokens, message_text, text_tokens
 from meterproxy.providers import Wire
-from meterproxy.usage import Reply, Usage, UsageSource, anthropic_usage, error_message, google_usage, openai_usage, text
+from meterproxy.usage import Reply, Usage, UsageSource, anthropic_usage, count, error_message, google_usage, openai_usage, text
 
 
 def _json(data: bytes) -> object:
@@ -19,6 +19,12 @@ def _json(data: bytes) -> object:
         return json.loads(data)
     except (ValueError, RecursionError):
         return None
+
+
+def _limit(tokens: object, choices: object = None) -> int | None:
+    """An output limit from the request, times the number of choices it asks for."""
+    limit = count(tokens) if tokens is not None else None
+    return None if not limit else limit * max(count(choices), 1)
 
 
 def _strings(values: object) -> list[str]:
@@ -48,6 +54,16 @@ class Dialect:
 
     def prompt_tokens(self, request: dict) -> int:
         raise NotImplementedError
+
+    def max_output_tokens(self, request: dict) -> int | None:
+        """The most output the request allows, or None when it sets no limit."""
+        raise NotImplementedError
+
+    def worst_case(self, request: dict, body_size: int) -> Usage | None:
+        """The largest usage the request can have: its prompt is at most one token per byte of
+        the body, its output at most its limit. None when the request sets no limit."""
+        limit = self.max_output_tokens(request)
+        return None if limit is None else Usage(input_tokens=body_size, output_tokens=limit)
 
     def metered_usage(self, request: dict | None) -> Usage:
         """The provider's usage, or, where it gave none or only a partial figure, an estimate
@@ -109,6 +125,11 @@ class OpenAIChat(Dialect):
         pieces = _strings(request.get("prompt")) + _strings(request.get("input"))
         return sum(text_tokens(piece, self.model) for piece in pieces)
 
+    def max_output_tokens(self, request: dict) -> int | None:
+        if "messages" not in request and "prompt" not in request:
+            return 0  # embeddings
+        return _limit(request.get("max_completion_tokens", request.get("max_tokens")), request.get("n"))
+
 
 class OpenAIResponses(Dialect):
     """The Responses API: text arrives in `*.delta` events, usage in `response.completed`."""
@@ -140,6 +161,9 @@ class OpenAIResponses(Dialect):
         if isinstance(prompt, list):
             return chat_prompt_tokens(prompt, self.model, system=request.get("instructions"))
         return sum(text_tokens(piece, self.model) for piece in _strings(prompt) + _strings(request.get("instructions")))
+
+    def max_output_tokens(self, request: dict) -> int | None:
+        return _limit(request.get("max_output_tokens"))
 
 
 class Anthropic(Dialect):
@@ -178,6 +202,9 @@ class Anthropic(Dialect):
     def prompt_tokens(self, request: dict) -> int:
         return chat_prompt_tokens(request.get("messages") or [], self.model, system=request.get("system"))
 
+    def max_output_tokens(self, request: dict) -> int | None:
+        return _limit(request.get("max_tokens"))
+
 
 class Google(Dialect):
     """Gemini: every response (and every stream chunk) carries cumulative `usageMetadata`."""
@@ -206,6 +233,10 @@ class Google(Dialect):
     def prompt_tokens(self, request: dict) -> int:
         return chat_prompt_tokens(request.get("contents") or [], self.model, system=request.get("systemInstruction"))
 
+    def max_output_tokens(self, request: dict) -> int | None:
+        config = request.get("generationConfig") if isinstance(request.get("generationConfig"), dict) else {}
+        return _limit(config.get("maxOutputTokens"), config.get("candidateCount"))
+
 
 class Speech(Dialect):
     """Audio speech is billed by the characters of its input; the audio itself is not read."""
@@ -218,6 +249,12 @@ class Speech(Dialect):
 
     def prompt_tokens(self, request: dict) -> int:
         return 0
+
+    def max_output_tokens(self, request: dict) -> int | None:
+        return 0
+
+    def worst_case(self, request: dict, body_size: int) -> Usage:
+        return self.metered_usage(request)
 
     def metered_usage(self, request: dict | None) -> Usage:
         return Usage(input_characters=len(text((request or {}).get("input")) or ""))

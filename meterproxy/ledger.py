@@ -95,11 +95,26 @@ def _failure(call: Call, outcome: Outcome) -> str | None:
     return None
 
 
+def worst_case_hold(call: Call, body_size: int, prices: PriceBook, at: datetime) -> Decimal:
+    """What to hold on the wallet before forwarding: the wallet's part of the request's
+    worst-case cost (prompt plus its output limit), or the product's cap when it sets no limit."""
+    fees = call.principal.fees
+    if call.principal.wallet_id is None or fees is None or call.dialect is None:
+        return ZERO
+    worst = call.dialect.worst_case(call.request_body or {}, body_size)
+    if worst is None:
+        return fees.request_cap
+    try:
+        return _charge(call, call.model, worst, at, prices).wallet_cost
+    except PriceNotFound:  # such a call ends as an error row that charges nothing
+        return ZERO
+
+
 def _charge(call: Call, model: str | None, usage: Usage, at: datetime, prices: PriceBook):
     """Calls without a model (listing models, say) are not metered and cost nothing."""
     provider_cost = ZERO if model is None else prices.provider_cost(call.target.provider.price_provider, model, usage, at)
     fees = call.principal.fees if model is not None else None
-    return split_charge(provider_cost, fees, call.key_mode)
+    return split_charge(provider_cost, usage, fees, call.key_mode)
 
 
 def _ms(start: datetime, end: datetime) -> int:

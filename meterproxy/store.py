@@ -20,7 +20,7 @@ import sqlite_utils
 from meterproxy.errors import GatewayError
 from meterproxy.ids import new_id
 from meterproxy.token import ForwardToken
-from pricing.fees import Payer, ProductFees
+from pricing.fees import ProductFees
 from pricing.money import ZERO, money_text
 
 TOKEN_COLUMNS = {
@@ -62,6 +62,47 @@ LEDGER_COLUMNS = {
     "latency_ms": int,
     "ttfb_ms": int,
 }
+
+
+ACCOUNT = {"id": str, "created_at": str}
+FEE_COLUMNS = {name: str for name in ProductFees.model_fields}
+SCHEMA = {
+    "merchants": ({**ACCOUNT, "name": str, "secret_hash": str}, {"pk": "id"}),
+    "products": (
+        {**ACCOUNT, "merchant_id": str, "name": str, "secret_hash": str, **FEE_COLUMNS},
+        {"pk": "id", "foreign_keys": [("merchant_id", "merchants")]},
+    ),
+    "wallets": ({**ACCOUNT, "name": str, "balance": str}, {"pk": "id"}),
+    "connections": (
+        {**ACCOUNT, "merchant_id": str, "wallet_id": str, "secret_hash": str, "revoked_at": str},
+        {"pk": "id", "foreign_keys": [("merchant_id", "merchants"), ("wallet_id", "wallets")]},
+    ),
+    "requests": (LEDGER_COLUMNS, {"pk": "request_id"}),
+    # Money set aside for requests in flight: a wallet can spend its balance less its holds.
+    "holds": ({"request_id": str, "wallet_id": str, "amount": str, "created_at": str}, {"pk": "request_id"}),
+    "audit": (
+        {
+            "id": int,
+            "created_at": str,
+            "request_id": str,
+            "status": int,
+            "code": str,
+            "reason": str,
+            "client_address": str,
+            "target_host": str,
+        },
+        {"pk": "id"},
+    ),
+}
+INDEXES = (
+    ("merchants", ["secret_hash"], True),
+    ("products", ["secret_hash"], True),
+    ("connections", ["secret_hash"], True),
+    ("requests", ["merchant_id", "created_at"], False),
+    ("requests", ["status"], False),
+    ("holds", ["wallet_id"], False),
+)
+INTERRUPTED = "interrupted: the gateway stopped before the call completed"
 
 
 def utc_now() -> str:
@@ -118,62 +159,16 @@ class Store:
         self.db.commit()
 
     def ensure_schema(self) -> None:
-        db = self.db
-        db["merchants"].create(
-            {"id": str, "name": str, "secret_hash": str, "created_at": str}, pk="id", if_not_exists=True
-        )
-        db["products"].create(
-            {
-                "id": str,
-                "merchant_id": str,
-                "name": str,
-                "secret_hash": str,
-                "fixed_fee": str,
-                "markup_percent": str,
-                "provider_cost_payer": str,
-                "created_at": str,
-            },
-            pk="id",
-            foreign_keys=[("merchant_id", "merchants")],
-            if_not_exists=True,
-        )
-        db["wallets"].create({"id": str, "name": str, "balance": str, "created_at": str}, pk="id", if_not_exists=True)
-        db["connections"].create(
-            {
-                "id": str,
-                "merchant_id": str,
-                "wallet_id": str,
-                "secret_hash": str,
-                "created_at": str,
-                "revoked_at": str,
-            },
-            pk="id",
-            foreign_keys=[("merchant_id", "merchants"), ("wallet_id", "wallets")],
-            if_not_exists=True,
-        )
-        db["requests"].create(LEDGER_COLUMNS, pk="request_id", if_not_exists=True)
-        db["audit"].create(
-            {
-                "id": int,
-                "created_at": str,
-                "request_id": str,
-                "status": int,
-                "code": str,
-                "reason": str,
-                "client_address": str,
-                "target_host": str,
-            },
-            pk="id",
-            if_not_exists=True,
-        )
-        for table, columns, unique in (
-            ("merchants", ["secret_hash"], True),
-            ("products", ["secret_hash"], True),
-            ("connections", ["secret_hash"], True),
-            ("requests", ["merchant_id", "created_at"], False),
-            ("requests", ["status"], False),
-        ):
-            db[table].create_index(columns, unique=unique, if_not_exists=True)
+        """Create the tables, or bring an older database's tables up to this schema."""
+        for table, (columns, extra) in SCHEMA.items():
+            if self.db[table].exists():
+                missing = {name: kind for name, kind in columns.items() if name not in self.db[table].columns_dict}
+                for name, kind in missing.items():
+                    self.db[table].add_column(name, kind)
+            else:
+                self.db[table].create(columns, **extra)
+        for table, columns, unique in INDEXES:
+            self.db[table].create_index(columns, unique=unique, if_not_exists=True)
 
     # --- administration -------------------------------------------------------------------
 
@@ -182,13 +177,7 @@ class Store:
 
     def create_product(self, merchant_id: str, name: str, fees: ProductFees) -> tuple[dict, str]:
         self._require("merchants", merchant_id)
-        fields = {
-            "merchant_id": merchant_id,
-            "name": name,
-            "fixed_fee": money_text(fees.fixed_fee),
-            "markup_percent": str(fees.markup_percent),
-            "provider_cost_payer": fees.provider_cost_payer.value,
-        }
+        fields = {"merchant_id": merchant_id, "name": name, **fees.model_dump(mode="json")}
         return self._create("products", "prd", fields, secret_prefix="psk")
 
     def create_wallet(self, name: str, balance: Decimal = ZERO) -> dict:
@@ -202,6 +191,15 @@ class Store:
 
     def wallet_balance(self, wallet_id: str) -> Decimal:
         return Decimal(self._require("wallets", wallet_id)["balance"])
+
+    def held(self, wallet_id: str) -> Decimal:
+        rows = self.db["holds"].rows_where("wallet_id = ?", [wallet_id], select="amount")
+        return sum((Decimal(row["amount"]) for row in rows), ZERO)
+
+    def wallet(self, wallet_id: str) -> dict:
+        """The wallet with what it holds for requests in flight and what it can still spend."""
+        wallet, held = self._require("wallets", wallet_id), self.held(wallet_id)
+        return {**wallet, "held": money_text(held), "available": money_text(Decimal(wallet["balance"]) - held)}
 
     def create_connection(self, merchant_id: str, wallet_id: str) -> tuple[dict, str]:
         self._require("merchants", merchant_id)
@@ -245,11 +243,7 @@ class Store:
         product = self._by_secret("products", token.product_secret, merchant["id"])
         if product is None:
             raise GatewayError(401, "unknown product", "invalid_product")
-        fees = ProductFees(
-            fixed_fee=Decimal(product["fixed_fee"]),
-            markup_percent=Decimal(product["markup_percent"]),
-            provider_cost_payer=Payer(product["provider_cost_payer"]),
-        )
+        fees = ProductFees.model_validate({name: product[name] for name in FEE_COLUMNS})
         return Principal(merchant["id"], connection["id"], connection["wallet_id"], product["id"], fees)
 
     def _by_secret(self, table: str, secret: str, merchant_id: str | None = None) -> dict | None:
@@ -258,16 +252,39 @@ class Store:
         row = next(iter(rows), None)
         return row if row and (merchant_id is None or row["merchant_id"] == merchant_id) else None
 
-    def open_request(self, row: dict) -> None:
-        """The `pending` row, written before the call goes upstream."""
+    def open_request(self, row: dict, hold: Decimal) -> None:
+        """Hold the request's worst-case cost on its wallet and write its `pending` row, before
+        the call goes upstream; refuse (402) when the wallet's available balance cannot cover it."""
+        wallet_id = row.get("wallet_id")
+        if wallet_id:
+            if self.wallet_balance(wallet_id) - self.held(wallet_id) < hold:
+                raise GatewayError(402, "wallet balance cannot cover this request", "insufficient_balance")
+            self.db["holds"].insert(
+                {"request_id": row["request_id"], "wallet_id": wallet_id, "amount": money_text(hold), "created_at": row["created_at"]}
+            )
         self.db["requests"].insert({**row, "status": "pending", "metadata": json.dumps(row.get("metadata") or {})})
 
     def complete_request(self, request_id: str, fields: dict, wallet_id: str | None, wallet_cost: Decimal) -> None:
-        """Finish the row and debit the wallet in one transaction."""
+        """Finish the row, release its hold and debit the wallet, in one transaction."""
         self.db["requests"].update(request_id, fields)
+        self.db.execute("DELETE FROM holds WHERE request_id = ?", [request_id])
         if wallet_id and wallet_cost:
-            balance = self.wallet_balance(wallet_id) - wallet_cost
-            self.db["wallets"].update(wallet_id, {"balance": money_text(balance)})
+            self._debit(wallet_id, wallet_cost)
+
+    def _debit(self, wallet_id: str, amount: Decimal) -> None:
+        balance = self.wallet_balance(wallet_id) - amount
+        self.db["wallets"].update(wallet_id, {"balance": money_text(balance)})
+
+    def recover(self) -> int:
+        """After a crash or a restart: no row stays `pending` and no hold stays open."""
+        now = utc_now()
+        cursor = self.db.execute(
+            "UPDATE requests SET status = 'error', error_message = ?, completed_at = ?, "
+            "total_cost = ?, wallet_cost = ?, merchant_cost = ? WHERE status = 'pending'",
+            [INTERRUPTED, now, *[money_text(ZERO)] * 3],
+        )
+        self.db.execute("DELETE FROM holds")
+        return cursor.rowcount
 
     def record_audit(self, entry: dict) -> None:
         self.db["audit"].insert(entry)

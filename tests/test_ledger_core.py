@@ -15,7 +15,7 @@ from meterproxy.dialects import OpenAIChat
 from meterproxy.errors import GatewayError
 from meterproxy.ledger import MAX_ERROR_MESSAGE, Outcome, closing_fields, opening_row
 from meterproxy.providers import Registry
-from meterproxy.store import Principal, Store, hash_secret
+from meterproxy.store import INTERRUPTED, Principal, Store, hash_secret
 from meterproxy.token import ForwardToken
 from meterproxy.usage import Reply, Usage
 from meterproxy.writer import LedgerWriter
@@ -517,12 +517,15 @@ def test_open_and_complete_a_request_debits_the_wallet(store):
             accounts["merchant"]["id"], accounts["connection"]["id"], accounts["wallet"]["id"], accounts["product"]["id"], FEES
         )
     )
+    wallet_id = accounts["wallet"]["id"]
     with store.transaction():
-        store.open_request(opening_row(call, STARTED))
+        store.open_request(opening_row(call, STARTED), Decimal("0.01"))
     assert store.request(call.request_id)["status"] == "pending"
+    assert store.wallet(wallet_id)["held"] == "0.0100000000"
     fields, wallet_cost = closing_fields(call, OUTCOME, PRICES)
     with store.transaction():
-        store.complete_request(call.request_id, fields, accounts["wallet"]["id"], wallet_cost)
+        store.complete_request(call.request_id, fields, wallet_id, wallet_cost)
+    assert store.wallet(wallet_id)["held"] == "0.0000000000"
     row = store.request(call.request_id)
     assert (row["status"], row["total_cost"], row["metadata"], row["stream"]) == (
         "completed",
@@ -530,4 +533,32 @@ def test_open_and_complete_a_request_debits_the_wallet(store):
         '{"user_id": "u_42"}',
         1,
     )
-    assert store.wallet_balance(accounts["wallet"]["id"]) == Decimal("4.99658")
+    assert store.wallet_balance(wallet_id) == Decimal("4.99658")
+
+
+def test_a_hold_the_available_balance_cannot_cover_is_refused(store):
+    accounts = make_accounts(store)
+    wallet_id = accounts["wallet"]["id"]
+    principal = Principal(accounts["merchant"]["id"], accounts["connection"]["id"], wallet_id, accounts["product"]["id"], FEES)
+    balance = store.wallet_balance(wallet_id)
+    with store.transaction():
+        store.open_request(opening_row(make_call(principal=principal), STARTED), balance - Decimal("1"))
+    second = make_call(principal=principal, request_id="req_second")
+    with pytest.raises(GatewayError) as refused, store.transaction():
+        store.open_request(opening_row(second, STARTED), Decimal("1.0000000001"))
+    assert (refused.value.status, refused.value.code) == (402, "insufficient_balance")
+    assert store.request("req_second") is None
+
+
+def test_recovery_leaves_no_row_pending_and_no_hold_open(store):
+    accounts = make_accounts(store)
+    wallet_id = accounts["wallet"]["id"]
+    principal = Principal(accounts["merchant"]["id"], accounts["connection"]["id"], wallet_id, accounts["product"]["id"], FEES)
+    balance = store.wallet_balance(wallet_id)
+    with store.transaction():
+        store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("0.5"))
+    with store.transaction():
+        assert store.recover() == 1
+    row = store.request(make_call().request_id)
+    assert (row["status"], row["error_message"], row["wallet_cost"]) == ("error", INTERRUPTED, "0.0000000000")
+    assert store.wallet(wallet_id) == {**store.wallet(wallet_id), "balance": f"{balance:.10f}", "held": "0.0000000000"}

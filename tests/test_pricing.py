@@ -183,13 +183,13 @@ def assert_charge(charge: Charge, provider: str, fees: str, wallet: str, merchan
 
 
 def test_managed_wallet_pays_provider_cost_and_fees():
-    charge = split_charge(PROVIDER_COST, FEES, KeyMode.MANAGED)
+    charge = split_charge(PROVIDER_COST, Usage(), FEES, KeyMode.MANAGED)
     assert_charge(charge, "0.0581000000", "0.0078100000", "0.0659100000", "0.0000000000", "0.0659100000")
 
 
 def test_managed_merchant_pays_the_provider_cost_and_the_wallet_the_fees():
     fees = ProductFees(fixed_fee=Decimal("0.002"), markup_percent=Decimal("10"), provider_cost_payer=Payer.MERCHANT)
-    charge = split_charge(PROVIDER_COST, fees, KeyMode.MANAGED)
+    charge = split_charge(PROVIDER_COST, Usage(), fees, KeyMode.MANAGED)
     assert_charge(charge, "0.0581000000", "0.0078100000", "0.0078100000", "0.0581000000", "0.0659100000")
     assert charge.wallet_cost + charge.merchant_cost == charge.total_cost
 
@@ -197,38 +197,38 @@ def test_managed_merchant_pays_the_provider_cost_and_the_wallet_the_fees():
 @pytest.mark.parametrize("payer", list(Payer))
 def test_byok_charges_the_wallet_fees_only_and_total_still_includes_the_provider_cost(payer):
     fees = ProductFees(fixed_fee=Decimal("0.002"), markup_percent=Decimal("10"), provider_cost_payer=payer)
-    charge = split_charge(PROVIDER_COST, fees, KeyMode.UNMANAGED)
+    charge = split_charge(PROVIDER_COST, Usage(), fees, KeyMode.UNMANAGED)
     assert_charge(charge, "0.0581000000", "0.0078100000", "0.0078100000", "0.0000000000", "0.0659100000")
 
 
 @pytest.mark.parametrize("key_mode", list(KeyMode))
 def test_metering_only_charges_nobody(key_mode):
-    charge = split_charge(PROVIDER_COST, None, key_mode)
+    charge = split_charge(PROVIDER_COST, Usage(), None, key_mode)
     assert_charge(charge, "0.0581000000", "0.0000000000", "0.0000000000", "0.0000000000", "0.0581000000")
 
 
 def test_markup_only_matches_the_spec_example():
-    charge = split_charge(PROVIDER_COST, ProductFees(markup_percent=Decimal("10")), KeyMode.MANAGED)
+    charge = split_charge(PROVIDER_COST, Usage(), ProductFees(markup_percent=Decimal("10")), KeyMode.MANAGED)
     assert money_text(charge.total_cost) == "0.0639100000"
 
 
 def test_no_fees_product_charges_exactly_the_provider_cost():
-    charge = split_charge(PROVIDER_COST, ProductFees(), KeyMode.MANAGED)
+    charge = split_charge(PROVIDER_COST, Usage(), ProductFees(), KeyMode.MANAGED)
     assert_charge(charge, "0.0581000000", "0.0000000000", "0.0581000000", "0.0000000000", "0.0581000000")
 
 
 def test_amounts_are_rounded_to_ten_places_half_up():
     # provider cost 0.00000000005 rounds up to 1e-10; its 50% markup (5e-11) rounds up again
-    charge = split_charge(Decimal("0.00000000005"), ProductFees(markup_percent=Decimal("50")), KeyMode.MANAGED)
+    charge = split_charge(Decimal("0.00000000005"), Usage(), ProductFees(markup_percent=Decimal("50")), KeyMode.MANAGED)
     assert_charge(charge, "0.0000000001", "0.0000000001", "0.0000000002", "0.0000000000", "0.0000000002")
     # an unrounded genai-prices figure (many places) is rounded once, half up
-    charge = split_charge(Decimal("0.00376085555"), ProductFees(markup_percent=Decimal("3")), KeyMode.MANAGED)
+    charge = split_charge(Decimal("0.00376085555"), Usage(), ProductFees(markup_percent=Decimal("3")), KeyMode.MANAGED)
     assert_charge(charge, "0.0037608556", "0.0001128257", "0.0038736813", "0.0000000000", "0.0038736813")
 
 
 def test_every_amount_is_a_decimal_end_to_end():
     cost = PriceBook().provider_cost("openai", "gpt-4o-mini", USAGE, AT)
-    charge = split_charge(cost, FEES, KeyMode.MANAGED)
+    charge = split_charge(cost, Usage(), FEES, KeyMode.MANAGED)
     assert_decimals(cost, charge.provider_cost, charge.fees, charge.wallet_cost, charge.merchant_cost, charge.total_cost)
     assert_decimals(FEES.fixed_fee, FEES.markup_percent)
 
