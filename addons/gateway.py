@@ -1,13 +1,16 @@
 """meterproxy: load with `mitmdump -s addons/gateway.py` (or mitmweb).
 
 Addons run in this order for every hook: routing finds the provider, auth swaps the forward
-token for the provider key, metering reads usage, and the ledger records and charges.
+token for the provider key, metering reads usage, and the ledger records and charges. The
+metering API answers `/v1/requests` and `/v1/usage` itself.
 """
 
+from addons.api import MeteringApi
 from addons.auth import Auth
 from addons.ledger import Ledger
 from addons.metering import Metering
 from addons.routing import Routing
 
 ledger = Ledger()
-addons = [Routing(), Auth(ledger), Metering(), ledger]
+routing = Routing()
+addons = [routing, Auth(ledger), Metering(), ledger, MeteringApi(ledger, routing)]

@@ -22,6 +22,8 @@ from pricing.prices import DEFAULT_OVERRIDES, PriceBook
 
 
 class Ledger:
+    log = logging.getLogger("meterproxy")
+
     def __init__(self) -> None:
         self.writer: LedgerWriter | None = None
         self.prices = PriceBook()
@@ -51,7 +53,7 @@ class Ledger:
                 raise exceptions.OptionsError(f"cannot open {ctx.options.meterproxy_db}: {error}") from None
             interrupted = self.writer.submit(lambda store: store.recover()).result()
             if interrupted:
-                logging.warning("meterproxy: %d requests were interrupted by the last stop; marked as errors", interrupted)
+                self.log.warning("%d requests were interrupted by the last stop; marked as errors", interrupted)
 
     def done(self):
         if self.writer is not None:
@@ -81,7 +83,7 @@ class Ledger:
         if call is None:
             return
         if call.refusal:
-            self._audit(flow, call)
+            self.audit(flow, call.request_id, call.refusal, call.target_host)
         elif call.opened:
             self._close(flow, call, error=None)
 
@@ -109,16 +111,16 @@ class Ledger:
 
         self.writer.submit(complete)
 
-    def _audit(self, flow: http.HTTPFlow, call: Call) -> None:
-        refusal = call.refusal
+    def audit(self, flow: http.HTTPFlow, request_id: str, refusal: GatewayError, target_host: str | None) -> None:
+        """Record a refusal: when, why, from where, to where; never a secret."""
         entry = {
             "created_at": utc_now(),
-            "request_id": call.request_id,
+            "request_id": request_id,
             "status": refusal.status,
             "code": refusal.code,
             "reason": refusal.message,
             "client_address": flow.client_conn.peername[0] if flow.client_conn.peername else None,
-            "target_host": call.target_host,
+            "target_host": target_host,
         }
         self.writer.submit(lambda store: store.record_audit(entry))
 

@@ -9,6 +9,7 @@ _TYPES = {
     402: "insufficient_funds",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     409: "conflict_error",
     413: "request_too_large",
     429: "rate_limit_error",

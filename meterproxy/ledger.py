@@ -7,7 +7,8 @@ from decimal import Decimal
 from meterproxy.call import Call
 from meterproxy.store import iso
 from meterproxy.usage import Usage
-from pricing.fees import split_charge
+from meterproxy.token import KeyMode
+from pricing.fees import Charge, ProductFees, split_charge
 from pricing.money import ZERO, money_text
 from pricing.prices import PriceBook, PriceNotFound
 
@@ -53,36 +54,40 @@ def closing_fields(call: Call, outcome: Outcome, prices: PriceBook) -> tuple[dic
     client left (estimated where the provider did not report usage); an upstream error status,
     no response at all, or a model with no price is an `error` row that charges nothing.
     """
+    model = (call.dialect.reply.model if call.dialect else None) or call.model
     fields = {
         "upstream_status": outcome.upstream_status,
         "provider_response_id": call.dialect.reply.response_id if call.dialect else None,
         "completed_at": iso(outcome.ended),
         "latency_ms": _ms(outcome.started, outcome.ended),
         "ttfb_ms": _ms(outcome.started, outcome.first_byte) if outcome.first_byte else None,
-        "model": (call.dialect.reply.model if call.dialect else None) or call.model,
+        "model": model,
     }
     error = _failure(call, outcome)
-    wallet_cost = ZERO
-    if error is None:
-        usage = call.dialect.metered_usage(call.request_body) if call.dialect else Usage()
-        fields.update(usage.columns())
-        try:
-            charge = _charge(call, fields["model"], usage, outcome.started, prices)
-        except PriceNotFound as missing:
-            error = str(missing)
-        else:
-            wallet_cost = charge.wallet_cost
-            fields.update(
-                status="completed",
-                error_message=None,
-                total_cost=money_text(charge.total_cost),
-                wallet_cost=money_text(charge.wallet_cost),
-                merchant_cost=money_text(charge.merchant_cost),
-            )
     if error is not None:
-        zero = money_text(ZERO)
-        fields.update(status="error", error_message=error[:MAX_ERROR_MESSAGE], total_cost=zero, wallet_cost=zero, merchant_cost=zero)
-    return fields, wallet_cost
+        return {**fields, **failed(error)}, ZERO
+    usage = call.dialect.metered_usage(call.request_body) if call.dialect else Usage()
+    priced_fields, wallet_cost = priced(call.target.provider.price_provider, model, usage, call.principal.fees, call.key_mode, outcome.started, prices)
+    return {**fields, **priced_fields}, wallet_cost
+
+
+def priced(
+    price_provider: str, model: str | None, usage: Usage, fees: ProductFees | None, key_mode: KeyMode, at: datetime, prices: PriceBook
+) -> tuple[dict, Decimal]:
+    """The usage, status and costs of a row, and what the wallet pays: `completed` with exact
+    costs, or `error` for a model with no price. Calls without a model (listing models, say)
+    are not metered and cost nothing."""
+    try:
+        charge = _charge(price_provider, model, usage, fees, key_mode, at, prices)
+    except PriceNotFound as missing:
+        return {**usage.columns(), **failed(str(missing))}, ZERO
+    costs = {name: money_text(getattr(charge, name)) for name in ("total_cost", "wallet_cost", "merchant_cost")}
+    return {**usage.columns(), "status": "completed", "error_message": None, **costs}, charge.wallet_cost
+
+
+def failed(error: str) -> dict:
+    zero = money_text(ZERO)
+    return {"status": "error", "error_message": error[:MAX_ERROR_MESSAGE], "total_cost": zero, "wallet_cost": zero, "merchant_cost": zero}
 
 
 def _failure(call: Call, outcome: Outcome) -> str | None:
@@ -105,16 +110,15 @@ def worst_case_hold(call: Call, body_size: int, prices: PriceBook, at: datetime)
     if worst is None:
         return fees.request_cap
     try:
-        return _charge(call, call.model, worst, at, prices).wallet_cost
+        return _charge(call.target.provider.price_provider, call.model, worst, fees, call.key_mode, at, prices).wallet_cost
     except PriceNotFound:  # such a call ends as an error row that charges nothing
         return ZERO
 
 
-def _charge(call: Call, model: str | None, usage: Usage, at: datetime, prices: PriceBook):
-    """Calls without a model (listing models, say) are not metered and cost nothing."""
-    provider_cost = ZERO if model is None else prices.provider_cost(call.target.provider.price_provider, model, usage, at)
-    fees = call.principal.fees if model is not None else None
-    return split_charge(provider_cost, usage, fees, call.key_mode)
+def _charge(price_provider: str, model: str | None, usage: Usage, fees: ProductFees | None, key_mode: KeyMode, at: datetime, prices: PriceBook) -> Charge:
+    if model is None:
+        return split_charge(ZERO, usage, None, key_mode)
+    return split_charge(prices.provider_cost(price_provider, model, usage, at), usage, fees, key_mode)
 
 
 def _ms(start: datetime, end: datetime) -> int:

@@ -105,6 +105,18 @@ INDEXES = (
 INTERRUPTED = "interrupted: the gateway stopped before the call completed"
 
 
+IDEMPOTENT_FIELDS = (
+    "provider", "model", "connection_id", "product_id", "input_tokens", "output_tokens",
+    "input_characters", "output_characters", "input_seconds", "output_seconds",
+)
+
+
+def _figures(row: dict) -> tuple:
+    """What a repeated metering-API call must repeat exactly."""
+    metadata = row["metadata"] if isinstance(row["metadata"], dict) else json.loads(row["metadata"] or "{}")
+    return (*(str(row[name]) for name in IDEMPOTENT_FIELDS), metadata)
+
+
 def utc_now() -> str:
     """ISO 8601 UTC with milliseconds, the one time format of the database."""
     return iso(datetime.now(timezone.utc))
@@ -232,19 +244,28 @@ class Store:
     # --- the gateway's side (called on the writer thread) ------------------------------------
 
     def authorize(self, token: ForwardToken) -> Principal:
-        merchant = self._by_secret("merchants", token.secret_key)
+        merchant = self.merchant(token.secret_key)
+        return self.principal(merchant["id"], token.connection_secret, token.product_secret)
+
+    def merchant(self, secret_key: str) -> dict:
+        merchant = self._by_secret("merchants", secret_key)
         if merchant is None:
             raise GatewayError(401, "unknown secret key", "invalid_secret_key")
-        if token.connection_secret is None:
-            return Principal(merchant_id=merchant["id"])
-        connection = self._by_secret("connections", token.connection_secret, merchant["id"])
+        return merchant
+
+    def principal(self, merchant_id: str, connection_secret: str | None, product_secret: str | None) -> Principal:
+        """The merchant's connection (not revoked) and product that the secrets name; neither
+        for metering only."""
+        if connection_secret is None and product_secret is None:
+            return Principal(merchant_id=merchant_id)
+        connection = self._by_secret("connections", connection_secret or "", merchant_id)
         if connection is None or connection["revoked_at"]:
             raise GatewayError(401, "unknown or revoked connection", "invalid_connection")
-        product = self._by_secret("products", token.product_secret, merchant["id"])
+        product = self._by_secret("products", product_secret or "", merchant_id)
         if product is None:
             raise GatewayError(401, "unknown product", "invalid_product")
         fees = ProductFees.model_validate({name: product[name] for name in FEE_COLUMNS})
-        return Principal(merchant["id"], connection["id"], connection["wallet_id"], product["id"], fees)
+        return Principal(merchant_id, connection["id"], connection["wallet_id"], product["id"], fees)
 
     def _by_secret(self, table: str, secret: str, merchant_id: str | None = None) -> dict | None:
         """The row a secret names, if it belongs to `merchant_id` (when given)."""
@@ -274,6 +295,21 @@ class Store:
     def _debit(self, wallet_id: str, amount: Decimal) -> None:
         balance = self.wallet_balance(wallet_id) - amount
         self.db["wallets"].update(wallet_id, {"balance": money_text(balance)})
+
+    def record_usage(self, row: dict, wallet_id: str | None, wallet_cost: Decimal) -> tuple[dict, bool]:
+        """A finished row for usage metered elsewhere, charged at once; idempotent on its
+        request_id. Returns the row and whether it was created now."""
+        existing = self.request(row["request_id"])
+        if existing is not None:
+            if existing["merchant_id"] != row["merchant_id"] or _figures(existing) != _figures(row):
+                raise GatewayError(409, "request_id was already used for other figures", "request_id_conflict")
+            return existing, False
+        if wallet_id and self.wallet_balance(wallet_id) - self.held(wallet_id) < wallet_cost:
+            raise GatewayError(402, "wallet balance cannot cover this request", "insufficient_balance")
+        self.db["requests"].insert({**row, "metadata": json.dumps(row["metadata"])})
+        if wallet_id and wallet_cost:
+            self._debit(wallet_id, wallet_cost)
+        return self.request(row["request_id"]), True
 
     def recover(self) -> int:
         """After a crash or a restart: no row stays `pending` and no hold stays open."""

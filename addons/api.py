@@ -1,0 +1,135 @@
+"""The metering API on the gateway's own port (SPEC §1.4): merchants record usage metered
+elsewhere and read their own ledger.
+
+    POST /v1/requests            create (idempotent on request_id: 201, then 200; 409 if different)
+    GET  /v1/requests/<id>       one record
+    GET  /v1/requests            newest first, filtered, cursor-paginated
+    GET  /v1/usage               daily rollups over the same filters
+
+Authentication is the merchant's secret key as a bearer token; a merchant only ever sees its
+own records (another merchant's id is a 404). Database work runs on the ledger's writer thread.
+"""
+
+import json
+from datetime import datetime, timezone
+
+import pydantic
+from mitmproxy import http
+
+from addons.ledger import Ledger
+from addons.routing import Routing
+from meterproxy import queries
+from meterproxy.api_models import CreateRequest, DailyUsage, ListQuery, RequestPage, RequestRecord, UsageReport
+from meterproxy.errors import GatewayError
+from meterproxy.ids import new_id
+from meterproxy.ledger import priced
+from meterproxy.queries import LedgerFilter
+from meterproxy.store import Store, iso
+from meterproxy.token import KeyMode, bearer
+
+PREFIXES = ("/v1/requests", "/v1/usage")
+
+
+class MeteringApi:
+    def __init__(self, ledger: Ledger, routing: Routing) -> None:
+        self.ledger = ledger
+        self.routing = routing
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        path = flow.request.path.partition("?")[0].rstrip("/")
+        if flow.response or flow.server_conn.address is not None or not path.startswith(PREFIXES):
+            return
+        request_id = new_id("req")
+        try:
+            status, body = await self._answer(flow.request, path)
+        except GatewayError as error:
+            status, body = error.status, json.loads(error.body())
+            self.ledger.audit(flow, request_id, error, target_host=None)
+        except Exception:
+            self.ledger.log.exception("metering API failed")
+            status, body = 500, json.loads(GatewayError(500, "internal gateway error", "internal_error").body())
+        flow.response = http.Response.make(status, json.dumps(body), {"content-type": "application/json"})
+
+    async def _answer(self, request: http.Request, path: str) -> tuple[int, dict]:
+        secret_key = bearer(request.headers.get("authorization"))
+        if not secret_key:
+            raise GatewayError(401, "send your merchant secret key as a bearer token", "invalid_secret_key")
+        writer = self.ledger.writer
+        merchant_id = (await writer.call(lambda store: store.merchant(secret_key)))["id"]
+        if request.method == "POST" and path == "/v1/requests":
+            return await self._create(_parse(CreateRequest, request.content or b"{}", json_body=True), merchant_id)
+        if request.method != "GET":
+            raise GatewayError(405, f"{request.method} is not allowed on {path}", "method_not_allowed")
+        if path.startswith("/v1/requests/"):
+            request_id = path.removeprefix("/v1/requests/")
+            row = await writer.call(lambda store: store.request(request_id))
+            if row is None or row["merchant_id"] != merchant_id:
+                raise GatewayError(404, f"no request {request_id}", "request_not_found")
+            return 200, RequestRecord.from_row(row).model_dump(mode="json")
+        query = _list_query(request)
+        where = LedgerFilter(merchant_id, query.connection_id, query.product_id, query.model, query.status, query.metadata, *query.bounds())
+        if path == "/v1/requests":
+            try:
+                rows, cursor = await writer.call(lambda store: queries.page(store.db, where, query.cursor, query.limit))
+            except ValueError as error:
+                raise GatewayError(400, str(error), "invalid_cursor") from None
+            page = RequestPage(data=[RequestRecord.from_row(row) for row in rows], has_more=cursor is not None, next_cursor=cursor)
+            return 200, page.model_dump(mode="json")
+        if path == "/v1/usage":
+            days = await writer.call(lambda store: queries.rollup(queries.matching(store.db, where), "day"))
+            report = UsageReport(data=[DailyUsage(date=day.pop("day"), **day) for day in days])
+            return 200, report.model_dump(mode="json")
+        raise GatewayError(404, f"no such endpoint {path}", "not_found")
+
+    async def _create(self, record: CreateRequest, merchant_id: str) -> tuple[int, dict]:
+        provider = self.routing.registry.by_name.get(record.provider)
+        if provider is None:
+            raise GatewayError(400, f"unknown provider {record.provider!r}", "unknown_provider")
+        prices, now = self.ledger.prices, datetime.now(timezone.utc)
+
+        def create(store: Store) -> tuple[dict, bool]:
+            principal = store.principal(merchant_id, record.connection_secret, record.product_secret)
+            key_mode = KeyMode.UNMANAGED if principal.connection_id is None else KeyMode.MANAGED
+            fields, wallet_cost = priced(
+                provider.price_provider, record.model, record.usage(), principal.fees, key_mode, now, prices
+            )
+            row = {
+                "request_id": record.request_id or new_id("req"),
+                "provider": provider.name,
+                "endpoint": "POST /v1/requests",
+                "key_mode": key_mode.value,
+                "model": record.model,
+                "merchant_id": merchant_id,
+                "connection_id": principal.connection_id,
+                "product_id": principal.product_id,
+                "wallet_id": principal.wallet_id,
+                "metadata": record.metadata,
+                "stream": False,
+                "cache_hit": False,
+                "attempts": 0,
+                "created_at": iso(now),
+                "completed_at": iso(now),
+                **fields,
+            }
+            return store.record_usage(row, principal.wallet_id, wallet_cost)
+
+        row, created = await self.ledger.writer.call(create)
+        return (201 if created else 200), RequestRecord.from_row(row).model_dump(mode="json")
+
+
+def _list_query(request: http.Request) -> ListQuery:
+    params: dict = {"metadata": {}}
+    for name, value in request.query.items(multi=True):
+        if name.startswith("metadata."):
+            params["metadata"][name.removeprefix("metadata.")] = value
+        else:
+            params[name] = value
+    return _parse(ListQuery, params)
+
+
+def _parse(model: type[pydantic.BaseModel], data, json_body: bool = False):
+    try:
+        return model.model_validate_json(data) if json_body else model.model_validate(data)
+    except pydantic.ValidationError as error:
+        reasons = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'body'}: {item['msg']}" for item in error.errors())
+        raise GatewayError(400, reasons, "invalid_request") from None

@@ -1,0 +1,119 @@
+"""Reading the ledger: filtered, paginated listings and rollups (SPEC §1.4, §8).
+
+Filters become one parameterised WHERE clause; pages are keyed on (created_at, request_id),
+newest first, so a cursor stays valid while rows are added. Rollups add costs as Decimal in
+Python: SQLite would add the 10-decimal strings as floats.
+"""
+
+import base64
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import sqlite_utils
+
+from pricing.money import ZERO, money_text
+
+COSTS = ("total_cost", "wallet_cost", "merchant_cost")
+FIGURES = (
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "input_characters",
+    "output_characters",
+)
+GROUPINGS = ("connection", "product", "model", "day")  # and "metadata.<key>"
+
+
+@dataclass
+class LedgerFilter:
+    """Which rows: always one merchant's, narrowed by any of the other fields."""
+
+    merchant_id: str | None
+    connection_id: str | None = None
+    product_id: str | None = None
+    model: str | None = None
+    status: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_after: str | None = None  # ISO 8601, inclusive
+    created_before: str | None = None  # ISO 8601, exclusive
+
+    def where(self) -> tuple[str, list]:
+        clauses, params = [], []
+        for column in ("merchant_id", "connection_id", "product_id", "model", "status"):
+            if getattr(self, column) is not None:
+                clauses.append(f"{column} = ?")
+                params.append(getattr(self, column))
+        for key, value in self.metadata.items():
+            clauses.append("json_extract(metadata, ?) = ?")
+            params += [f'$."{key}"', value]
+        if self.created_after:
+            clauses.append("created_at >= ?")
+            params.append(self.created_after)
+        if self.created_before:
+            clauses.append("created_at < ?")
+            params.append(self.created_before)
+        return " and ".join(clauses) or "1", params
+
+
+def encode_cursor(row: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps([row["created_at"], row["request_id"]]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """Raises ValueError for a cursor this module did not make."""
+    try:
+        created_at, request_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, TypeError) as error:
+        raise ValueError("invalid cursor") from error
+    if not isinstance(created_at, str) or not isinstance(request_id, str):
+        raise ValueError("invalid cursor")
+    return created_at, request_id
+
+
+def page(db: sqlite_utils.Database, where: LedgerFilter, cursor: str | None, limit: int) -> tuple[list[dict], str | None]:
+    """One page of rows, newest first, and the cursor of the next page (None on the last)."""
+    clause, params = where.where()
+    if cursor:
+        clause += " and (created_at, request_id) < (?, ?)"
+        params += list(decode_cursor(cursor))
+    rows = list(db["requests"].rows_where(clause, params, order_by="created_at desc, request_id desc", limit=limit + 1))
+    return rows[:limit], encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+
+
+def matching(db: sqlite_utils.Database, where: LedgerFilter) -> Iterator[dict]:
+    clause, params = where.where()
+    return db["requests"].rows_where(clause, params)
+
+
+def group_key(by: str) -> Callable[[dict], str | None]:
+    """How rows are grouped: by connection, product, model, day (UTC) or `metadata.<key>`."""
+    if by.startswith("metadata."):
+        key = by.removeprefix("metadata.")
+        return lambda row: json.loads(row["metadata"] or "{}").get(key)
+    columns = {"connection": "connection_id", "product": "product_id", "model": "model"}
+    if by == "day":
+        return lambda row: row["created_at"][:10]
+    if by not in columns:
+        raise ValueError(f"cannot group by {by!r}: use one of {', '.join(GROUPINGS)} or metadata.<key>")
+    return lambda row: row[columns[by]]
+
+
+def rollup(rows: Iterable[dict], by: str) -> list[dict]:
+    """Requests, usage figures and exact costs per group, in group order."""
+    key_of = group_key(by)
+    groups: dict = {}
+    for row in rows:
+        totals = groups.setdefault(key_of(row), {"requests": 0, **dict.fromkeys(FIGURES, 0), **dict.fromkeys(COSTS, ZERO)})
+        totals["requests"] += 1
+        for name in FIGURES:
+            totals[name] += row[name] or 0
+        for name in COSTS:
+            totals[name] += Decimal(row[name] or 0)
+    return [
+        {by: key, **totals, **{name: money_text(totals[name]) for name in COSTS}}
+        for key, totals in sorted(groups.items(), key=lambda item: (item[0] is None, item[0] or ""))
+    ]
