@@ -10,11 +10,15 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from meterproxy import queries
+from meterproxy.errors import GatewayError
+from meterproxy.queries import LedgerFilter
 from meterproxy.store import Store
-from meterproxy.token import encode_token
-from pricing.fees import Payer, ProductFees
+from meterproxy.token import decode_token, encode_token
+from pricing.fees import DEFAULT_REQUEST_CAP, Payer, ProductFees
 
 DEFAULT_DB = os.environ.get("METERPROXY_DB", "meterproxy.sqlite")
+REPORT_COLUMNS = ("requests", "input_tokens", "output_tokens", "total_cost", "wallet_cost", "merchant_cost")
 LEDGER_SUMMARY = ("request_id", "created_at", "status", "provider", "model", "key_mode", "input_tokens",
                   "output_tokens", "total_cost", "wallet_cost", "merchant_cost", "usage_source")
 
@@ -33,7 +37,7 @@ def show(rows: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
     else:
-        print(tabulate(rows, headers="keys") if rows else "(none)")
+        print(tabulate(rows, headers="keys", disable_numparse=True) if rows else "(none)")
 
 
 def public(row: dict) -> dict:
@@ -46,7 +50,7 @@ def merchant_create(store: Store, args) -> None:
 
 
 def product_create(store: Store, args) -> None:
-    fees = ProductFees(fixed_fee=args.fixed_fee, markup_percent=args.markup_percent, provider_cost_payer=args.payer)
+    fees = ProductFees(**{name: getattr(args, name) for name in ProductFees.model_fields})
     row, secret = store.create_product(args.merchant, args.name, fees)
     show([{**public(row), "product_secret": secret}], args.json)
 
@@ -61,7 +65,7 @@ def wallet_top_up(store: Store, args) -> None:
 
 
 def wallet_show(store: Store, args) -> None:
-    show([store.db["wallets"].get(args.wallet)], args.json)
+    show([store.wallet(args.wallet)], args.json)
 
 
 def connection_create(store: Store, args) -> None:
@@ -69,13 +73,27 @@ def connection_create(store: Store, args) -> None:
     show([{**public(row), "connection_secret": secret}], args.json)
 
 
+def connection_revoke(store: Store, args) -> None:
+    store.revoke_connection(args.connection)
+    show([public(store.db["connections"].get(args.connection))], args.json)
+
+
 def token_mint(store: Store, args) -> None:
-    print(encode_token(
+    token = encode_token(
         secret_key=args.secret_key,
         connection_secret=args.connection_secret,
         product_secret=args.product_secret,
         provider_key=args.provider_key,
-    ))
+    )
+    decode_token(token)  # refuse combinations the gateway would refuse
+    print(token)
+
+
+def report(store: Store, args) -> None:
+    """Spend and usage per connection, product, model, metadata key or day."""
+    where = LedgerFilter(args.merchant, created_after=args.since, created_before=args.until)
+    rows = queries.rollup(queries.matching(store.db, where), args.by)
+    show(rows if args.json else [{key: row[key] for key in (args.by, *REPORT_COLUMNS)} for row in rows], args.json)
 
 
 def requests_list(store: Store, args) -> None:
@@ -122,6 +140,7 @@ def parser() -> argparse.ArgumentParser:
 
     def command(group, name, handler, help):
         sub = group.add_parser(name, help=help)
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of a table")
         sub.set_defaults(handler=handler)
         return sub
 
@@ -134,7 +153,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--merchant", required=True)
     sub.add_argument("--fixed-fee", type=amount, default=Decimal(0), help="dollars per request")
     sub.add_argument("--markup-percent", type=amount, default=Decimal(0), help="percent of the provider cost")
-    sub.add_argument("--payer", type=Payer, choices=list(Payer), default=Payer.WALLET, help="who pays the provider cost")
+    sub.add_argument("--input-token-rate", type=amount, default=Decimal(0), help="dollars per million input tokens")
+    sub.add_argument("--output-token-rate", type=amount, default=Decimal(0), help="dollars per million output tokens")
+    sub.add_argument("--character-rate", type=amount, default=Decimal(0), help="dollars per million characters")
+    sub.add_argument("--second-rate", type=amount, default=Decimal(0), help="dollars per second of audio")
+    sub.add_argument("--request-cap", type=amount, default=DEFAULT_REQUEST_CAP,
+                     help="the most one request may cost, held when it sets no max_tokens (default %(default)s)")
+    sub.add_argument("--payer", dest="provider_cost_payer", type=Payer, choices=list(Payer), metavar="{wallet,merchant}", default=Payer.WALLET,
+                     help="who pays the provider cost with a managed key")
 
     wallet = groups.add_parser("wallet", help="wallets and balances").add_subparsers(required=True)
     sub = command(wallet, "create", wallet_create, "create a wallet")
@@ -149,6 +175,9 @@ def parser() -> argparse.ArgumentParser:
     sub = command(connection, "create", connection_create, "connect a wallet to a merchant; prints its secret once")
     sub.add_argument("--merchant", required=True)
     sub.add_argument("--wallet", required=True)
+    command(connection, "revoke", connection_revoke, "revoke a connection (from its next request on)").add_argument(
+        "connection"
+    )
 
     token = groups.add_parser("token", help="forward tokens").add_subparsers(required=True)
     sub = command(token, "mint", token_mint, "encode a forward token from secrets")
@@ -159,6 +188,12 @@ def parser() -> argparse.ArgumentParser:
 
     sub = command(groups, "requests", requests_list, "list ledger rows, newest first")
     sub.add_argument("--limit", type=int, default=20)
+
+    sub = command(groups, "report", report, "spend and usage per connection, product, model, metadata key or day")
+    sub.add_argument("--by", default="day", help="connection, product, model, day or metadata.<key> (default: day)")
+    sub.add_argument("--merchant", help="only this merchant's requests")
+    sub.add_argument("--since", help="from this ISO 8601 time (inclusive)")
+    sub.add_argument("--until", help="to this ISO 8601 time (exclusive)")
 
     sub = command(groups, "quickstart", quickstart, "create a development account on a fresh database")
     sub.add_argument("--gateway", default="http://127.0.0.1:8080")
@@ -174,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as missing:
         print(f"meterproxy: {missing.args[0]}", file=sys.stderr)
         return 1
+    except (ValueError, GatewayError) as invalid:
+        print(f"meterproxy: {invalid}", file=sys.stderr)
+        return 2
     finally:
         store.close()
     return 0
