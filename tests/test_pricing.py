@@ -237,3 +237,27 @@ def test_every_amount_is_a_decimal_end_to_end():
 def test_negative_fees_are_refused(field):
     with pytest.raises(ValueError):
         ProductFees(**{field: Decimal("-0.01")})
+
+
+def test_the_readme_worked_example():
+    """The README's numbers, from genai-prices' gpt-4o-mini price and the product's fees."""
+    usage = Usage(input_tokens=1000, output_tokens=500, cached_input_tokens=200)
+    provider_cost = PriceBook().provider_cost("openai", "gpt-4o-mini", usage, AT)
+    fees = ProductFees(fixed_fee=Decimal("0.001"), markup_percent=Decimal("10"))
+    with_rates = fees.model_copy(update={"input_token_rate": Decimal("0.5"), "output_token_rate": Decimal("1.5")})
+    merchant_pays = with_rates.model_copy(update={"provider_cost_payer": Payer.MERCHANT})
+    costs = [
+        tuple(money_text(value) for value in (charge.total_cost, charge.wallet_cost, charge.merchant_cost))
+        for charge in (
+            split_charge(provider_cost, usage, fees, KeyMode.MANAGED),
+            split_charge(provider_cost, usage, with_rates, KeyMode.MANAGED),
+            split_charge(provider_cost, usage, merchant_pays, KeyMode.MANAGED),
+            split_charge(provider_cost, usage, with_rates, KeyMode.UNMANAGED),
+        )
+    ]
+    assert costs == [
+        ("0.0014785000", "0.0014785000", "0.0000000000"),
+        ("0.0027285000", "0.0027285000", "0.0000000000"),
+        ("0.0027285000", "0.0022935000", "0.0004350000"),
+        ("0.0027285000", "0.0022935000", "0.0000000000"),
+    ]
