@@ -11,7 +11,7 @@ own records (another merchant's id is a 404). Database work runs on the ledger's
 """
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pydantic
 from mitmproxy import http
@@ -67,13 +67,23 @@ class MeteringApi:
                 raise GatewayError(404, f"no request {request_id}", "request_not_found")
             return 200, RequestRecord.from_row(row).model_dump(mode="json")
         query = _list_query(request)
-        where = LedgerFilter(merchant_id, query.connection_id, query.product_id, query.model, query.status, query.metadata, *query.bounds())
+        where = LedgerFilter(
+            merchant_id,
+            query.connection_id,
+            query.product_id,
+            query.model,
+            query.status,
+            query.metadata,
+            *query.bounds(),
+        )
         if path == "/v1/requests":
             try:
                 rows, cursor = await writer.call(lambda store: queries.page(store.db, where, query.cursor, query.limit))
             except ValueError as error:
                 raise GatewayError(400, str(error), "invalid_cursor") from None
-            page = RequestPage(data=[RequestRecord.from_row(row) for row in rows], has_more=cursor is not None, next_cursor=cursor)
+            page = RequestPage(
+                data=[RequestRecord.from_row(row) for row in rows], has_more=cursor is not None, next_cursor=cursor
+            )
             return 200, page.model_dump(mode="json")
         if path == "/v1/usage":
             days = await writer.call(lambda store: queries.rollup(queries.matching(store.db, where), "day"))
@@ -85,7 +95,7 @@ class MeteringApi:
         provider = self.routing.registry.by_name.get(record.provider)
         if provider is None:
             raise GatewayError(400, f"unknown provider {record.provider!r}", "unknown_provider")
-        prices, now = self.ledger.prices, datetime.now(timezone.utc)
+        prices, now = self.ledger.prices, datetime.now(UTC)
 
         def create(store: Store) -> tuple[dict, bool]:
             principal = store.principal(merchant_id, record.connection_secret, record.product_secret)

@@ -10,14 +10,18 @@ import os
 
 from mitmproxy import http
 
-from addons.calls import fail_closed, call_of, refuse
+from addons.calls import call_of, fail_closed, refuse
 from addons.ledger import Ledger
 from meterproxy.errors import GatewayError
 from meterproxy.providers import AuthStyle, Provider
 from meterproxy.token import KeyMode, bearer, decode_token
 
 REDACTED = "<redacted by meterproxy>"
-KEY_HEADERS = {AuthStyle.BEARER: "authorization", AuthStyle.X_API_KEY: "x-api-key", AuthStyle.X_GOOG_API_KEY: "x-goog-api-key"}
+KEY_HEADERS = {
+    AuthStyle.BEARER: "authorization",
+    AuthStyle.X_API_KEY: "x-api-key",
+    AuthStyle.X_GOOG_API_KEY: "x-goog-api-key",
+}
 
 
 class ManagedKeys:

@@ -6,12 +6,12 @@ All database work happens on the `LedgerWriter` thread; only the pending row is 
 
 import logging
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Optional
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.calls import fail_closed, call_of, refuse
+from addons.calls import call_of, fail_closed, refuse
 from meterproxy import estimate
 from meterproxy.call import Call
 from meterproxy.errors import GatewayError
@@ -98,7 +98,7 @@ class Ledger:
         outcome = Outcome(
             started=from_timestamp(flow.request.timestamp_start),
             first_byte=from_timestamp(response.timestamp_start) if response else None,
-            ended=datetime.now(timezone.utc),
+            ended=datetime.now(UTC),
             upstream_status=response.status_code if response else None,
             error=error,
         )
@@ -123,4 +123,3 @@ class Ledger:
             "target_host": target_host,
         }
         self.writer.submit(lambda store: store.record_audit(entry))
-

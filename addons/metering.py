@@ -31,7 +31,9 @@ class Metering:
             return
         call.request_body = body
         call.model = gemini[1] if gemini else body.get("model") if body else None
-        call.stream = (gemini is not None and gemini[2] == "streamGenerateContent") or bool(body and body.get("stream") is True)
+        call.stream = (gemini is not None and gemini[2] == "streamGenerateContent") or bool(
+            body and body.get("stream") is True
+        )
         call.dialect = dialect_for(wire, path, call.model)
         if call.stream and isinstance(call.dialect, OpenAIChat) and _asks_usage(body):
             call.drop_usage_event = True

@@ -8,7 +8,7 @@ from typing import Optional
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.calls import fail_closed, CALL, call_of, refuse
+from addons.calls import CALL, call_of, fail_closed, refuse
 from meterproxy.call import Call
 from meterproxy.errors import GatewayError
 from meterproxy.ids import new_id

@@ -11,7 +11,17 @@ import re
 
 from meterproxy.estimate import TextCounter, chat_prompt_tokens, message_text, text_tokens
 from meterproxy.providers import Wire
-from meterproxy.usage import Reply, Usage, UsageSource, anthropic_usage, count, error_message, google_usage, openai_usage, text
+from meterproxy.usage import (
+    Reply,
+    Usage,
+    UsageSource,
+    anthropic_usage,
+    count,
+    error_message,
+    google_usage,
+    openai_usage,
+    text,
+)
 
 
 def _json(data: bytes) -> object:
@@ -116,7 +126,11 @@ class OpenAIChat(Dialect):
         for choice in body.get("choices") or []:
             message = choice.get("message") or {} if isinstance(choice, dict) else {}
             calls = message.get("tool_calls") or []
-            for piece in (message.get("content"), choice.get("text"), *[(call.get("function") or {}).get("arguments") for call in calls]):
+            for piece in (
+                message.get("content"),
+                choice.get("text"),
+                *[(call.get("function") or {}).get("arguments") for call in calls],
+            ):
                 self.text.add(piece if isinstance(piece, str) else "")
 
     def prompt_tokens(self, request: dict) -> int:

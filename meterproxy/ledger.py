@@ -1,13 +1,13 @@
 """The ledger row of a call: what is written before forwarding and what completes it."""
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from meterproxy.call import Call
 from meterproxy.store import iso
-from meterproxy.usage import Usage
 from meterproxy.token import KeyMode
+from meterproxy.usage import Usage
 from pricing.fees import Charge, ProductFees, split_charge
 from pricing.money import ZERO, money_text
 from pricing.prices import PriceBook, PriceNotFound
@@ -67,12 +67,20 @@ def closing_fields(call: Call, outcome: Outcome, prices: PriceBook) -> tuple[dic
     if error is not None:
         return {**fields, **failed(error)}, ZERO
     usage = call.dialect.metered_usage(call.request_body) if call.dialect else Usage()
-    priced_fields, wallet_cost = priced(call.target.provider.price_provider, model, usage, call.principal.fees, call.key_mode, outcome.started, prices)
+    priced_fields, wallet_cost = priced(
+        call.target.provider.price_provider, model, usage, call.principal.fees, call.key_mode, outcome.started, prices
+    )
     return {**fields, **priced_fields}, wallet_cost
 
 
 def priced(
-    price_provider: str, model: str | None, usage: Usage, fees: ProductFees | None, key_mode: KeyMode, at: datetime, prices: PriceBook
+    price_provider: str,
+    model: str | None,
+    usage: Usage,
+    fees: ProductFees | None,
+    key_mode: KeyMode,
+    at: datetime,
+    prices: PriceBook,
 ) -> tuple[dict, Decimal]:
     """The usage, status and costs of a row, and what the wallet pays: `completed` with exact
     costs, or `error` for a model with no price. Calls without a model (listing models, say)
@@ -87,7 +95,13 @@ def priced(
 
 def failed(error: str) -> dict:
     zero = money_text(ZERO)
-    return {"status": "error", "error_message": error[:MAX_ERROR_MESSAGE], "total_cost": zero, "wallet_cost": zero, "merchant_cost": zero}
+    return {
+        "status": "error",
+        "error_message": error[:MAX_ERROR_MESSAGE],
+        "total_cost": zero,
+        "wallet_cost": zero,
+        "merchant_cost": zero,
+    }
 
 
 def _failure(call: Call, outcome: Outcome) -> str | None:
@@ -110,12 +124,22 @@ def worst_case_hold(call: Call, body_size: int, prices: PriceBook, at: datetime)
     if worst is None:
         return fees.request_cap
     try:
-        return _charge(call.target.provider.price_provider, call.model, worst, fees, call.key_mode, at, prices).wallet_cost
+        return _charge(
+            call.target.provider.price_provider, call.model, worst, fees, call.key_mode, at, prices
+        ).wallet_cost
     except PriceNotFound:  # such a call ends as an error row that charges nothing
         return ZERO
 
 
-def _charge(price_provider: str, model: str | None, usage: Usage, fees: ProductFees | None, key_mode: KeyMode, at: datetime, prices: PriceBook) -> Charge:
+def _charge(
+    price_provider: str,
+    model: str | None,
+    usage: Usage,
+    fees: ProductFees | None,
+    key_mode: KeyMode,
+    at: datetime,
+    prices: PriceBook,
+) -> Charge:
     if model is None:
         return split_charge(ZERO, usage, None, key_mode)
     return split_charge(prices.provider_cost(price_provider, model, usage, at), usage, fees, key_mode)
@@ -126,4 +150,4 @@ def _ms(start: datetime, end: datetime) -> int:
 
 
 def from_timestamp(value: float) -> datetime:
-    return datetime.fromtimestamp(value, timezone.utc)
+    return datetime.fromtimestamp(value, UTC)

@@ -62,8 +62,17 @@ class Target:
 
 BUILT_IN = (
     Provider("openai", "https://api.openai.com", "OPENAI_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "openai"),
-    Provider("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY", AuthStyle.X_API_KEY, Wire.ANTHROPIC, "anthropic"),
-    Provider("google", "https://generativelanguage.googleapis.com", "GEMINI_API_KEY", AuthStyle.X_GOOG_API_KEY, Wire.GOOGLE, "google"),
+    Provider(
+        "anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY", AuthStyle.X_API_KEY, Wire.ANTHROPIC, "anthropic"
+    ),
+    Provider(
+        "google",
+        "https://generativelanguage.googleapis.com",
+        "GEMINI_API_KEY",
+        AuthStyle.X_GOOG_API_KEY,
+        Wire.GOOGLE,
+        "google",
+    ),
     Provider("mistral", "https://api.mistral.ai", "MISTRAL_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "mistral"),
     Provider("deepseek", "https://api.deepseek.com", "DEEPSEEK_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "deepseek"),
     Provider("xai", "https://api.x.ai", "XAI_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "x-ai"),

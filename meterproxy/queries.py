@@ -74,7 +74,9 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     return created_at, request_id
 
 
-def page(db: sqlite_utils.Database, where: LedgerFilter, cursor: str | None, limit: int) -> tuple[list[dict], str | None]:
+def page(
+    db: sqlite_utils.Database, where: LedgerFilter, cursor: str | None, limit: int
+) -> tuple[list[dict], str | None]:
     """One page of rows, newest first, and the cursor of the next page (None on the last)."""
     clause, params = where.where()
     if cursor:
@@ -107,7 +109,9 @@ def rollup(rows: Iterable[dict], by: str) -> list[dict]:
     key_of = group_key(by)
     groups: dict = {}
     for row in rows:
-        totals = groups.setdefault(key_of(row), {"requests": 0, **dict.fromkeys(FIGURES, 0), **dict.fromkeys(COSTS, ZERO)})
+        totals = groups.setdefault(
+            key_of(row), {"requests": 0, **dict.fromkeys(FIGURES, 0), **dict.fromkeys(COSTS, ZERO)}
+        )
         totals["requests"] += 1
         for name in FIGURES:
             totals[name] += row[name] or 0

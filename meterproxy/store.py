@@ -11,7 +11,7 @@ import secrets
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -106,8 +106,16 @@ INTERRUPTED = "interrupted: the gateway stopped before the call completed"
 
 
 IDEMPOTENT_FIELDS = (
-    "provider", "model", "connection_id", "product_id", "input_tokens", "output_tokens",
-    "input_characters", "output_characters", "input_seconds", "output_seconds",
+    "provider",
+    "model",
+    "connection_id",
+    "product_id",
+    "input_tokens",
+    "output_tokens",
+    "input_characters",
+    "output_characters",
+    "input_seconds",
+    "output_seconds",
 )
 
 
@@ -119,11 +127,11 @@ def _figures(row: dict) -> tuple:
 
 def utc_now() -> str:
     """ISO 8601 UTC with milliseconds, the one time format of the database."""
-    return iso(datetime.now(timezone.utc))
+    return iso(datetime.now(UTC))
 
 
 def iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def hash_secret(secret: str) -> str:
@@ -219,7 +227,9 @@ class Store:
         fields = {"merchant_id": merchant_id, "wallet_id": wallet_id, "revoked_at": None}
         return self._create("connections", "con", fields, secret_prefix="csk")
 
-    def _create(self, table: str, id_prefix: str, fields: dict, secret_prefix: str | None = None) -> tuple[dict, str | None]:
+    def _create(
+        self, table: str, id_prefix: str, fields: dict, secret_prefix: str | None = None
+    ) -> tuple[dict, str | None]:
         """Insert an account row with a new id and, if it has one, a new secret: returned
         here once, stored only hashed."""
         row = {"id": new_id(id_prefix), **fields, "created_at": utc_now()}
@@ -281,7 +291,12 @@ class Store:
             if self.wallet_balance(wallet_id) - self.held(wallet_id) < hold:
                 raise GatewayError(402, "wallet balance cannot cover this request", "insufficient_balance")
             self.db["holds"].insert(
-                {"request_id": row["request_id"], "wallet_id": wallet_id, "amount": money_text(hold), "created_at": row["created_at"]}
+                {
+                    "request_id": row["request_id"],
+                    "wallet_id": wallet_id,
+                    "amount": money_text(hold),
+                    "created_at": row["created_at"],
+                }
             )
         self.db["requests"].insert({**row, "status": "pending", "metadata": json.dumps(row.get("metadata") or {})})
 

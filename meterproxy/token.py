@@ -4,10 +4,10 @@ import base64
 import binascii
 import enum
 import json
+from typing import Annotated
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, StringConstraints
-from typing_extensions import Annotated
 
 from meterproxy.errors import GatewayError
 

@@ -83,7 +83,9 @@ def anthropic_usage(usage: dict, previous: Usage | None = None) -> Usage:
 
     read = figure("cache_read_input_tokens", previous.cached_input_tokens)
     write = figure("cache_creation_input_tokens", previous.cache_write_tokens)
-    uncached = figure("input_tokens", previous.input_tokens - previous.cached_input_tokens - previous.cache_write_tokens)
+    uncached = figure(
+        "input_tokens", previous.input_tokens - previous.cached_input_tokens - previous.cache_write_tokens
+    )
     return Usage(
         input_tokens=uncached + read + write,
         output_tokens=figure("output_tokens", previous.output_tokens),

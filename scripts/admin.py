@@ -19,8 +19,20 @@ from pricing.fees import DEFAULT_REQUEST_CAP, Payer, ProductFees
 
 DEFAULT_DB = os.environ.get("METERPROXY_DB", "meterproxy.sqlite")
 REPORT_COLUMNS = ("requests", "input_tokens", "output_tokens", "total_cost", "wallet_cost", "merchant_cost")
-LEDGER_SUMMARY = ("request_id", "created_at", "status", "provider", "model", "key_mode", "input_tokens",
-                  "output_tokens", "total_cost", "wallet_cost", "merchant_cost", "usage_source")
+LEDGER_SUMMARY = (
+    "request_id",
+    "created_at",
+    "status",
+    "provider",
+    "model",
+    "key_mode",
+    "input_tokens",
+    "output_tokens",
+    "total_cost",
+    "wallet_cost",
+    "merchant_cost",
+    "usage_source",
+)
 
 
 def amount(text: str) -> Decimal:
@@ -104,8 +116,10 @@ def requests_list(store: Store, args) -> None:
 def quickstart(store: Store, args) -> None:
     """On a fresh database (or with --new): a development account and a token ready to use."""
     if store.db["merchants"].count and not args.new:
-        print(f"meterproxy: ledger {args.db}, gateway {args.gateway}. "
-              f"For a new development token: meterproxy --db {args.db} quickstart --new")
+        print(
+            f"meterproxy: ledger {args.db}, gateway {args.gateway}. "
+            f"For a new development token: meterproxy --db {args.db} quickstart --new"
+        )
         return
     merchant, secret_key = store.create_merchant("development")
     product, product_secret = store.create_product(merchant["id"], "development", ProductFees())
@@ -115,8 +129,8 @@ def quickstart(store: Store, args) -> None:
     target = "https://api.openai.com/v1/chat/completions"
     print(f"""
 meterproxy: a development account was created in {args.db}
-  merchant {merchant['id']}, product {product['id']} (no fees), wallet {wallet['id']} with $10.00,
-  connection {connection['id']}
+  merchant {merchant["id"]}, product {product["id"]} (no fees), wallet {wallet["id"]} with $10.00,
+  connection {connection["id"]}
 
 Forward token (shown once; secrets are stored hashed):
   {token}
@@ -128,8 +142,10 @@ Try it once the gateway is up (it uses the OPENAI_API_KEY of the gateway's envir
 Then see its ledger row:  .venv/bin/meterproxy --db {args.db} requests
 """)
     if not os.environ.get("OPENAI_API_KEY"):
-        print("Note: OPENAI_API_KEY is not set, so managed calls get 403. Set it before starting the gateway,\n"
-              "or mint a token that carries your own key: meterproxy token mint --secret-key … --provider-key sk-…\n")
+        print(
+            "Note: OPENAI_API_KEY is not set, so managed calls get 403. Set it before starting the gateway,\n"
+            "or mint a token that carries your own key: meterproxy token mint --secret-key … --provider-key sk-…\n"
+        )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -157,10 +173,21 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--output-token-rate", type=amount, default=Decimal(0), help="dollars per million output tokens")
     sub.add_argument("--character-rate", type=amount, default=Decimal(0), help="dollars per million characters")
     sub.add_argument("--second-rate", type=amount, default=Decimal(0), help="dollars per second of audio")
-    sub.add_argument("--request-cap", type=amount, default=DEFAULT_REQUEST_CAP,
-                     help="the most one request may cost, held when it sets no max_tokens (default %(default)s)")
-    sub.add_argument("--payer", dest="provider_cost_payer", type=Payer, choices=list(Payer), metavar="{wallet,merchant}", default=Payer.WALLET,
-                     help="who pays the provider cost with a managed key")
+    sub.add_argument(
+        "--request-cap",
+        type=amount,
+        default=DEFAULT_REQUEST_CAP,
+        help="the most one request may cost, held when it sets no max_tokens (default %(default)s)",
+    )
+    sub.add_argument(
+        "--payer",
+        dest="provider_cost_payer",
+        type=Payer,
+        choices=list(Payer),
+        metavar="{wallet,merchant}",
+        default=Payer.WALLET,
+        help="who pays the provider cost with a managed key",
+    )
 
     wallet = groups.add_parser("wallet", help="wallets and balances").add_subparsers(required=True)
     sub = command(wallet, "create", wallet_create, "create a wallet")
@@ -171,7 +198,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("amount", type=amount)
     command(wallet, "show", wallet_show, "show a wallet").add_argument("wallet")
 
-    connection = groups.add_parser("connection", help="connections of wallets to merchants").add_subparsers(required=True)
+    connection = groups.add_parser("connection", help="connections of wallets to merchants").add_subparsers(
+        required=True
+    )
     sub = command(connection, "create", connection_create, "connect a wallet to a merchant; prints its secret once")
     sub.add_argument("--merchant", required=True)
     sub.add_argument("--wallet", required=True)

@@ -77,6 +77,7 @@ behaviours and are not logged):
 Usage: ``fake_provider.py [--host 127.0.0.1] [--port 0]`` prints
 ``fake provider listening at HOST:PORT`` and serves until SIGINT/SIGTERM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,9 +91,9 @@ import struct
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Callable, Iterable, Iterator
 from urllib.parse import parse_qs
 
 import h11
@@ -131,8 +132,14 @@ def _json_reply(status: int, value: object, headers: list | None = None) -> Repl
 
 
 def _openai_error_body(status: int, message: str, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error",
-                      "param": None, "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": "server_error" if status >= 500 else "invalid_request_error",
+            "param": None,
+            "code": code,
+        }
+    }
 
 
 def _error(status: int, message: str, code: str | None = None) -> Reply:
@@ -140,9 +147,12 @@ def _error(status: int, message: str, code: str | None = None) -> Reply:
 
 
 _OK = _json_reply(200, {"ok": True})
-_UNAUTHORIZED = _error(401, "You didn't provide an API key. You need to provide your API key in an "
-                       "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                       "invalid_api_key")
+_UNAUTHORIZED = _error(
+    401,
+    "You didn't provide an API key. You need to provide your API key in an "
+    "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+    "invalid_api_key",
+)
 
 
 def _not_found(method: str, path: str) -> Reply:
@@ -172,6 +182,7 @@ def _has_bearer(headers: list[list[str]]) -> bool:
 
 
 # --- shared helpers: words, token counts, stream events ---------------------------------
+
 
 def _words(value: object) -> int:
     """Whitespace words of a string, or of every part's ``text`` in a list of parts/blocks."""
@@ -231,18 +242,31 @@ UsageFn = Callable[[int, int, dict], dict]
 def _usage(prompt: int, n_out: int, behaviour: dict) -> dict:
     reasoning = behaviour.get("reasoning_tokens", 0)
     completion = n_out + reasoning
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": behaviour.get("cached_tokens", 0), "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": behaviour.get("cached_tokens", 0), "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": reasoning,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
 
 
 def _deepseek_usage(prompt: int, n_out: int, behaviour: dict) -> dict:
     reasoning, cached = behaviour.get("reasoning_tokens", 0), behaviour.get("cached_tokens", 0)
     completion = n_out + reasoning
-    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-             "prompt_tokens_details": {"cached_tokens": cached},
-             "prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": max(prompt - cached, 0)}
+    usage = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_cache_hit_tokens": cached,
+        "prompt_cache_miss_tokens": max(prompt - cached, 0),
+    }
     if reasoning:
         usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
     return usage
@@ -250,8 +274,10 @@ def _deepseek_usage(prompt: int, n_out: int, behaviour: dict) -> dict:
 
 def _chat_chunks(rid: str, created: int, model: str, n_out: int, width: int, usage: dict | None) -> Iterator[bytes]:
     """SSE events of a streamed completion; usage is None unless the usage chunk is wanted."""
-    head = ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"service_tier":"default",'
-            '"system_fingerprint":"fp_fake","choices":' % (rid, created, _dumps(model)))
+    head = (
+        'data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"service_tier":"default",'
+        '"system_fingerprint":"fp_fake","choices":' % (rid, created, _dumps(model))
+    )
     tail = "}\n\n" if usage is None else ',"usage":null}\n\n'
 
     def event(delta: str, finish: str = "null") -> bytes:
@@ -283,23 +309,36 @@ def _chat_completion(state: FakeState, entry: dict, behaviour: dict, req: dict, 
         return Reply(200, SSE, events=_chat_chunks(rid, created, model, n_out, width, usage))
     entry["usage"] = usage
     text = " ".join(_word(i, width) for i in range(n_out))
-    body = {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
-                                                 "annotations": []},
-                         "logprobs": None, "finish_reason": "stop"}],
-            **({"usage": usage} if usage is not None else {}),
-            "service_tier": "default", "system_fingerprint": "fp_fake"}
+    body = {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        **({"usage": usage} if usage is not None else {}),
+        "service_tier": "default",
+        "system_fingerprint": "fp_fake",
+    }
     return _json_reply(200, body)
 
 
 # --- OpenAI-compatible: legacy completions ----------------------------------------------
 
+
 def _completion_chunks(head: dict, n_out: int, width: int, usage: dict | None) -> Iterator[bytes]:
     extra = {} if usage is None else {"usage": None}
 
     def event(text: str, finish: str | None = None) -> bytes:
-        return _data_event({**head, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                                 "finish_reason": finish}], **extra})
+        return _data_event(
+            {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}], **extra}
+        )
 
     for i in range(n_out):
         yield event(_piece(i, width))
@@ -316,8 +355,13 @@ def _completion(state: FakeState, entry: dict, behaviour: dict, req: dict, usage
     n_out, width = _n_out(behaviour, req.get("max_tokens")), behaviour.get("word_bytes", 0)
     words = _words(prompt) if isinstance(prompt, str) else sum(_words(p) for p in prompt)
     usage = usage_of(words + 3, n_out, behaviour) if behaviour.get("usage", True) else None
-    head = {"id": "cmpl-fake%020d" % next(state.ids), "object": "text_completion", "created": int(time.time()),
-            "model": req["model"], "system_fingerprint": "fp_fake"}
+    head = {
+        "id": "cmpl-fake%020d" % next(state.ids),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": req["model"],
+        "system_fingerprint": "fp_fake",
+    }
     if req.get("stream") is True:
         if not _wants_stream_usage(req):
             usage = None
@@ -332,14 +376,20 @@ def _completion(state: FakeState, entry: dict, behaviour: dict, req: dict, usage
 
 # --- OpenAI: Responses API --------------------------------------------------------------
 
+
 def _responses_usage(prompt: int, n_out: int, behaviour: dict) -> dict:
     reasoning = behaviour.get("reasoning_tokens", 0)
     output = n_out + reasoning
-    return {"input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": behaviour.get("cached_tokens", 0),
-                                     "cache_write_tokens": behaviour.get("cache_write_tokens", 0)},
-            "output_tokens": output, "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": prompt + output}
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {
+            "cached_tokens": behaviour.get("cached_tokens", 0),
+            "cache_write_tokens": behaviour.get("cache_write_tokens", 0),
+        },
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": prompt + output,
+    }
 
 
 def _responses_events(response: dict, n_out: int, width: int) -> Iterator[bytes]:
@@ -371,25 +421,52 @@ def _responses(state: FakeState, entry: dict, behaviour: dict, req: dict, usage_
     usage = _responses_usage(prompt, n_out, behaviour) if behaviour.get("usage", True) else None
     entry["usage"] = usage
     n, created = next(state.ids), int(time.time())
-    message = {"id": "msg_fake%020d" % n, "type": "message", "status": "completed", "role": "assistant",
-               "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": _text(n_out, width)}]}
+    message = {
+        "id": "msg_fake%020d" % n,
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": _text(n_out, width)}],
+    }
     response = {
-        "id": "resp_fake%020d" % n, "object": "response", "created_at": created, "status": "completed",
-        "background": False, "completed_at": created, "error": None, "incomplete_details": None,
-        "instructions": req.get("instructions"), "max_output_tokens": req.get("max_output_tokens"),
-        "max_tool_calls": None, "model": req["model"], "output": [message], "parallel_tool_calls": True,
-        "previous_response_id": req.get("previous_response_id"), "prompt_cache_key": None,
-        "reasoning": {"effort": None, "summary": None}, "safety_identifier": None, "service_tier": "default",
-        "store": req.get("store", True), "temperature": req.get("temperature", 1.0),
-        "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto", "tools": [],
-        "top_logprobs": 0, "top_p": req.get("top_p", 1.0), "truncation": "disabled", "usage": usage, "user": None,
-        "metadata": req.get("metadata") or {}}
+        "id": "resp_fake%020d" % n,
+        "object": "response",
+        "created_at": created,
+        "status": "completed",
+        "background": False,
+        "completed_at": created,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": req.get("instructions"),
+        "max_output_tokens": req.get("max_output_tokens"),
+        "max_tool_calls": None,
+        "model": req["model"],
+        "output": [message],
+        "parallel_tool_calls": True,
+        "previous_response_id": req.get("previous_response_id"),
+        "prompt_cache_key": None,
+        "reasoning": {"effort": None, "summary": None},
+        "safety_identifier": None,
+        "service_tier": "default",
+        "store": req.get("store", True),
+        "temperature": req.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_logprobs": 0,
+        "top_p": req.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": usage,
+        "user": None,
+        "metadata": req.get("metadata") or {},
+    }
     if req.get("stream") is True:
         return Reply(200, SSE, events=_responses_events(response, n_out, width))
     return _json_reply(200, response)
 
 
 # --- OpenAI-compatible: embeddings and audio speech -------------------------------------
+
 
 def _embedding(index: int, dims: int, as_base64: bool) -> list[float] | str:
     vector = [(index * dims + j + 1) / 64 for j in range(dims)]  # exact in float32 for small indices
@@ -405,25 +482,34 @@ def _embeddings(state: FakeState, entry: dict, behaviour: dict, req: dict, usage
     tokens = sum(_words(x) if isinstance(x, str) else len(x) for x in inputs) + len(inputs)
     dims = req.get("dimensions") if isinstance(req.get("dimensions"), int) and req["dimensions"] > 0 else 8
     as_base64 = req.get("encoding_format") == "base64"
-    body = {"object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": _embedding(i, dims, as_base64)}
-                     for i in range(len(inputs))],
-            "model": req["model"]}
+    body = {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": _embedding(i, dims, as_base64)} for i in range(len(inputs))
+        ],
+        "model": req["model"],
+    }
     entry["usage"] = usage = {"prompt_tokens": tokens, "total_tokens": tokens} if behaviour.get("usage", True) else None
     if usage is not None:
         body["usage"] = usage
     return _json_reply(200, body)
 
 
-_AUDIO_TYPES = {"mp3": b"audio/mpeg", "opus": b"audio/ogg", "aac": b"audio/aac", "flac": b"audio/flac",
-                "wav": b"audio/wav", "pcm": b"audio/pcm"}
+_AUDIO_TYPES = {
+    "mp3": b"audio/mpeg",
+    "opus": b"audio/ogg",
+    "aac": b"audio/aac",
+    "flac": b"audio/flac",
+    "wav": b"audio/wav",
+    "pcm": b"audio/pcm",
+}
 _AUDIO_FRAME = b"\xff\xfb\x90\x44" + bytes(range(252))  # an MPEG frame header, then filler
 
 
 def _audio_chunks(size: int, chunk: int = 1000) -> Iterator[bytes]:
     audio = (_AUDIO_FRAME * (size // len(_AUDIO_FRAME) + 1))[:size]
     for start in range(0, size, chunk):
-        yield audio[start:start + chunk]
+        yield audio[start : start + chunk]
 
 
 def _speech(state: FakeState, entry: dict, behaviour: dict, req: dict, usage_of: UsageFn) -> Reply:
@@ -439,12 +525,17 @@ def _speech(state: FakeState, entry: dict, behaviour: dict, req: dict, usage_of:
 Endpoint = Callable[[FakeState, dict, dict, dict, UsageFn], Reply]
 Handler = Callable[[FakeState, dict, dict, str], Reply]
 OPENAI_ENDPOINTS: dict[str, Endpoint] = {
-    "/chat/completions": _chat_completion, "/completions": _completion, "/responses": _responses,
-    "/embeddings": _embeddings, "/audio/speech": _speech}
+    "/chat/completions": _chat_completion,
+    "/completions": _completion,
+    "/responses": _responses,
+    "/embeddings": _embeddings,
+    "/audio/speech": _speech,
+}
 
 
-def openai_compatible(endpoints: Iterable[str], usage_of: UsageFn = _usage,
-                      aliases: dict[str, str] | None = None) -> Handler:
+def openai_compatible(
+    endpoints: Iterable[str], usage_of: UsageFn = _usage, aliases: dict[str, str] | None = None
+) -> Handler:
     """OpenAI wire format for the named endpoints, each served at ``/v1<endpoint>`` and ``<endpoint>``."""
     routes = {path: OPENAI_ENDPOINTS[name] for name in endpoints for path in ("/v1" + name, name)}
     routes.update({path: OPENAI_ENDPOINTS[name] for path, name in (aliases or {}).items()})
@@ -461,14 +552,24 @@ def openai_compatible(endpoints: Iterable[str], usage_of: UsageFn = _usage,
         if not isinstance(req.get("model"), str):
             return _error(400, "you must provide a model parameter")
         return endpoint(state, entry, behaviour, req, usage_of)
+
     return handler
 
 
 # --- Anthropic messages -----------------------------------------------------------------
 
-_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
-                          403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-                          429: "rate_limit_error", 500: "api_error", 504: "timeout_error", 529: "overloaded_error"}
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
 
 
 def _anthropic_error(status: int, message: str) -> Reply:
@@ -478,10 +579,14 @@ def _anthropic_error(status: int, message: str) -> Reply:
 
 def _anthropic_usage(prompt: int, output: int, behaviour: dict) -> dict:
     read, write = behaviour.get("cached_tokens", 0), behaviour.get("cache_write_tokens", 0)
-    return {"input_tokens": max(prompt - read - write, 0), "cache_creation_input_tokens": write,
-            "cache_read_input_tokens": read,
-            "cache_creation": {"ephemeral_5m_input_tokens": write, "ephemeral_1h_input_tokens": 0},
-            "output_tokens": output, "service_tier": "standard"}
+    return {
+        "input_tokens": max(prompt - read - write, 0),
+        "cache_creation_input_tokens": write,
+        "cache_read_input_tokens": read,
+        "cache_creation": {"ephemeral_5m_input_tokens": write, "ephemeral_1h_input_tokens": 0},
+        "output_tokens": output,
+        "service_tier": "standard",
+    }
 
 
 def _anthropic_events(message: dict, n_out: int, width: int) -> Iterator[bytes]:
@@ -495,8 +600,16 @@ def _anthropic_events(message: dict, n_out: int, width: int) -> Iterator[bytes]:
     for i in range(n_out):
         yield _named_event("content_block_delta", index=0, delta={"type": "text_delta", "text": _piece(i, width)})
     yield _named_event("content_block_stop", index=0)
-    final = {} if usage is None else {"usage": {key: usage[key] for key in (
-        "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")}}
+    final = (
+        {}
+        if usage is None
+        else {
+            "usage": {
+                key: usage[key]
+                for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+            }
+        }
+    )
     yield _named_event("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None}, **final)
     yield _named_event("message_stop")
 
@@ -516,9 +629,15 @@ def anthropic_messages(state: FakeState, entry: dict, behaviour: dict, subpath: 
         if not isinstance(req.get(field), kind):
             return _anthropic_error(400, f"{field}: Field required")
     n_out, width = _n_out(behaviour, req["max_tokens"]), behaviour.get("word_bytes", 0)
-    message = {"id": "msg_fake%020d" % next(state.ids), "type": "message", "role": "assistant",
-               "model": req["model"], "content": [{"type": "text", "text": _text(n_out, width)}],
-               "stop_reason": "end_turn", "stop_sequence": None}
+    message = {
+        "id": "msg_fake%020d" % next(state.ids),
+        "type": "message",
+        "role": "assistant",
+        "model": req["model"],
+        "content": [{"type": "text", "text": _text(n_out, width)}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+    }
     if behaviour.get("usage", True):
         prompt = _prompt_tokens(req["messages"]) + _words(req.get("system"))
         message["usage"] = _anthropic_usage(prompt, n_out + behaviour.get("reasoning_tokens", 0), behaviour)
@@ -534,9 +653,19 @@ _google_dumps = json.JSONEncoder(separators=(",", ": ")).encode  # Gemini's comp
 _google_pretty = json.JSONEncoder(indent=2).encode  # and its pretty-printed JSON bodies
 _GOOGLE_JSON = [(b"content-type", b"application/json; charset=UTF-8")]
 _GOOGLE_PATH = re.compile(r"/v1(?:beta|alpha)?/models/([^/:]+):(generateContent|streamGenerateContent)")
-_GOOGLE_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                    409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
-                    501: "NOT_IMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_GOOGLE_STATUSES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 
 
 def _google_error(status: int, message: str) -> Reply:
@@ -547,15 +676,20 @@ def _google_error(status: int, message: str) -> Reply:
 
 def _google_prompt_tokens(req: dict) -> int:
     """3 + sum over contents of (3 + words of its parts) + words of the system instruction's parts."""
+
     def parts(content: object) -> object:
         return content.get("parts") if isinstance(content, dict) else None
+
     return 3 + sum(3 + _words(parts(c)) for c in req["contents"]) + _words(parts(req.get("systemInstruction")))
 
 
 def _google_usage(prompt: int, candidates: int, behaviour: dict) -> dict:
     cached, thoughts = behaviour.get("cached_tokens", 0), behaviour.get("reasoning_tokens", 0)
-    usage = {"promptTokenCount": prompt, "candidatesTokenCount": candidates,
-             "totalTokenCount": prompt + candidates + thoughts}
+    usage = {
+        "promptTokenCount": prompt,
+        "candidatesTokenCount": candidates,
+        "totalTokenCount": prompt + candidates + thoughts,
+    }
     if cached:
         usage["cachedContentTokenCount"] = cached
     usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": prompt}]
@@ -579,8 +713,7 @@ def _google_response(text: str, done: bool, usage: dict | None, model: str, rid:
     return response
 
 
-def _google_chunks(prompt: int | None, n_out: int, width: int, behaviour: dict, model: str,
-                   rid: str) -> Iterator[dict]:
+def _google_chunks(prompt: int | None, n_out: int, width: int, behaviour: dict, model: str, rid: str) -> Iterator[dict]:
     """One GenerateContentResponse per word (one empty one if n_out is 0), with cumulative usage."""
     for i in range(max(n_out, 1)):
         usage = None if prompt is None else _google_usage(prompt, min(i + 1, n_out), behaviour)
@@ -607,9 +740,12 @@ def google_generate(state: FakeState, entry: dict, behaviour: dict, subpath: str
         return _google_error(404, f"Invalid URL ({entry['method']} {entry['path']})")
     query = parse_qs(entry["query"])
     if not (_header(entry, "x-goog-api-key") or query.get("key", [""])[0]):
-        return _google_error(403, "Method doesn't allow unregistered callers (callers without established "
-                                  "identity). Please use API Key or other form of API consumer identity to call "
-                                  "this API.")
+        return _google_error(
+            403,
+            "Method doesn't allow unregistered callers (callers without established "
+            "identity). Please use API Key or other form of API consumer identity to call "
+            "this API.",
+        )
     req = entry["body"]
     if not (isinstance(req, dict) and isinstance(req.get("contents"), list)):
         return _google_error(400, "* GenerateContentRequest.contents: contents is not specified")
@@ -631,6 +767,7 @@ def google_generate(state: FakeState, entry: dict, behaviour: dict, subpath: str
 
 # --- provider table ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class Format:
     handler: Handler
@@ -638,11 +775,13 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "openai": Format(openai_compatible(("/chat/completions", "/responses", "/embeddings", "/completions",
-                                        "/audio/speech"))),
+    "openai": Format(
+        openai_compatible(("/chat/completions", "/responses", "/embeddings", "/completions", "/audio/speech"))
+    ),
     "mistral": Format(openai_compatible(("/chat/completions", "/embeddings"))),
-    "deepseek": Format(openai_compatible(("/chat/completions", "/completions"), _deepseek_usage,
-                                         {"/beta/completions": "/completions"})),
+    "deepseek": Format(
+        openai_compatible(("/chat/completions", "/completions"), _deepseek_usage, {"/beta/completions": "/completions"})
+    ),
     "xai": Format(openai_compatible(("/chat/completions", "/responses", "/completions"))),
     "anthropic": Format(anthropic_messages, _anthropic_error),
     "google": Format(google_generate, _google_error),
@@ -650,6 +789,7 @@ FORMATS: dict[str, Format] = {
 
 
 # --- request dispatch -------------------------------------------------------------------
+
 
 def _control(state: FakeState, method: str, path: str, raw: bytes) -> Reply:
     if method == "POST" and path == "/_fake/behaviours":
@@ -668,9 +808,13 @@ def _control(state: FakeState, method: str, path: str, raw: bytes) -> Reply:
 
 def _record(state: FakeState, method: str, path: str, query: str, headers: h11.Headers, raw: bytes) -> dict:
     parsed = _parse_json(raw)
-    entry = {"method": method, "path": path, "query": query,
-             "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers],
-             "body": None if parsed is _NOT_JSON else parsed}
+    entry = {
+        "method": method,
+        "path": path,
+        "query": query,
+        "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers],
+        "body": None if parsed is _NOT_JSON else parsed,
+    }
     if parsed is _NOT_JSON:
         entry["raw_body"] = raw.decode("utf-8", "replace")
     entry["usage"] = entry["response_status"] = None
@@ -682,8 +826,10 @@ def _injected(behaviour: dict, error: Callable[[int, str], Reply]) -> Reply:
     status = int(behaviour["status"])
     default = error(status, f"fake injected status {status}")
     body = _dumps(behaviour["body"]).encode() if "body" in behaviour else default.body
-    headers = {**{k.decode(): v.decode() for k, v in default.headers},
-               **{k.lower(): str(v) for k, v in behaviour.get("headers", {}).items()}}
+    headers = {
+        **{k.decode(): v.decode() for k, v in default.headers},
+        **{k.lower(): str(v) for k, v in behaviour.get("headers", {}).items()},
+    }
     return Reply(status, [(k.encode(), v.encode()) for k, v in headers.items()], body)
 
 
@@ -698,6 +844,7 @@ def _route(state: FakeState, entry: dict, behaviour: dict) -> Reply:
 
 
 # --- HTTP/1.1 plumbing ------------------------------------------------------------------
+
 
 def _gzip_events(events: Iterable[bytes]) -> Iterator[bytes]:
     """Gzip a stream incrementally; every output piece is decodable on arrival."""
@@ -723,8 +870,9 @@ async def _send(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply
     if reply.events is None:
         body = next(_gzip_events([reply.body])) if gzip else reply.body
         headers = [*headers, (b"content-length", b"%d" % len(body))]
-        writer.write(conn.send(_response(reply.status, headers)) + conn.send(h11.Data(data=body))
-                     + conn.send(h11.EndOfMessage()))
+        writer.write(
+            conn.send(_response(reply.status, headers)) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+        )
         await writer.drain()
         return True
     events = _gzip_events(reply.events) if gzip else reply.events
@@ -742,8 +890,9 @@ async def _send(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply
     return True
 
 
-async def _respond(state: FakeState, conn: h11.Connection, writer: asyncio.StreamWriter,
-                   request: h11.Request, raw: bytes) -> bool:
+async def _respond(
+    state: FakeState, conn: h11.Connection, writer: asyncio.StreamWriter, request: h11.Request, raw: bytes
+) -> bool:
     """Answer one request; False means close the connection."""
     method = request.method.decode("ascii")
     path, _, query = request.target.decode("latin-1").partition("?")
@@ -759,8 +908,9 @@ async def _respond(state: FakeState, conn: h11.Connection, writer: asyncio.Strea
     return await _send(conn, writer, reply, behaviour)
 
 
-async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> tuple[h11.Request, bytes] | None:
+async def _read_request(
+    conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> tuple[h11.Request, bytes] | None:
     request, body = None, []
     while True:
         event = conn.next_event()

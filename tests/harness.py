@@ -101,12 +101,18 @@ class Gateway:
         self.process, match, self.output = _start(
             [
                 str(mitmdump),
-                "--listen-host", "127.0.0.1",
-                "--listen-port", "0",
-                "--set", f"confdir={tmp / 'mitmproxy'}",
-                "-s", "addons/gateway.py",
-                "--set", f"meterproxy_db={self.db_path}",
-                "--set", f"meterproxy_providers={providers}",
+                "--listen-host",
+                "127.0.0.1",
+                "--listen-port",
+                "0",
+                "--set",
+                f"confdir={tmp / 'mitmproxy'}",
+                "-s",
+                "addons/gateway.py",
+                "--set",
+                f"meterproxy_db={self.db_path}",
+                "--set",
+                f"meterproxy_providers={providers}",
             ],
             r"proxy listening at 127\.0\.0\.1:(\d+)",
             env,
@@ -158,9 +164,9 @@ class Account:
         )
 
 
-def make_account(store: Store, fees: ProductFees = ProductFees(), balance: Decimal = Decimal("10")) -> Account:
+def make_account(store: Store, fees: ProductFees | None = None, balance: Decimal = Decimal("10")) -> Account:
     merchant, secret_key = store.create_merchant("test merchant")
-    product, product_secret = store.create_product(merchant["id"], "test product", fees)
+    product, product_secret = store.create_product(merchant["id"], "test product", fees or ProductFees())
     wallet = store.create_wallet("test wallet", balance)
     connection, connection_secret = store.create_connection(merchant["id"], wallet["id"])
     return Account(

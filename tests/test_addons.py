@@ -5,7 +5,6 @@ import json
 
 import pytest
 from mitmproxy import exceptions, http
-from meterproxy.stream import StreamMeter
 from mitmproxy.test import taddons, tflow
 
 from addons.auth import REDACTED, Auth, ManagedKeys
@@ -15,6 +14,7 @@ from addons.metering import Metering
 from addons.routing import REQUEST_ID_HEADER, Routing
 from meterproxy.providers import Registry
 from meterproxy.store import Store
+from meterproxy.stream import StreamMeter
 from meterproxy.token import encode_token
 from meterproxy.writer import LedgerWriter
 from pricing.fees import ProductFees
@@ -42,7 +42,9 @@ def error_of(flow: http.HTTPFlow) -> tuple[int, dict]:
     return flow.response.status_code, json.loads(flow.response.content)["error"]
 
 
-def routed(path: str, headers: dict | None = None, body: object = None, routing: Routing | None = None) -> http.HTTPFlow:
+def routed(
+    path: str, headers: dict | None = None, body: object = None, routing: Routing | None = None
+) -> http.HTTPFlow:
     routing = routing or Routing()
     with taddons.context(routing):
         flow = gateway_flow(path, headers, body)
@@ -107,12 +109,37 @@ def test_an_invalid_providers_file_is_an_options_error(tmp_path):
 @pytest.mark.parametrize(
     "path, status, code, message",
     [
-        ("/v1/forward?u=https://evil.example/v1/chat/completions", 403, "provider_not_allowed", "evil.example is not a registered provider"),
-        ("/v1/forward?u=https://api.openai.com.evil.example/v1", 403, "provider_not_allowed", "api.openai.com.evil.example is not a registered provider"),
-        ("/v1/forward?u=https://api.openai.com@evil.example/v1", 403, "provider_not_allowed", "evil.example is not a registered provider"),
-        ("/v1/forward?u=http://api.openai.com/v1", 403, "provider_not_allowed", "api.openai.com is not a registered provider"),
+        (
+            "/v1/forward?u=https://evil.example/v1/chat/completions",
+            403,
+            "provider_not_allowed",
+            "evil.example is not a registered provider",
+        ),
+        (
+            "/v1/forward?u=https://api.openai.com.evil.example/v1",
+            403,
+            "provider_not_allowed",
+            "api.openai.com.evil.example is not a registered provider",
+        ),
+        (
+            "/v1/forward?u=https://api.openai.com@evil.example/v1",
+            403,
+            "provider_not_allowed",
+            "evil.example is not a registered provider",
+        ),
+        (
+            "/v1/forward?u=http://api.openai.com/v1",
+            403,
+            "provider_not_allowed",
+            "api.openai.com is not a registered provider",
+        ),
         ("/v1/forward", 400, "missing_target", "missing target URL: pass ?u=<provider URL>"),
-        ("/v1/forward?u=https://api.openai.com/v1/../x", 400, "malformed_target", "target URL has a fragment or dot segments"),
+        (
+            "/v1/forward?u=https://api.openai.com/v1/../x",
+            400,
+            "malformed_target",
+            "target URL has a fragment or dot segments",
+        ),
         ("/openai/v1/%2e%2e/admin", 400, "malformed_target", "target URL has a fragment or dot segments"),
     ],
 )
@@ -120,7 +147,12 @@ def test_routing_refuses_bad_targets_in_the_openai_error_shape(path, status, cod
     flow = routed(path, {"x-lava-metadata-user_id": "u_42"})
     assert error_of(flow) == (
         status,
-        {"message": message, "type": {400: "invalid_request_error", 403: "permission_error"}[status], "param": None, "code": code},
+        {
+            "message": message,
+            "type": {400: "invalid_request_error", 403: "permission_error"}[status],
+            "param": None,
+            "code": code,
+        },
     )
     assert call_of(flow).refusal.status == status
     assert flow.request.host == "127.0.0.1"  # not rewritten: nothing goes anywhere
@@ -166,7 +198,12 @@ def test_metadata_is_read_and_its_headers_are_stripped():
         },
     )
     assert call_of(flow).metadata == {"plan": "pro", "user_id": "u_42"}
-    assert [name.lower() for name in flow.request.headers] == ["host", "authorization", "content-type", "content-length"]
+    assert [name.lower() for name in flow.request.headers] == [
+        "host",
+        "authorization",
+        "content-type",
+        "content-length",
+    ]
 
 
 def test_bad_metadata_is_a_400():
@@ -231,7 +268,10 @@ def test_auth_takes_the_token_off_the_request():
 )
 def test_auth_refuses_a_missing_or_undecodable_token_with_401(headers, message):
     flow = authenticated(headers)
-    assert error_of(flow) == (401, {"message": message, "type": "authentication_error", "param": None, "code": "invalid_token"})
+    assert error_of(flow) == (
+        401,
+        {"message": message, "type": "authentication_error", "param": None, "code": "invalid_token"},
+    )
     assert "authorization" not in flow.request.headers
     assert "msk_addon_secret" not in flow.response.text
 
@@ -370,7 +410,12 @@ def test_a_stream_gets_include_usage_and_identity_encoding():
 
 def test_include_usage_false_is_turned_on_keeping_other_stream_options():
     flow = metered(
-        {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": False, "x": 1}}
+        {
+            "model": "gpt-4o-mini",
+            "messages": MESSAGES,
+            "stream": True,
+            "stream_options": {"include_usage": False, "x": 1},
+        }
     )
     assert json.loads(flow.request.content)["stream_options"] == {"include_usage": True, "x": 1}
     assert call_of(flow).drop_usage_event is True
@@ -428,7 +473,11 @@ def test_a_non_streamed_response_body_is_metered():
     flow.response = http.Response.make(
         200,
         json.dumps(
-            {"id": "chatcmpl-1", "model": "gpt-4o-mini-2024-07-18", "usage": {"prompt_tokens": 9, "completion_tokens": 3}}
+            {
+                "id": "chatcmpl-1",
+                "model": "gpt-4o-mini-2024-07-18",
+                "usage": {"prompt_tokens": 9, "completion_tokens": 3},
+            }
         ),
         {"content-type": "application/json"},
     )
@@ -449,7 +498,10 @@ def test_an_event_stream_response_is_teed_through_the_meter(drop, encoding, hand
     """When the meter may drop an event it hands on decoded bytes, so the encoding header goes."""
     options = {} if drop else {"stream_options": {"include_usage": True}}
     flow = metered({"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, **options})
-    headers = {"content-type": "text/event-stream; charset=utf-8", **({"content-encoding": encoding} if encoding else {})}
+    headers = {
+        "content-type": "text/event-stream; charset=utf-8",
+        **({"content-encoding": encoding} if encoding else {}),
+    }
     flow.response = http.Response.make(200, b"", headers)
     metering = Metering()
     metering.responseheaders(flow)

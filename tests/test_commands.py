@@ -33,8 +33,12 @@ def test_the_gateway_command_prints_a_first_request_that_works(tmp_path, fake):
     """`scripts/gateway` on a fresh database: its printed curl line, sent as printed, is served."""
     providers = tmp_path / "providers.toml"
     providers.write_text(f'[providers.openai]\nupstream = "{fake.url}/openai"\n')
-    env = {**os.environ, "METERPROXY_DB": str(tmp_path / "fresh.sqlite"), "METERPROXY_PORT": "0",
-           "OPENAI_API_KEY": MANAGED_KEYS["OPENAI_API_KEY"]}
+    env = {
+        **os.environ,
+        "METERPROXY_DB": str(tmp_path / "fresh.sqlite"),
+        "METERPROXY_PORT": "0",
+        "OPENAI_API_KEY": MANAGED_KEYS["OPENAI_API_KEY"],
+    }
     process, match, output = _start(
         ["bash", "scripts/gateway", "--set", f"meterproxy_providers={providers}", "--set", f"confdir={tmp_path}"],
         r"proxy listening at 127\.0\.0\.1:(\d+)",
@@ -42,7 +46,10 @@ def test_the_gateway_command_prints_a_first_request_that_works(tmp_path, fake):
     )
     try:
         printed = "".join(output)
-        curl = re.search(r"curl '(?P<url>[^']+)' \\\n\s+-H '(?P<auth>[^']+)' -H '(?P<type>[^']+)' \\\n\s+-d '(?P<body>[^']+)'", printed)
+        curl = re.search(
+            r"curl '(?P<url>[^']+)' \\\n\s+-H '(?P<auth>[^']+)' -H '(?P<type>[^']+)' \\\n\s+-d '(?P<body>[^']+)'",
+            printed,
+        )
         assert curl, printed
         url = curl["url"].replace(":0/", f":{match.group(1)}/")  # the port was chosen by the OS
         headers = dict(header.split(": ", 1) for header in (curl["auth"], curl["type"]))
@@ -59,22 +66,54 @@ def test_the_gateway_command_prints_a_first_request_that_works(tmp_path, fake):
 def test_admin_command_creates_accounts_shows_secrets_once_and_stores_them_hashed(tmp_path):
     db = tmp_path / "admin.sqlite"
     [merchant] = json.loads(meterproxy(db, "--json", "merchant", "create", "Acme"))
-    [product] = json.loads(meterproxy(db, "--json", "product", "create", "Chat", "--merchant", merchant["id"],
-                                      "--fixed-fee", "0.001", "--markup-percent", "12.5", "--payer", "merchant"))
+    [product] = json.loads(
+        meterproxy(
+            db,
+            "--json",
+            "product",
+            "create",
+            "Chat",
+            "--merchant",
+            merchant["id"],
+            "--fixed-fee",
+            "0.001",
+            "--markup-percent",
+            "12.5",
+            "--payer",
+            "merchant",
+        )
+    )
     [wallet] = json.loads(meterproxy(db, "--json", "wallet", "create", "Customer", "--balance", "5"))
-    [connection] = json.loads(meterproxy(db, "--json", "connection", "create", "--merchant", merchant["id"],
-                                         "--wallet", wallet["id"]))
+    [connection] = json.loads(
+        meterproxy(db, "--json", "connection", "create", "--merchant", merchant["id"], "--wallet", wallet["id"])
+    )
     [topped] = json.loads(meterproxy(db, "--json", "wallet", "top-up", wallet["id"], "2.5"))
-    token = meterproxy(db, "token", "mint", "--secret-key", merchant["secret_key"],
-                       "--connection-secret", connection["connection_secret"],
-                       "--product-secret", product["product_secret"]).strip()
+    token = meterproxy(
+        db,
+        "token",
+        "mint",
+        "--secret-key",
+        merchant["secret_key"],
+        "--connection-secret",
+        connection["connection_secret"],
+        "--product-secret",
+        product["product_secret"],
+    ).strip()
 
-    assert (product["fixed_fee"], product["markup_percent"], product["provider_cost_payer"]) == ("0.0010000000", "12.5", "merchant")
+    assert (product["fixed_fee"], product["markup_percent"], product["provider_cost_payer"]) == (
+        "0.0010000000",
+        "12.5",
+        "merchant",
+    )
     assert topped["balance"] == "7.5000000000"
     store = Store(db)
     principal = store.authorize(decode_token(token))
     assert (principal.merchant_id, principal.connection_id, principal.product_id, principal.wallet_id) == (
-        merchant["id"], connection["id"], product["id"], wallet["id"])
+        merchant["id"],
+        connection["id"],
+        product["id"],
+        wallet["id"],
+    )
     store.close()
     raw = b"".join(path.read_bytes() for path in tmp_path.glob("admin.sqlite*"))
     for secret in (merchant["secret_key"], product["product_secret"], connection["connection_secret"]):

@@ -1,4 +1,5 @@
 """Tests for scripts/fake_provider.py, driven through the official openai, anthropic and google-genai SDKs."""
+
 from __future__ import annotations
 
 import base64
@@ -33,12 +34,17 @@ def port():
     proc.stdout.close()
 
 
-def call(port: int, method: str, path: str, body: object = None, auth: bool = True,
-         headers: dict | None = None) -> tuple[int, bytes]:
+def call(
+    port: int, method: str, path: str, body: object = None, auth: bool = True, headers: dict | None = None
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={**({"Authorization": "Bearer sk-raw"} if auth else {}), **(headers or {})})
+        conn.request(
+            method,
+            path,
+            body=None if body is None else json.dumps(body),
+            headers={**({"Authorization": "Bearer sk-raw"} if auth else {}), **(headers or {})},
+        )
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -74,8 +80,11 @@ def test_non_stream(client):
     assert resp.model == "gpt-4o-mini" and resp.id.startswith("chatcmpl-")
     assert resp.choices[0].message.content == "w0 w1 w2"
     assert resp.choices[0].finish_reason == "stop"
-    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == \
-        (PROMPT_TOKENS, 3, PROMPT_TOKENS + 3)
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == (
+        PROMPT_TOKENS,
+        3,
+        PROMPT_TOKENS + 3,
+    )
 
 
 def test_stream_without_usage(client):
@@ -87,8 +96,11 @@ def test_stream_without_usage(client):
 
 def test_stream_with_usage_and_behaviour(client, port):
     call(port, "POST", "/_fake/behaviours", [{"cached_tokens": 4, "reasoning_tokens": 7}])
-    chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == "w0 w1 w2 w3 w4"
     usage = chunks[-1].usage
     assert chunks[-1].choices == []
@@ -122,8 +134,12 @@ def test_errors(port):
 def test_gzip_stream_cut(port):
     call(port, "POST", "/_fake/behaviours", [{"gzip": True, "cut_after": 3}])
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    conn.request("POST", "/mistral/v1/chat/completions", body=json.dumps({"model": "m", "stream": True}),
-                 headers={"Authorization": "Bearer k"})
+    conn.request(
+        "POST",
+        "/mistral/v1/chat/completions",
+        body=json.dumps({"model": "m", "stream": True}),
+        headers={"Authorization": "Bearer k"},
+    )
     resp = conn.getresponse()
     assert resp.headers["content-encoding"] == "gzip"
     decoder = zlib.decompressobj(wbits=31)
@@ -137,6 +153,7 @@ def test_gzip_stream_cut(port):
 
 
 # --- OpenAI: Responses API ---------------------------------------------------------------
+
 
 def test_responses_non_stream(client, port):
     behave(port, {"cached_tokens": 2, "cache_write_tokens": 1, "reasoning_tokens": 4})
@@ -153,24 +170,35 @@ def test_responses_non_stream(client, port):
 def test_responses_stream_events(client, port):
     events = list(client.responses.create(model="m", input=MESSAGES, stream=True))
     types = [e.type for e in events]
-    assert types == ["response.created", "response.in_progress", "response.output_item.added",
-                     "response.content_part.added", *["response.output_text.delta"] * 5,
-                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
-                     "response.completed"]
+    assert types == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * 5,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["w0", " w1", " w2", " w3", " w4"]
     assert events[0].response.usage is None
     final = events[-1].response
     assert final.output_text == "w0 w1 w2 w3 w4"
-    assert (final.usage.input_tokens, final.usage.output_tokens, final.usage.total_tokens) == \
-        (PROMPT_TOKENS, 5, PROMPT_TOKENS + 5)
+    assert (final.usage.input_tokens, final.usage.output_tokens, final.usage.total_tokens) == (
+        PROMPT_TOKENS,
+        5,
+        PROMPT_TOKENS + 5,
+    )
     status, body = call(port, "POST", "/xai/v1/responses", {"model": "m", "input": "x", "stream": True})
     assert status == 200 and b"[DONE]" not in body and body.endswith(b"\n\n")
 
 
 def test_responses_stream_helper_with_instructions(client):
-    with client.responses.stream(model="m", instructions="be brief", input="hello there world",
-                                 max_output_tokens=2) as stream:
+    with client.responses.stream(
+        model="m", instructions="be brief", input="hello there world", max_output_tokens=2
+    ) as stream:
         text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
         final = stream.get_final_response()
     assert text == final.output_text == "w0 w1"
@@ -178,6 +206,7 @@ def test_responses_stream_helper_with_instructions(client):
 
 
 # --- OpenAI: embeddings, legacy completions, speech --------------------------------------
+
 
 def test_embeddings_base64_by_default(client, port):
     resp = client.embeddings.create(model="text-embedding-3-small", input=["hello there", "world"])
@@ -207,8 +236,9 @@ def test_completions_non_stream(client, port):
 
 
 def test_completions_stream(client):
-    chunks = list(client.completions.create(model="m", prompt="say hello", stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(model="m", prompt="say hello", stream=True, stream_options={"include_usage": True})
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "w0 w1 w2 w3 w4"
     assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].choices == []
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 5)
@@ -229,12 +259,17 @@ def test_deepseek_usage(port):
     behave(port, {"cached_tokens": 4}, {"cached_tokens": 4})
     with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/deepseek", api_key="sk-test", max_retries=0) as c:
         usage = c.chat.completions.create(model="deepseek-chat", messages=MESSAGES).usage
-        chunks = list(c.chat.completions.create(model="deepseek-chat", messages=MESSAGES, stream=True,
-                                                stream_options={"include_usage": True}))
+        chunks = list(
+            c.chat.completions.create(
+                model="deepseek-chat", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+            )
+        )
     for u in (usage, chunks[-1].usage):
         assert (u.prompt_tokens, u.completion_tokens, u.prompt_tokens_details.cached_tokens) == (PROMPT_TOKENS, 5, 4)
-        assert (u.model_extra["prompt_cache_hit_tokens"], u.model_extra["prompt_cache_miss_tokens"]) == \
-            (4, PROMPT_TOKENS - 4)
+        assert (u.model_extra["prompt_cache_hit_tokens"], u.model_extra["prompt_cache_miss_tokens"]) == (
+            4,
+            PROMPT_TOKENS - 4,
+        )
 
 
 def test_endpoint_availability(port):
@@ -249,10 +284,10 @@ def test_endpoint_availability(port):
 
 # --- Anthropic messages -----------------------------------------------------------------
 
+
 @pytest.fixture
 def claude(port, fresh):
-    with anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}/anthropic", api_key="sk-ant-test",
-                             max_retries=0) as c:
+    with anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}/anthropic", api_key="sk-ant-test", max_retries=0) as c:
         yield c
 
 
@@ -262,13 +297,16 @@ CLAUDE_PROMPT = 3 + (3 + 3) + 2  # messages + the words of system="be brief"
 
 def test_anthropic_non_stream(claude, port):
     behave(port, {"cached_tokens": 3, "cache_write_tokens": 2})
-    msg = claude.messages.create(model="claude-test", max_tokens=3, system="be brief",
-                                 messages=CLAUDE_MESSAGES)
+    msg = claude.messages.create(model="claude-test", max_tokens=3, system="be brief", messages=CLAUDE_MESSAGES)
     assert msg.id.startswith("msg_") and msg.model == "claude-test" and msg.stop_reason == "end_turn"
     assert [b.text for b in msg.content] == ["w0 w1 w2"]
     usage = msg.usage
-    assert (usage.input_tokens, usage.cache_read_input_tokens, usage.cache_creation_input_tokens,
-            usage.output_tokens) == (CLAUDE_PROMPT - 3 - 2, 3, 2, 3)
+    assert (
+        usage.input_tokens,
+        usage.cache_read_input_tokens,
+        usage.cache_creation_input_tokens,
+        usage.output_tokens,
+    ) == (CLAUDE_PROMPT - 3 - 2, 3, 2, 3)
     [entry] = logged(port)
     assert entry["usage"]["input_tokens"] == CLAUDE_PROMPT - 5
     assert ["anthropic-version", anthropic._constants.ANTHROPIC_API_VERSION] in entry["headers"]
@@ -276,10 +314,23 @@ def test_anthropic_non_stream(claude, port):
 
 def test_anthropic_stream(claude, port):
     behave(port, {"cached_tokens": 100})  # more than the prompt: input_tokens clamps to 0
-    events = list(claude.messages.create(model="c", max_tokens=4, messages=CLAUDE_MESSAGES,
-                                         system=[{"type": "text", "text": "be brief"}], stream=True))
-    assert [e.type for e in events] == ["message_start", "content_block_start", *["content_block_delta"] * 4,
-                                        "content_block_stop", "message_delta", "message_stop"]  # ping is skipped
+    events = list(
+        claude.messages.create(
+            model="c",
+            max_tokens=4,
+            messages=CLAUDE_MESSAGES,
+            system=[{"type": "text", "text": "be brief"}],
+            stream=True,
+        )
+    )
+    assert [e.type for e in events] == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * 4,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]  # ping is skipped
     assert [e.delta.text for e in events if e.type == "content_block_delta"] == ["w0", " w1", " w2", " w3"]
     start, delta = events[0].message.usage, events[-2].usage
     assert (start.input_tokens, start.cache_read_input_tokens, start.output_tokens) == (0, 100, 1)
@@ -294,8 +345,14 @@ def test_anthropic_stream(claude, port):
 def test_anthropic_stream_raw_and_usage_false(port):
     behave(port, {"usage": False})
     headers = {"x-api-key": "sk-ant", "anthropic-version": "2023-06-01"}
-    status, body = call(port, "POST", "/anthropic/v1/messages", {"model": "c", "max_tokens": 1, "stream": True,
-                                                                 "messages": CLAUDE_MESSAGES}, False, headers)
+    status, body = call(
+        port,
+        "POST",
+        "/anthropic/v1/messages",
+        {"model": "c", "max_tokens": 1, "stream": True, "messages": CLAUDE_MESSAGES},
+        False,
+        headers,
+    )
     assert status == 200 and b'event: ping\ndata: {"type": "ping"}\n\n' in body and b'"usage"' not in body
     assert body.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
     assert logged(port)[0]["usage"] is None
@@ -304,8 +361,10 @@ def test_anthropic_stream_raw_and_usage_false(port):
 def test_anthropic_errors(claude, port):
     body = {"model": "c", "max_tokens": 1, "messages": CLAUDE_MESSAGES}
     status, raw = call(port, "POST", "/anthropic/v1/messages", body, False, {"anthropic-version": "2023-06-01"})
-    assert status == 401 and json.loads(raw) == {"type": "error", "error": {"type": "authentication_error",
-                                                                            "message": "invalid x-api-key"}}
+    assert status == 401 and json.loads(raw) == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "invalid x-api-key"},
+    }
     status, raw = call(port, "POST", "/anthropic/v1/messages", body, False, {"x-api-key": "k"})
     assert status == 400 and json.loads(raw)["error"]["type"] == "invalid_request_error"
     behave(port, {"status": 529}, {"status": 429, "headers": {"retry-after": "3"}})
@@ -315,17 +374,26 @@ def test_anthropic_errors(claude, port):
     with pytest.raises(anthropic.RateLimitError) as limited:
         claude.messages.create(**body)
     assert limited.value.response.headers["retry-after"] == "3"
-    status, raw = call(port, "POST", "/anthropic/v1/messages", {"model": "c", "messages": CLAUDE_MESSAGES}, False,
-                       {"x-api-key": "k", "anthropic-version": "2023-06-01"})
+    status, raw = call(
+        port,
+        "POST",
+        "/anthropic/v1/messages",
+        {"model": "c", "messages": CLAUDE_MESSAGES},
+        False,
+        {"x-api-key": "k", "anthropic-version": "2023-06-01"},
+    )
     assert status == 400 and json.loads(raw)["error"]["message"] == "max_tokens: Field required"
 
 
 # --- Google Gemini ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def gemini(port, fresh):
-    client = genai.Client(api_key="AIza-test", http_options=genai_types.HttpOptions(
-        base_url=f"http://127.0.0.1:{port}/google", api_version="v1beta"))
+    client = genai.Client(
+        api_key="AIza-test",
+        http_options=genai_types.HttpOptions(base_url=f"http://127.0.0.1:{port}/google", api_version="v1beta"),
+    )
     yield client
     client.close()
 
@@ -338,14 +406,18 @@ GEMINI_PROMPT = 3 + (3 + 3) + 2  # one content + the words of the system instruc
 def test_gemini_non_stream_default_api_version(port):
     behave(port, {"cached_tokens": 4, "reasoning_tokens": 6})
     client = genai.Client(api_key="AIza-test", http_options={"base_url": f"http://127.0.0.1:{port}/google"})
-    resp = client.models.generate_content(model="gemini-2.0-flash", contents="hello there world",
-                                          config=GEMINI_CONFIG)
+    resp = client.models.generate_content(model="gemini-2.0-flash", contents="hello there world", config=GEMINI_CONFIG)
     client.close()
     assert resp.text == "w0 w1 w2" and resp.candidates[0].finish_reason == genai_types.FinishReason.STOP
     assert resp.model_version == "gemini-2.0-flash" and resp.response_id
     u = resp.usage_metadata
-    assert (u.prompt_token_count, u.candidates_token_count, u.thoughts_token_count, u.cached_content_token_count,
-            u.total_token_count) == (GEMINI_PROMPT, 3, 6, 4, GEMINI_PROMPT + 3 + 6)
+    assert (
+        u.prompt_token_count,
+        u.candidates_token_count,
+        u.thoughts_token_count,
+        u.cached_content_token_count,
+        u.total_token_count,
+    ) == (GEMINI_PROMPT, 3, 6, 4, GEMINI_PROMPT + 3 + 6)
     [entry] = logged(port)
     # google-genai without api_version calls /v1, sends the key as a header and a camelCase body
     assert entry["path"] == "/google/v1/models/gemini-2.0-flash:generateContent" and entry["query"] == ""
@@ -355,8 +427,11 @@ def test_gemini_non_stream_default_api_version(port):
 
 
 def test_gemini_stream_sse(gemini, port):
-    chunks = list(gemini.models.generate_content_stream(model="gemini-2.5-flash", contents="hello there world",
-                                                        config=GEMINI_CONFIG))
+    chunks = list(
+        gemini.models.generate_content_stream(
+            model="gemini-2.5-flash", contents="hello there world", config=GEMINI_CONFIG
+        )
+    )
     assert [c.text for c in chunks] == ["w0", " w1", " w2"]
     assert [c.usage_metadata.candidates_token_count for c in chunks] == [1, 2, 3]
     assert {c.usage_metadata.prompt_token_count for c in chunks} == {GEMINI_PROMPT}

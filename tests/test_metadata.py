@@ -87,9 +87,7 @@ def test_key_characters_accepted(key):
     assert from_query({key: "v"}) == {key: "v"}
 
 
-@pytest.mark.parametrize(
-    "key", ["", "user-id", "user id", "user.id", "ключ", "clé", "k\n", "k\x00", "k$", "１"]
-)
+@pytest.mark.parametrize("key", ["", "user-id", "user id", "user.id", "ключ", "clé", "k\n", "k\x00", "k$", "１"])
 def test_key_characters_refused(key):
     error = refused(json.dumps({key: "v"}))
     assert error.message == "metadata keys are 1-255 characters of ASCII letters, digits and '_'"
@@ -133,7 +131,7 @@ def test_non_object_json_is_refused(source, raw):
     assert error.message == f"{name} must be a JSON object"
 
 
-@pytest.mark.parametrize("raw", ["", "{", "{'a': 'b'}", '{"a": "b",}', "a=b", "{\"a\": \"b\"} x"])
+@pytest.mark.parametrize("raw", ["", "{", "{'a': 'b'}", '{"a": "b",}', "a=b", '{"a": "b"} x'])
 @pytest.mark.parametrize("source", ["query", "header"])
 def test_invalid_json_is_refused(source, raw):
     error = refused(**{source: raw})

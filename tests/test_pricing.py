@@ -1,7 +1,7 @@
 """Money (SPEC §5): provider cost from genai-prices or the override file, product fees, the split
 between wallet and merchant, and 10-decimal exact amounts."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import genai_prices
@@ -13,7 +13,7 @@ from pricing.fees import Charge, Payer, ProductFees, split_charge
 from pricing.money import money, money_text
 from pricing.prices import DEFAULT_OVERRIDES, ModelPrice, PriceBook, PriceNotFound
 
-AT = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+AT = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 MILLION = Decimal(1_000_000)
 USAGE = Usage(input_tokens=12_000, output_tokens=3_500, cached_input_tokens=2_048)
 
@@ -123,7 +123,9 @@ def test_cache_write_tokens_use_the_cache_write_price():
 def test_the_shipped_override_file_prices_the_embedding_models_genai_prices_lacks():
     shipped = PriceBook.from_file(DEFAULT_OVERRIDES)
     assert sorted(model for _, model in shipped.overrides) == [
-        "text-embedding-3-large", "text-embedding-3-small", "text-embedding-ada-002"
+        "text-embedding-3-large",
+        "text-embedding-3-small",
+        "text-embedding-ada-002",
     ]
     cost = shipped.provider_cost("openai", "text-embedding-3-small", Usage(input_tokens=1_000_000), AT)
     assert cost == Decimal("0.02")
@@ -137,7 +139,7 @@ def test_the_shipped_override_file_prices_the_embedding_models_genai_prices_lack
         '[[model]]\nprovider = "openai"\nmodel = "m"\ninput_mtok = "1"\n',  # no output price
         '[[model]]\nprovider = "openai"\nmodel = "m"\ninput_mtok = "1"\noutput_mtok = "2"\ncolour = "red"\n',
         '[[model]]\nprovider = "openai"\nmodel = "m"\ninput_mtok = "one"\noutput_mtok = "2"\n',
-        'models = []\n',
+        "models = []\n",
     ],
 )
 def test_an_invalid_override_file_is_a_value_error(tmp_path, text):
@@ -229,7 +231,9 @@ def test_amounts_are_rounded_to_ten_places_half_up():
 def test_every_amount_is_a_decimal_end_to_end():
     cost = PriceBook().provider_cost("openai", "gpt-4o-mini", USAGE, AT)
     charge = split_charge(cost, Usage(), FEES, KeyMode.MANAGED)
-    assert_decimals(cost, charge.provider_cost, charge.fees, charge.wallet_cost, charge.merchant_cost, charge.total_cost)
+    assert_decimals(
+        cost, charge.provider_cost, charge.fees, charge.wallet_cost, charge.merchant_cost, charge.total_cost
+    )
     assert_decimals(FEES.fixed_fee, FEES.markup_percent)
 
 

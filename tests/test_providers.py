@@ -233,7 +233,11 @@ def test_file_fields_of_a_new_provider_are_used(tmp_path):
         'auth = "x-api-key"\n',
     )
     selfhosted = registry.by_name["selfhosted"]
-    assert (selfhosted.key_env, selfhosted.price_provider, selfhosted.auth) == ("SELF_KEY", "openai", AuthStyle.X_API_KEY)
+    assert (selfhosted.key_env, selfhosted.price_provider, selfhosted.auth) == (
+        "SELF_KEY",
+        "openai",
+        AuthStyle.X_API_KEY,
+    )
     assert registry.resolve("https://llm.selfhosted.test/v1/x").upstream_url == "http://127.0.0.1:9911/openai/v1/x"
 
 

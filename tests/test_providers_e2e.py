@@ -40,7 +40,13 @@ def only_row(gateway, rows_before: int) -> dict:
 
 
 def tokens(row: dict) -> tuple:
-    return (row["input_tokens"], row["cached_input_tokens"], row["cache_write_tokens"], row["output_tokens"], row["reasoning_tokens"])
+    return (
+        row["input_tokens"],
+        row["cached_input_tokens"],
+        row["cache_write_tokens"],
+        row["output_tokens"],
+        row["reasoning_tokens"],
+    )
 
 
 def openai_client(gateway, token: str, route: str = "openai/v1") -> openai.OpenAI:
@@ -145,7 +151,9 @@ def test_anthropic_stream_with_cache_tokens(gateway, fake, account):
     row = only_row(gateway, rows_before)
     assert (row["status"], row["stream"], row["usage_source"]) == ("completed", 1, "provider")
     assert tokens(row) == (whole_input, 4, 0, 7, 0)
-    assert row["total_cost"] == cost_text("anthropic", CLAUDE, input_tokens=whole_input, cache_read_tokens=4, output_tokens=7)
+    assert row["total_cost"] == cost_text(
+        "anthropic", CLAUDE, input_tokens=whole_input, cache_read_tokens=4, output_tokens=7
+    )
 
 
 # --- Google -----------------------------------------------------------------------------------
@@ -218,7 +226,12 @@ def call_provider(gateway, provider: str, token: str) -> None:
         client.models.generate_content(model=GEMINI, contents="hello")
     else:
         route = {"openai": "openai/v1", "mistral": "mistral/v1", "deepseek": "deepseek", "xai": "xai/v1"}[provider]
-        model = {"openai": "gpt-4o-mini", "mistral": "mistral-small-latest", "deepseek": "deepseek-chat", "xai": "grok-3"}[provider]
+        model = {
+            "openai": "gpt-4o-mini",
+            "mistral": "mistral-small-latest",
+            "deepseek": "deepseek-chat",
+            "xai": "grok-3",
+        }[provider]
         openai_client(gateway, token, route).chat.completions.create(model=model, messages=messages)
 
 
@@ -273,7 +286,9 @@ def test_an_openai_stream_cut_before_its_usage_event_is_estimated(gateway, fake,
     prompt = 3 + sum(3 + len(O200K.encode(m["role"])) + len(O200K.encode(m["content"])) for m in messages)
     assert (row["status"], row["usage_source"]) == ("completed", "estimated")
     assert (row["input_tokens"], row["output_tokens"]) == (prompt, len(O200K.encode(text)))
-    assert row["total_cost"] == cost_text("openai", "gpt-4o-mini", input_tokens=prompt, output_tokens=len(O200K.encode(text)))
+    assert row["total_cost"] == cost_text(
+        "openai", "gpt-4o-mini", input_tokens=prompt, output_tokens=len(O200K.encode(text))
+    )
 
 
 def test_an_anthropic_stream_cut_before_message_delta_keeps_the_input_and_estimates_the_output(gateway, fake, account):
@@ -298,14 +313,19 @@ def test_an_anthropic_stream_cut_before_message_delta_keeps_the_input_and_estima
 
 def test_a_provider_added_by_the_toml_file_works_end_to_end(gateway, fake, account):
     own_key = "sk-selfhosted-customer-key"
-    raw = openai_client(gateway, account.token(provider_key=own_key), "selfhosted/v1").chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
-    )
+    raw = openai_client(
+        gateway, account.token(provider_key=own_key), "selfhosted/v1"
+    ).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert raw.parse().choices[0].message.content == "w0 w1 w2 w3 w4"
     [seen] = fake.requests()
     assert dict(seen["headers"])["authorization"] == f"Bearer {own_key}"
     row = gateway.row(raw.headers["x-lava-request-id"])
     assert (row["provider"], row["endpoint"], row["key_mode"], row["status"]) == (
-        "selfhosted", f"POST {SELF_HOSTED}/v1/chat/completions", "unmanaged", "completed"
+        "selfhosted",
+        f"POST {SELF_HOSTED}/v1/chat/completions",
+        "unmanaged",
+        "completed",
     )
-    assert row["total_cost"] == cost_text("openai", "gpt-4o-mini", input_tokens=seen["usage"]["prompt_tokens"], output_tokens=5)
+    assert row["total_cost"] == cost_text(
+        "openai", "gpt-4o-mini", input_tokens=seen["usage"]["prompt_tokens"], output_tokens=5
+    )

@@ -219,7 +219,12 @@ def test_a_decoded_token_is_immutable():
     "fields",
     [
         {"secret_key": SECRET_KEY, "connection_secret": CONNECTION, "product_secret": PRODUCT},
-        {"secret_key": SECRET_KEY, "connection_secret": CONNECTION, "product_secret": PRODUCT, "provider_key": PROVIDER_KEY},
+        {
+            "secret_key": SECRET_KEY,
+            "connection_secret": CONNECTION,
+            "product_secret": PRODUCT,
+            "provider_key": PROVIDER_KEY,
+        },
         {"secret_key": SECRET_KEY, "provider_key": PROVIDER_KEY},
     ],
     ids=["managed", "byok", "metering-only"],

@@ -43,7 +43,9 @@ def test_responses_api_field_names():
         "output_tokens_details": {"reasoning_tokens": 32},
         "total_tokens": 380,
     }
-    assert openai_usage(usage) == Usage(input_tokens=328, output_tokens=52, cached_input_tokens=256, reasoning_tokens=32)
+    assert openai_usage(usage) == Usage(
+        input_tokens=328, output_tokens=52, cached_input_tokens=256, reasoning_tokens=32
+    )
 
 
 def test_deepseek_cache_hit_tokens():
@@ -79,7 +81,10 @@ GARBAGE = [None, "12", -3, True, False, 1.5, [4], {"n": 4}]
         (lambda v: {"input_tokens": v, "output_tokens": 5}, Usage(output_tokens=5)),
         (lambda v: {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": v}}, Usage(input_tokens=5)),
         (lambda v: {"prompt_tokens": 5, "prompt_cache_hit_tokens": v}, Usage(input_tokens=5)),
-        (lambda v: {"completion_tokens": 5, "completion_tokens_details": {"reasoning_tokens": v}}, Usage(output_tokens=5)),
+        (
+            lambda v: {"completion_tokens": 5, "completion_tokens_details": {"reasoning_tokens": v}},
+            Usage(output_tokens=5),
+        ),
     ],
     ids=["prompt", "completion", "input", "cached", "deepseek-hit", "reasoning"],
 )
@@ -221,7 +226,7 @@ def openai_stream(words: list[str], newline: bytes = b"\n") -> tuple[bytes, byte
     return b"".join(events), usage_event
 
 
-WORDS = ["Hello", " there", "!", " How", " can", " I", " help", " \"you\"", "\\n today?"]
+WORDS = ["Hello", " there", "!", " How", " can", " I", " help", ' "you"', "\\n today?"]
 PLAIN, USAGE_EVENT = openai_stream(WORDS)
 CRLF, CRLF_USAGE_EVENT = openai_stream(WORDS, b"\r\n")
 
