@@ -26,6 +26,7 @@ from meterproxy.ledger import priced
 from meterproxy.queries import LedgerFilter
 from meterproxy.store import Store, iso
 from meterproxy.token import KeyMode, bearer
+from pricing.fees import Tariff
 
 PREFIXES = ("/v1/requests", "/v1/usage")
 
@@ -100,9 +101,8 @@ class MeteringApi:
         def create(store: Store) -> tuple[dict, bool]:
             principal = store.principal(merchant_id, record.connection_secret, record.product_secret)
             key_mode = KeyMode.UNMANAGED if principal.connection_id is None else KeyMode.MANAGED
-            fields, wallet_cost = priced(
-                provider.price_provider, record.model, record.usage(), principal.fees, key_mode, now, prices
-            )
+            tariff = Tariff(provider.price_provider, record.model, principal.fees, key_mode)
+            fields, wallet_cost = priced(tariff, record.usage(), now, prices)
             row = {
                 "request_id": record.request_id or new_id("req"),
                 "provider": provider.name,

@@ -7,6 +7,7 @@ from meterproxy.errors import GatewayError
 from meterproxy.providers import Target
 from meterproxy.store import Principal
 from meterproxy.token import ForwardToken, KeyMode
+from pricing.fees import Tariff
 
 
 @dataclass
@@ -29,6 +30,9 @@ class Call:
     @property
     def key_mode(self) -> KeyMode | None:
         return self.token.key_mode if self.token else None
+
+    def tariff(self, model: str | None) -> Tariff:
+        return Tariff(self.target.provider.price_provider, model, self.principal.fees, self.key_mode)
 
     @property
     def endpoint(self) -> str | None:

@@ -6,9 +6,8 @@ from decimal import Decimal
 
 from meterproxy.call import Call
 from meterproxy.store import iso
-from meterproxy.token import KeyMode
 from meterproxy.usage import Usage
-from pricing.fees import Charge, ProductFees, split_charge
+from pricing.fees import Tariff
 from pricing.money import ZERO, money_text
 from pricing.prices import PriceBook, PriceNotFound
 
@@ -67,26 +66,15 @@ def closing_fields(call: Call, outcome: Outcome, prices: PriceBook) -> tuple[dic
     if error is not None:
         return {**fields, **failed(error)}, ZERO
     usage = call.dialect.metered_usage(call.request_body) if call.dialect else Usage()
-    priced_fields, wallet_cost = priced(
-        call.target.provider.price_provider, model, usage, call.principal.fees, call.key_mode, outcome.started, prices
-    )
+    priced_fields, wallet_cost = priced(call.tariff(model), usage, outcome.started, prices)
     return {**fields, **priced_fields}, wallet_cost
 
 
-def priced(
-    price_provider: str,
-    model: str | None,
-    usage: Usage,
-    fees: ProductFees | None,
-    key_mode: KeyMode,
-    at: datetime,
-    prices: PriceBook,
-) -> tuple[dict, Decimal]:
+def priced(tariff: Tariff, usage: Usage, at: datetime, prices: PriceBook) -> tuple[dict, Decimal]:
     """The usage, status and costs of a row, and what the wallet pays: `completed` with exact
-    costs, or `error` for a model with no price. Calls without a model (listing models, say)
-    are not metered and cost nothing."""
+    costs, or `error` for a model with no price."""
     try:
-        charge = _charge(price_provider, model, usage, fees, key_mode, at, prices)
+        charge = tariff.charge(usage, at, prices)
     except PriceNotFound as missing:
         return {**usage.columns(), **failed(str(missing))}, ZERO
     costs = {name: money_text(getattr(charge, name)) for name in ("total_cost", "wallet_cost", "merchant_cost")}
@@ -124,25 +112,9 @@ def worst_case_hold(call: Call, body_size: int, prices: PriceBook, at: datetime)
     if worst is None:
         return fees.request_cap
     try:
-        return _charge(
-            call.target.provider.price_provider, call.model, worst, fees, call.key_mode, at, prices
-        ).wallet_cost
+        return call.tariff(call.model).charge(worst, at, prices).wallet_cost
     except PriceNotFound:  # such a call ends as an error row that charges nothing
         return ZERO
-
-
-def _charge(
-    price_provider: str,
-    model: str | None,
-    usage: Usage,
-    fees: ProductFees | None,
-    key_mode: KeyMode,
-    at: datetime,
-    prices: PriceBook,
-) -> Charge:
-    if model is None:
-        return split_charge(ZERO, usage, None, key_mode)
-    return split_charge(prices.provider_cost(price_provider, model, usage, at), usage, fees, key_mode)
 
 
 def _ms(start: datetime, end: datetime) -> int:

@@ -11,13 +11,18 @@ and charges nobody.
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from meterproxy.token import KeyMode
 from meterproxy.usage import Usage
 from pricing.money import ZERO, money, money_text
+
+if TYPE_CHECKING:
+    from pricing.prices import PriceBook
 
 MILLION = Decimal(1_000_000)
 DEFAULT_REQUEST_CAP = Decimal("1")
@@ -64,6 +69,25 @@ class Charge:
     @property
     def total_cost(self) -> Decimal:
         return self.provider_cost + self.fees
+
+
+@dataclass(frozen=True)
+class Tariff:
+    """What a call's usage is priced with: the provider's price for the model, the product's
+    fees (None for metering only) and the key mode. A call without a model (listing models,
+    say) is not metered and costs nothing."""
+
+    price_provider: str
+    model: str | None
+    fees: ProductFees | None
+    key_mode: KeyMode
+
+    def charge(self, usage: Usage, at: datetime, prices: "PriceBook") -> Charge:
+        """Raises PriceNotFound for a model priced nowhere."""
+        if self.model is None:
+            return split_charge(ZERO, usage, None, self.key_mode)
+        provider_cost = prices.provider_cost(self.price_provider, self.model, usage, at)
+        return split_charge(provider_cost, usage, self.fees, self.key_mode)
 
 
 def split_charge(provider_cost: Decimal, usage: Usage, fees: ProductFees | None, key_mode: KeyMode) -> Charge:

@@ -548,12 +548,15 @@ def test_open_and_complete_a_request_debits_the_wallet(store):
     assert store.wallet_balance(wallet_id) == Decimal("4.99658")
 
 
-def test_a_hold_the_available_balance_cannot_cover_is_refused(store):
+def funded_principal(store: Store) -> Principal:
     accounts = make_accounts(store)
-    wallet_id = accounts["wallet"]["id"]
-    principal = Principal(
-        accounts["merchant"]["id"], accounts["connection"]["id"], wallet_id, accounts["product"]["id"], FEES
-    )
+    ids = [accounts[name]["id"] for name in ("merchant", "connection", "wallet", "product")]
+    return Principal(*ids, FEES)
+
+
+def test_a_hold_the_available_balance_cannot_cover_is_refused(store):
+    principal = funded_principal(store)
+    wallet_id = principal.wallet_id
     balance = store.wallet_balance(wallet_id)
     with store.transaction():
         store.open_request(opening_row(make_call(principal=principal), STARTED), balance - Decimal("1"))
@@ -565,11 +568,8 @@ def test_a_hold_the_available_balance_cannot_cover_is_refused(store):
 
 
 def test_recovery_leaves_no_row_pending_and_no_hold_open(store):
-    accounts = make_accounts(store)
-    wallet_id = accounts["wallet"]["id"]
-    principal = Principal(
-        accounts["merchant"]["id"], accounts["connection"]["id"], wallet_id, accounts["product"]["id"], FEES
-    )
+    principal = funded_principal(store)
+    wallet_id = principal.wallet_id
     balance = store.wallet_balance(wallet_id)
     with store.transaction():
         store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("0.5"))
