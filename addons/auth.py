@@ -14,6 +14,7 @@ from addons.calls import call_of, fail_closed, refuse
 from addons.ledger import Ledger
 from meterproxy.errors import GatewayError
 from meterproxy.providers import AuthStyle, Provider
+from meterproxy.store import Principal
 from meterproxy.token import KeyMode, bearer, decode_token
 
 REDACTED = "<redacted by meterproxy>"
@@ -41,14 +42,18 @@ class ManagedKeys:
         return keys[turn % len(keys)]
 
 
-def take_credential(request: http.Request) -> str | None:
-    """Remove every place an SDK may have put the forward token and return the token: the
-    `Authorization` bearer, `x-api-key` (Anthropic), `x-goog-api-key` or `?key=` (Google)."""
-    found = [bearer(request.headers.pop("authorization", None))]
-    found += [request.headers.pop(name, None) for name in ("x-api-key", "x-goog-api-key")]
-    if "key" in request.query:
-        found.append(request.query.pop("key"))
+def find_credential(request: http.Request) -> str | None:
+    """The key where an SDK puts it: the `Authorization` bearer, `x-api-key` (Anthropic),
+    `x-goog-api-key` or `?key=` (Google)."""
+    found = [bearer(request.headers.get("authorization")), request.headers.get("x-api-key")]
+    found += [request.headers.get("x-goog-api-key"), request.query.get("key")]
     return next((credential for credential in found if credential), None)
+
+
+def remove_credentials(request: http.Request) -> None:
+    for name in KEY_HEADERS.values():
+        request.headers.pop(name, None)
+    request.query.pop("key", None)
 
 
 class Auth:
@@ -62,14 +67,18 @@ class Auth:
         if call is None or call.refusal:
             return
         try:
-            call.token = decode_token(take_credential(flow.request) or "")
+            call.token = decode_token(find_credential(flow.request) or "")
         except GatewayError as error:
+            if call.proxied:  # the client's own provider key: metered, charged to nobody
+                call.principal = Principal(merchant_id=None)
+                return
             refuse(flow, call, error)
+        remove_credentials(flow.request)
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call is None or call.refusal:
+        if call is None or call.refusal or call.token is None:
             return
         token = call.token
         try:
@@ -97,9 +106,12 @@ class Auth:
 
     @staticmethod
     def _redact(flow: http.HTTPFlow) -> None:
-        """The flow outlives the request (mitmweb shows it): keep no provider key on it."""
-        call = call_of(flow)
-        if call is not None and call.target is not None and not call.refusal:
-            name = KEY_HEADERS[call.target.provider.auth]
+        """The flow outlives the request (mitmweb shows it): keep no key on it, the gateway's
+        or the client's own."""
+        if call_of(flow) is None:
+            return
+        for name in KEY_HEADERS.values():
             if name in flow.request.headers:
                 flow.request.headers[name] = REDACTED
+        if "key" in flow.request.query:
+            flow.request.query["key"] = REDACTED

@@ -4,14 +4,17 @@ charged) when it ends, and an audit entry for every request refused before forwa
 All database work happens on the `LedgerWriter` thread; only the pending row is awaited.
 """
 
+import asyncio
 import logging
 import threading
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Optional
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.calls import call_of, fail_closed, refuse
+from addons.calls import CALL, call_of, fail_closed, refuse
+from addons.inspection import show_refusal, show_settled
 from meterproxy import estimate
 from meterproxy.call import Call
 from meterproxy.errors import GatewayError
@@ -84,6 +87,7 @@ class Ledger:
             return
         if call.refusal:
             self.audit(flow, call.request_id, call.refusal, call.target_host)
+            show_refusal(flow, call.refusal)
         elif call.opened:
             self._close(flow, call, error=None)
 
@@ -105,11 +109,26 @@ class Ledger:
         call.opened = False  # one completion per call, whichever hook comes first
         prices = self.prices
 
-        def complete(store: Store) -> None:
+        def complete(store: Store) -> dict:
             fields, wallet_cost = closing_fields(call, outcome, prices)
             store.complete_request(call.request_id, fields, call.principal.wallet_id, wallet_cost)
+            return fields
 
-        self.writer.submit(complete)
+        loop = asyncio.get_running_loop()
+
+        def settled(done: Future) -> None:  # on the writer thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._settled, flow, call, done)
+
+        self.writer.submit(complete).add_done_callback(settled)
+
+    def _settled(self, flow: http.HTTPFlow, call: Call, completion: Future) -> None:
+        if completion.exception() is not None:
+            self.log.error("ledger row %s not completed: %r", call.request_id, completion.exception())
+            return
+        show_settled(flow, call, completion.result())
+        # The flow is kept (mitmweb, saved flows): leave plain data on it, not the live call.
+        flow.metadata[CALL] = {"request_id": call.request_id, **completion.result()}
 
     def audit(self, flow: http.HTTPFlow, request_id: str, refusal: GatewayError, target_host: str | None) -> None:
         """Record a refusal: when, why, from where, to where; never a secret."""

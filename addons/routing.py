@@ -32,31 +32,44 @@ class Routing:
             "TOML file that adds OpenAI-compatible providers and overrides upstream base URLs.",
         )
 
+        loader.add_option(
+            "meterproxy_passthrough",
+            bool,
+            True,
+            "In proxy mode, intercept only registered providers' hosts: every other connection passes "
+            "through as raw bytes (sets allow_hosts).",
+        )
+
     def configure(self, updated):
         if "meterproxy_providers" in updated:
             try:
                 self.registry = Registry.from_file(ctx.options.meterproxy_providers)
             except ValueError as error:
                 raise exceptions.OptionsError(str(error)) from None
+        if {"meterproxy_providers", "meterproxy_passthrough"} & updated:
+            # Where a call goes is decided only when its request is seen: never connect early.
+            changes = {"connection_strategy": "lazy"}
+            if ctx.options.meterproxy_passthrough:
+                changes["allow_hosts"] = self.registry.host_patterns()
+            ctx.options.update(**changes)
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         path, _, query = flow.request.path.partition("?")
-        if not self._is_gateway_request(flow, path):
+        # In a CONNECT tunnel or transparent: a client calling a host directly. In transparent
+        # mode the host is an address, and the provider is named by SNI or Host.
+        proxied = flow.server_conn.address is not None
+        if proxied:
+            origin = (flow.request.scheme, flow.request.pretty_host.lower(), flow.request.port)
+            if origin not in self.registry.by_origin:
+                return  # not a provider: passes through untouched, unmetered, unlogged
+        elif path not in FORWARD_PATHS and path.split("/", 2)[1] not in self.registry.by_name:
             return
-        call = Call(new_id("req"), flow.request.method)
+        call = Call(new_id("req"), flow.request.method, proxied=proxied)
         flow.metadata[CALL] = call
+        headers = flow.request.headers
         try:
-            if path in FORWARD_PATHS:
-                url, params = forward_target(query)
-                call.target_host = target_host(url)
-                call.target = self.registry.resolve(url)
-            else:
-                name, _, rest = path[1:].partition("/")
-                params = {}
-                call.target_host = name
-                call.target = self.registry.route(name, f"/{rest}" + (f"?{query}" if query else ""))
-            headers = flow.request.headers
+            params = self._route(flow, call, path, query)
             call.metadata = parse_metadata(params.get("metadata"), headers.get(METADATA_HEADER), headers.items())
         except GatewayError as error:
             refuse(flow, call, error)
@@ -65,12 +78,22 @@ class Routing:
             del headers[name]
         flow.request.url = call.target.upstream_url
 
+    def _route(self, flow: http.HTTPFlow, call: Call, path: str, query: str) -> dict[str, str]:
+        """Find the call's target; returns the forward URL's other parameters."""
+        if call.proxied:
+            call.target_host = flow.request.pretty_host
+            call.target = self.registry.resolve(flow.request.pretty_url)
+            return {}
+        if path in FORWARD_PATHS:
+            url, params = forward_target(query)
+            call.target_host = target_host(url)
+            call.target = self.registry.resolve(url)
+            return params
+        name, _, rest = path[1:].partition("/")
+        call.target_host = name
+        call.target = self.registry.route(name, f"/{rest}" + (f"?{query}" if query else ""))
+        return {}
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if call := call_of(flow):
             flow.response.headers[REQUEST_ID_HEADER] = call.request_id
-
-    def _is_gateway_request(self, flow: http.HTTPFlow, path: str) -> bool:
-        """A request addressed to the gateway itself, not one passing through as a proxy."""
-        if flow.server_conn.address is not None:  # inside a CONNECT tunnel or transparent
-            return False
-        return path in FORWARD_PATHS or path.split("/", 2)[1] in self.registry.by_name

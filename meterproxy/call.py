@@ -14,6 +14,7 @@ from pricing.fees import Tariff
 class Call:
     request_id: str
     method: str = "POST"
+    proxied: bool = False  # sent to the provider's host through the proxy, not to the gateway
     target: Target | None = None
     target_host: str | None = None  # as asked for, kept for the audit even when refused
     metadata: dict[str, str] = field(default_factory=dict)
@@ -28,8 +29,9 @@ class Call:
     opened: bool = False  # its pending row is on disk
 
     @property
-    def key_mode(self) -> KeyMode | None:
-        return self.token.key_mode if self.token else None
+    def key_mode(self) -> KeyMode:
+        """Without a forward token (a proxied call with the client's own key) only metering."""
+        return self.token.key_mode if self.token else KeyMode.UNMANAGED
 
     def tariff(self, model: str | None) -> Tariff:
         return Tariff(self.target.provider.price_provider, model, self.principal.fees, self.key_mode)

@@ -123,3 +123,14 @@ def _ms(start: datetime, end: datetime) -> int:
 
 def from_timestamp(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
+
+
+def describe(row: dict) -> str:
+    """One line for a person looking at the flow (mitmweb's comment): what, how much, whose id."""
+    if row["status"] == "error":
+        return f"{row['provider']} {row['model'] or ''} · error: {row['error_message']} · {row['request_id']}"
+    estimated = " (estimated)" if row.get("usage_source") == "estimated" else ""
+    return (
+        f"{row['provider']} {row['model'] or ''} · {row['input_tokens']} in / {row['output_tokens']} out tokens"
+        f"{estimated} · ${row['total_cost']} · {row['key_mode']} · {row['request_id']}"
+    )

@@ -122,6 +122,11 @@ class Registry:
             providers[name] = _merge(name, entry, providers.get(name))
         return cls(list(providers.values()))
 
+    def host_patterns(self) -> list[str]:
+        """Regular expressions matching exactly the providers' `host:port`, as mitmproxy's
+        allow_hosts takes them."""
+        return sorted({f"^{re.escape(host)}:{port}$" for _, host, port in self.by_origin})
+
     def resolve(self, url: str) -> Target:
         """Accept `url` only if it names a registered provider exactly."""
         if not url:

@@ -144,10 +144,10 @@ def new_secret(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a forward token names: always a merchant; a connection, wallet and product unless
-    the request is metering-only."""
+    """Who a forward token names: a merchant, and a connection, wallet and product unless the
+    request is metering-only. No merchant at all for a proxied call with the client's own key."""
 
-    merchant_id: str
+    merchant_id: str | None
     connection_id: str | None = None
     wallet_id: str | None = None
     product_id: str | None = None

@@ -85,10 +85,12 @@ class FakeProvider:
 
 
 class Gateway:
-    """The real gateway: `mitmdump -s addons/gateway.py` with its own database and confdir."""
+    """The real gateway: `mitmdump -s addons/gateway.py` (or mitmweb) with its own database and
+    confdir; `args` go to the program (another `--mode`, say)."""
 
-    def __init__(self, tmp: Path, fake: FakeProvider, extra_env: dict | None = None):
+    def __init__(self, tmp: Path, fake: FakeProvider, program: str = "mitmdump", args: tuple[str, ...] = ()):
         self.db_path = tmp / "ledger.sqlite"
+        self.ca_cert = tmp / "mitmproxy" / "mitmproxy-ca-cert.pem"  # what clients trust in proxy mode
         providers = tmp / "providers.toml"
         providers.write_text(
             "".join(f'[providers.{name}]\nupstream = "{fake.url}/{name}"\n\n' for name in FAKE_PROVIDERS)
@@ -96,11 +98,11 @@ class Gateway:
             + 'price_provider = "openai"\n'
         )
         env = {key: value for key, value in os.environ.items() if not key.endswith("_API_KEY")}
-        env.update(MANAGED_KEYS, **(extra_env or {}))
-        mitmdump = Path(sys.executable).with_name("mitmdump")
+        env.update(MANAGED_KEYS)
         self.process, match, self.output = _start(
             [
-                str(mitmdump),
+                str(Path(sys.executable).with_name(program)),
+                *args,
                 "--listen-host",
                 "127.0.0.1",
                 "--listen-port",
@@ -114,7 +116,7 @@ class Gateway:
                 "--set",
                 f"meterproxy_providers={providers}",
             ],
-            r"proxy listening at 127\.0\.0\.1:(\d+)",
+            r"(?i)proxy listening at 127\.0\.0\.1:(\d+)",
             env,
         )
         self.port = int(match.group(1))

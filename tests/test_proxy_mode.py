@@ -1,0 +1,250 @@
+"""Legacy clients and inspection (SPEC §1.3): the explicit proxy, transparent mode and mitmweb.
+
+A client calling a provider's real https URL through the proxy is metered like /v1/forward;
+every other host passes through as raw bytes, with no row and no audit entry.
+"""
+
+import datetime
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+
+import genai_prices
+import httpx2
+import openai
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from pricing.fees import ProductFees
+from tests.harness import MANAGED_KEYS, ROOT, Gateway, make_account
+
+MESSAGES = [{"role": "user", "content": "metered through the proxy"}]
+PROMPT_TOKENS = 3 + 3 + 4  # the fake provider's formula
+
+
+def dollars(value: Decimal) -> str:
+    return f"{value.quantize(Decimal('0.0000000001')):f}"
+
+
+@pytest.fixture
+def proxied(gateway, monkeypatch):
+    """The environment of a legacy client: HTTPS_PROXY, and mitmproxy's CA trusted."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", gateway.url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(gateway.ca_cert))
+
+
+def test_an_unmodified_sdk_through_https_proxy_is_metered_exactly(gateway, fake, proxied):
+    fees = ProductFees(fixed_fee=Decimal("0.0005"))
+    account = make_account(gateway.store, fees)
+    client = openai.OpenAI(api_key=account.token(), max_retries=0)  # base_url stays https://api.openai.com/v1
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+    completion = raw.parse()
+
+    assert completion.choices[0].message.content == "w0 w1 w2 w3 w4"
+    [seen] = fake.requests()
+    assert dict(seen["headers"])["authorization"] == f"Bearer {MANAGED_KEYS['OPENAI_API_KEY']}"
+    assert account.token() not in json.dumps(seen)
+    row = gateway.row(raw.headers["x-lava-request-id"])
+    usage = genai_prices.Usage(input_tokens=PROMPT_TOKENS, output_tokens=5)
+    provider_cost = genai_prices.calc_price(usage, "gpt-4o-mini", provider_id="openai").total_price
+    assert row == {
+        **row,
+        "status": "completed",
+        "provider": "openai",
+        "endpoint": "POST https://api.openai.com/v1/chat/completions",
+        "key_mode": "managed",
+        "connection_id": account.connection_id,
+        "input_tokens": PROMPT_TOKENS,
+        "output_tokens": 5,
+        "total_cost": dollars(provider_cost + Decimal("0.0005")),
+        "wallet_cost": dollars(provider_cost + Decimal("0.0005")),
+    }
+
+
+def test_a_client_with_its_own_provider_key_is_metered_and_charged_to_nobody(gateway, fake, proxied):
+    own_key = "sk-proj-developer-own-key-5e1d"
+    client = openai.OpenAI(api_key=own_key, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+    [seen] = fake.requests()
+    assert dict(seen["headers"])["authorization"] == f"Bearer {own_key}"
+    row = gateway.row(raw.headers["x-lava-request-id"])
+    usage = genai_prices.Usage(input_tokens=PROMPT_TOKENS, output_tokens=5)
+    provider_cost = genai_prices.calc_price(usage, "gpt-4o-mini", provider_id="openai").total_price
+    assert (row["key_mode"], row["merchant_id"], row["connection_id"], row["status"]) == (
+        "unmanaged",
+        None,
+        None,
+        "completed",
+    )
+    assert (row["total_cost"], row["wallet_cost"], row["merchant_cost"]) == (
+        dollars(provider_cost),
+        "0.0000000000",
+        "0.0000000000",
+    )
+
+
+# --- other hosts: raw bytes --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_echo_server(tmp_path_factory):
+    """An HTTPS server on loopback with its own self-signed certificate, echoing each request."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "echo.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("echo.test")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("echo")
+    (folder / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with context.wrap_socket(connection, server_side=True) as tls:
+                received = tls.recv(65536)
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(received))
+                tls.sendall(received)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1], folder / "cert.pem"
+    listener.close()
+
+
+def test_a_host_that_is_not_a_provider_passes_byte_for_byte(gateway, fake, tls_echo_server):
+    port, certificate = tls_echo_server
+    rows, audit = len(gateway.rows()), len(gateway.audit())
+    tunnel = socket.create_connection(("127.0.0.1", gateway.port))
+    tunnel.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    assert tunnel.recv(4096).startswith(b"HTTP/1.1 200")
+    # Only the server's own certificate is trusted: had the proxy intercepted, the handshake fails.
+    context = ssl.create_default_context(cafile=certificate)
+    with context.wrap_socket(tunnel, server_hostname="echo.test") as tls:
+        sent = b"POST /v1/chat/completions HTTP/1.1\r\nHost: echo.test\r\nAuthorization: Bearer x\r\n\r\n\x00\xff"
+        tls.sendall(sent)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.endswith(b"\r\n\r\n" + sent)
+    time.sleep(0.2)  # anything the gateway would write goes through its writer thread
+    assert (len(gateway.rows()), len(gateway.audit())) == (rows, audit)
+    assert fake.requests() == []
+
+
+# --- mitmweb ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_mitmweb_shows_provider_model_tokens_cost_key_mode_and_request_id(fake, tmp_path):
+    web_port = free_port()
+    args = ("--no-web-open-browser", "--web-host", "127.0.0.1", "--web-port", str(web_port))
+    web = Gateway(tmp_path, fake, program="mitmweb", args=args)
+    try:
+        account = make_account(web.store)
+        client = openai.OpenAI(base_url=f"{web.url}/openai/v1", api_key=account.token(), max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+        request_id = raw.headers["x-lava-request-id"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{web.url}/openai/v1", api_key="garbage", max_retries=0).chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES
+            )
+        row = web.row(request_id)
+        deadline = time.monotonic() + 5
+        while True:
+            flows = httpx2.get(f"http://127.0.0.1:{web_port}/flows").json()
+            notes = [(flow["comment"], flow["marked"]) for flow in flows]
+            if all(comment for comment, _ in notes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert notes == [
+            (
+                f"openai gpt-4o-mini · {PROMPT_TOKENS} in / 5 out tokens · ${row['total_cost']} · managed"
+                f" · {request_id}",
+                "\N{MONEY BAG}",  # mitmweb shows ":moneybag:" as the emoji
+            ),
+            ("refused 401 invalid_token: forward token is not base64-encoded JSON", "\N{NO ENTRY}"),
+        ]
+        shown = json.dumps(flows)
+        assert MANAGED_KEYS["OPENAI_API_KEY"] not in shown and account.token() not in shown
+    finally:
+        web.stop()
+
+
+# --- transparent mode ------------------------------------------------------------------------
+
+
+def transparent_mode_unavailable() -> str | None:
+    """Why this machine cannot run the transparent-mode test, or None."""
+    if shutil.which("unshare") is None or shutil.which("iptables") is None:
+        return "needs unshare and iptables (apt-get install iptables)"
+    probe = subprocess.run(
+        ["unshare", "--net", "--mount", "iptables", "-t", "nat", "-L", "OUTPUT"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        return f"cannot create a network namespace with a NAT table here: {probe.stderr.strip() or probe.returncode}"
+    return None
+
+
+@pytest.mark.skipif(transparent_mode_unavailable() is not None, reason=str(transparent_mode_unavailable()))
+def test_transparent_mode_meters_a_client_that_knows_nothing_of_the_proxy():
+    scenario = subprocess.run(
+        ["unshare", "--net", "--mount", sys.executable, "tests/transparent_scenario.py"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert scenario.returncode == 0, scenario.stderr[-3000:]
+    report = json.loads(scenario.stdout.strip().splitlines()[-1])
+    assert report["content"] == "w0 w1 w2 w3 w4"
+    [seen] = report["upstream"]
+    assert dict(seen["headers"])["authorization"] == f"Bearer {MANAGED_KEYS['OPENAI_API_KEY']}"
+    row, account = report["row"], report["account"]
+    usage = genai_prices.Usage(input_tokens=report["usage"]["prompt_tokens"], output_tokens=5)
+    provider_cost = genai_prices.calc_price(usage, "gpt-4o-mini", provider_id="openai").total_price
+    assert (row["status"], row["provider"], row["endpoint"], row["key_mode"], row["connection_id"]) == (
+        "completed",
+        "openai",
+        "POST https://api.openai.com/v1/chat/completions",
+        "managed",
+        account["connection_id"],
+    )
+    assert (row["input_tokens"], row["output_tokens"], row["total_cost"]) == (
+        report["usage"]["prompt_tokens"],
+        5,
+        dollars(provider_cost),
+    )

@@ -1,0 +1,80 @@
+"""Transparent mode end to end, run by tests/test_proxy_mode.py inside a private network and
+mount namespace (`unshare --net --mount`), so nothing here touches the machine's own network.
+
+In the namespace: api.openai.com resolves (through a private /etc/hosts) to 10.99.0.1, and
+iptables redirects TCP to 10.99.0.1:443 to a `mitmdump --mode transparent` gateway. An openai
+SDK client that knows nothing of the proxy (trusting mitmproxy's CA, as a deployment would)
+calls https://api.openai.com; the gateway reaches the fake provider on loopback through the
+providers file. Prints a JSON report of what the client got, what upstream saw and the row.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import openai  # noqa: E402
+
+from tests.harness import FakeProvider, Gateway, make_account  # noqa: E402
+
+PROVIDER_ADDRESS = "10.99.0.1"
+
+
+def run(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True)
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp())
+    run("ip", "link", "set", "lo", "up")
+    run("ip", "addr", "add", f"{PROVIDER_ADDRESS}/32", "dev", "lo")
+    hosts = tmp / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{PROVIDER_ADDRESS} api.openai.com\n")
+    run("mount", "--bind", str(hosts), "/etc/hosts")
+
+    fake = FakeProvider()
+    gateway = Gateway(tmp, fake, args=("--mode", "transparent"))
+    try:
+        run(
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            PROVIDER_ADDRESS,
+            "--dport",
+            "443",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            str(gateway.port),
+        )
+        account = make_account(gateway.store)
+        os.environ["SSL_CERT_FILE"] = str(gateway.ca_cert)
+        client = openai.OpenAI(api_key=account.token(), max_retries=0)  # base_url: https://api.openai.com/v1
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "who is listening"}]
+        )
+        completion = raw.parse()
+        report = {
+            "content": completion.choices[0].message.content,
+            "usage": completion.usage.model_dump(),
+            "upstream": fake.requests(),
+            "row": gateway.row(raw.headers["x-lava-request-id"]),
+            "account": account.__dict__,
+        }
+        print(json.dumps(report))
+    finally:
+        gateway.stop()
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()
