@@ -3,9 +3,9 @@
 import json
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from meterproxy.metadata import validate_metadata
 from meterproxy.queries import FIGURES
@@ -15,13 +15,18 @@ from meterproxy.usage import Usage
 Status = Literal["pending", "completed", "error"]
 
 
+# Far beyond any real request, and within what SQLite integers and exact money can hold.
+Count = Annotated[int, Field(ge=0, le=10**12, strict=True)]
+Seconds = Annotated[Decimal, Field(ge=0, le=10**9, allow_inf_nan=False)]
+
+
 class UsageFigures(BaseModel):
-    input_tokens: NonNegativeInt = 0
-    output_tokens: NonNegativeInt = 0
-    input_characters: NonNegativeInt = 0
-    output_characters: NonNegativeInt = 0
-    input_seconds: Decimal = Field(Decimal(0), ge=0, allow_inf_nan=False)
-    output_seconds: Decimal = Field(Decimal(0), ge=0, allow_inf_nan=False)
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+    input_characters: Count = 0
+    output_characters: Count = 0
+    input_seconds: Seconds = Decimal(0)
+    output_seconds: Seconds = Decimal(0)
 
     def usage(self) -> Usage:
         return Usage(**self.model_dump(include=set(UsageFigures.model_fields)))

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tabulate import tabulate
 from meterproxy import queries
 from meterproxy.errors import GatewayError
 from meterproxy.queries import LedgerFilter
-from meterproxy.store import Store
+from meterproxy.store import Store, iso
 from meterproxy.token import decode_token, encode_token
 from pricing.fees import DEFAULT_REQUEST_CAP, Payer, ProductFees
 
@@ -43,6 +44,15 @@ def amount(text: str) -> Decimal:
     if not value.is_finite() or value < 0:
         raise argparse.ArgumentTypeError(f"amount must be a non-negative number: {text!r}")
     return value
+
+
+def moment(text: str) -> str:
+    """An ISO 8601 time as the ledger writes it (UTC, milliseconds), so that it compares right."""
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return iso(parsed)
 
 
 def show(rows: list[dict], as_json: bool) -> None:
@@ -221,8 +231,8 @@ def parser() -> argparse.ArgumentParser:
     sub = command(groups, "report", report, "spend and usage per connection, product, model, metadata key or day")
     sub.add_argument("--by", default="day", help="connection, product, model, day or metadata.<key> (default: day)")
     sub.add_argument("--merchant", help="only this merchant's requests")
-    sub.add_argument("--since", help="from this ISO 8601 time (inclusive)")
-    sub.add_argument("--until", help="to this ISO 8601 time (exclusive)")
+    sub.add_argument("--since", type=moment, help="from this ISO 8601 time (inclusive; UTC unless it says)")
+    sub.add_argument("--until", type=moment, help="to this ISO 8601 time (exclusive)")
 
     sub = command(groups, "quickstart", quickstart, "create a development account on a fresh database")
     sub.add_argument("--gateway", default="http://127.0.0.1:8080")
