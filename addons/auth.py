@@ -25,6 +25,12 @@ KEY_HEADERS = {
 }
 
 
+def put_key(headers, provider: Provider, key: str) -> None:
+    """The key in the provider's own header style."""
+    style = provider.auth
+    headers[KEY_HEADERS[style]] = f"Bearer {key}" if style is AuthStyle.BEARER else key
+
+
 class ManagedKeys:
     """The gateway's own provider keys, from the environment; several comma-separated keys
     are used in turn."""
@@ -87,8 +93,8 @@ class Auth:
         except GatewayError as error:
             refuse(flow, call, error)
             return
-        style = call.target.provider.auth
-        flow.request.headers[KEY_HEADERS[style]] = f"Bearer {key}" if style is AuthStyle.BEARER else key
+        call.key = key
+        put_key(flow.request.headers, call.target.provider, key)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)

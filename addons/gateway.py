@@ -9,8 +9,12 @@ from addons.api import MeteringApi
 from addons.auth import Auth
 from addons.ledger import Ledger
 from addons.metering import Metering
+from addons.resilience import Retries, UpstreamWatch
 from addons.routing import Routing
 
 ledger = Ledger()
 routing = Routing()
-addons = [routing, Auth(ledger), Metering(), ledger, MeteringApi(ledger, routing)]
+auth = Auth(ledger)
+# Order matters: retries replace a failed answer before metering reads it; the upstream watch
+# runs once the pending row is written.
+addons = [routing, auth, Retries(auth), Metering(), ledger, UpstreamWatch(), MeteringApi(ledger, routing)]

@@ -94,7 +94,7 @@ class Ledger:
     def error(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
         if call is not None and call.opened:
-            self._close(flow, call, error=flow.error.msg if flow.error else "request failed")
+            self._close(flow, call, error=call.timeout or (flow.error.msg if flow.error else "request failed"))
 
     def _close(self, flow: http.HTTPFlow, call: Call, error: str | None) -> None:
         """Hand the completion to the writer; the client's stream ends without waiting for it."""
@@ -103,7 +103,8 @@ class Ledger:
             started=from_timestamp(flow.request.timestamp_start),
             first_byte=from_timestamp(response.timestamp_start) if response else None,
             ended=datetime.now(UTC),
-            upstream_status=response.status_code if response else None,
+            # A 502/504 of the gateway's own is not the provider's status.
+            upstream_status=response.status_code if response and not call.upstream_failure else None,
             error=error,
         )
         call.opened = False  # one completion per call, whichever hook comes first

@@ -27,6 +27,11 @@ class Call:
     drop_usage_event: bool = False  # the gateway asked for the stream's usage event itself
     refusal: GatewayError | None = None
     opened: bool = False  # its pending row is on disk
+    key: str | None = field(default=None, repr=False)  # the provider key sent upstream
+    attempts: int = 1
+    upstream_failure: GatewayError | None = None  # the gateway gave up on the provider (502/504)
+    timeout: str | None = None  # why the gateway cut the provider off
+    watchdog: object = field(default=None, repr=False)  # the first-byte timer
 
     @property
     def key_mode(self) -> KeyMode:

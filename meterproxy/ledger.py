@@ -61,6 +61,7 @@ def closing_fields(call: Call, outcome: Outcome, prices: PriceBook) -> tuple[dic
         "latency_ms": _ms(outcome.started, outcome.ended),
         "ttfb_ms": _ms(outcome.started, outcome.first_byte) if outcome.first_byte else None,
         "model": model,
+        "attempts": call.attempts,
     }
     error = _failure(call, outcome)
     if error is not None:
@@ -93,6 +94,8 @@ def failed(error: str) -> dict:
 
 
 def _failure(call: Call, outcome: Outcome) -> str | None:
+    if call.upstream_failure is not None:
+        return call.upstream_failure.message
     status = outcome.upstream_status
     if status is None:
         return outcome.error or "no response from the provider"

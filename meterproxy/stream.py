@@ -8,6 +8,7 @@ unchanged, or, when the gateway itself asked for the usage event, the same event
 
 import logging
 import re
+import time
 import zlib
 from collections.abc import Callable
 
@@ -57,8 +58,10 @@ class StreamMeter:
         self._drop_usage_event = drop_usage_event
         self._pending = b""
         self.readable = True  # False once the bytes stop decoding: passed on, no longer metered
+        self.last_chunk_at = time.monotonic()  # for the idle timeout
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
+        self.last_chunk_at = time.monotonic()
         events = self._read(chunk) if self.readable else []
         if not self._drop_usage_event or not self.readable:
             return [chunk] if chunk else []

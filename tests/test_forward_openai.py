@@ -357,7 +357,7 @@ def test_an_upstream_error_reaches_the_client_unchanged_and_is_an_error_row(gate
     fake.behave(
         {
             "status": 429,
-            "headers": {"retry-after": "7"},
+            "headers": {"retry-after": "120"},
             "body": {"error": {"message": "slow down", "type": "rate_limit", "code": None}},
         }
     )
@@ -365,7 +365,7 @@ def test_an_upstream_error_reaches_the_client_unchanged_and_is_an_error_row(gate
     with pytest.raises(openai.RateLimitError) as raised:
         client_for(gateway, account.token()).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     response = raised.value.response
-    assert response.headers["retry-after"] == "7" and raised.value.body["message"] == "slow down"
+    assert response.headers["retry-after"] == "120" and raised.value.body["message"] == "slow down"
     row = gateway.row(response.headers["x-lava-request-id"])
     assert (row["status"], row["upstream_status"], row["error_message"]) == (
         "error",

@@ -1,0 +1,212 @@
+"""Surviving a provider's faults (SPEC §3, §7), within what mitmproxy 11 lets an addon do.
+
+An addon can answer a request itself only until it has gone upstream, and cannot feed a
+response from anywhere but the upstream connection. So:
+
+- `Retries` retries a non-streamed call that the provider answered 429, 500, 502 or 503, with
+  exponential backoff and jitter, honouring `Retry-After`, failing over to the next managed key
+  on 429. Nothing has reached the client yet when the `response` hook runs. A streamed call's
+  error status is passed on untouched, `Retry-After` included: a retried stream could only
+  reach the client buffered, never chunk by chunk.
+- `UpstreamWatch` checks, before forwarding, that a provider it has not heard from lately
+  accepts connections (retrying with backoff), and answers 502 / 504 in the OpenAI shape when
+  it does not; and it cuts a provider that sends no first byte, or stalls a stream, for longer
+  than the configured timeouts.
+"""
+
+import asyncio
+import time
+
+import httpx2
+from mitmproxy import ctx, http
+
+from addons.auth import Auth, put_key
+from addons.calls import call_of
+from addons.routing import REQUEST_ID_HEADER
+from meterproxy.errors import GatewayError
+from meterproxy.retry import RETRYABLE_STATUSES, RetryPolicy
+from meterproxy.stream import StreamMeter
+from meterproxy.token import KeyMode
+
+HOP_BY_HOP = ("host", "content-length", "connection", "transfer-encoding", "keep-alive")
+
+
+def policy() -> RetryPolicy:
+    return RetryPolicy(attempts=ctx.options.meterproxy_attempts, max_wait=ctx.options.meterproxy_max_retry_wait)
+
+
+class Retries:
+    def __init__(self, auth: Auth) -> None:
+        self.auth = auth
+        self._client: httpx2.AsyncClient | None = None
+
+    def load(self, loader):
+        loader.add_option("meterproxy_attempts", int, 3, "Attempts per call, the first included.")
+        loader.add_option(
+            "meterproxy_max_retry_wait", int, 30, "Seconds: a longer Retry-After is passed on, not waited for."
+        )
+        loader.add_option("meterproxy_connect_timeout", int, 10, "Seconds to connect to a provider.")
+        loader.add_option("meterproxy_first_byte_timeout", int, 120, "Seconds a provider may take to start answering.")
+        loader.add_option("meterproxy_idle_timeout", int, 60, "Seconds a stream may stall between chunks.")
+
+    def configure(self, updated):
+        if {"meterproxy_connect_timeout", "meterproxy_first_byte_timeout", "meterproxy_idle_timeout"} & updated:
+            self._client = None  # made again with the new timeouts when next needed
+
+    async def done(self):
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is None or call.refusal or call.upstream_failure or call.stream:
+            return
+        retry_policy = policy()
+        while flow.response.status_code in RETRYABLE_STATUSES:
+            wait = retry_policy.wait_before(call.attempts + 1, flow.response.headers.get("retry-after"))
+            if wait is None:
+                return
+            await asyncio.sleep(wait)
+            if flow.response.status_code == 429 and call.key_mode is KeyMode.MANAGED:
+                call.key = self.auth.managed_keys.next_key(call.target.provider) or call.key
+            call.attempts += 1
+            retried = await self._attempt(flow, call)
+            if retried is None:
+                return  # the provider went away: the last answer it gave stands
+            retried.headers[REQUEST_ID_HEADER] = flow.response.headers.get(REQUEST_ID_HEADER, call.request_id)
+            flow.response = retried
+
+    async def _attempt(self, flow: http.HTTPFlow, call) -> http.Response | None:
+        request = flow.request
+        headers = [(name, value) for name, value in request.headers.items(multi=True) if name.lower() not in HOP_BY_HOP]
+        outgoing = httpx2.Headers(headers)
+        if call.key:
+            put_key(outgoing, call.target.provider, call.key)
+        try:
+            answer = await self.client.request(
+                request.method, request.url, headers=outgoing, content=request.raw_content
+            )
+        except httpx2.HTTPError:
+            return None
+        kept = [(name, value) for name, value in answer.headers.multi_items() if name.lower() not in HOP_BY_HOP]
+        return http.Response.make(answer.status_code, answer.content, kept)
+
+    @property
+    def client(self) -> httpx2.AsyncClient:
+        if self._client is None:
+            timeout = httpx2.Timeout(
+                connect=ctx.options.meterproxy_connect_timeout,
+                read=ctx.options.meterproxy_first_byte_timeout,
+                write=ctx.options.meterproxy_idle_timeout,
+                pool=ctx.options.meterproxy_connect_timeout,
+            )
+            self._client = httpx2.AsyncClient(timeout=timeout, follow_redirects=False)
+        return self._client
+
+
+class UpstreamWatch:
+    def __init__(self) -> None:
+        self.heard_from: dict[tuple[str, int], float] = {}  # upstream address → last answer
+
+    def load(self, loader):
+        loader.add_option(
+            "meterproxy_health_window",
+            int,
+            30,
+            "Seconds: a provider not heard from for longer is checked for reachability before forwarding.",
+        )
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is None or call.refusal or not call.opened:
+            return
+        address = (flow.request.host, flow.request.port)
+        if time.monotonic() - self.heard_from.get(address, -1e9) > ctx.options.meterproxy_health_window:
+            failure = await self._reach(address, call)
+            if failure is not None:
+                call.upstream_failure = failure
+                flow.response = http.Response.make(failure.status, failure.body(), {"content-type": "application/json"})
+                return
+        timeout = ctx.options.meterproxy_first_byte_timeout
+        call.watchdog = asyncio.get_running_loop().call_later(
+            timeout, cut_upstream, flow, f"the provider sent nothing for {timeout} s"
+        )
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is None or call.refusal or call.upstream_failure:
+            return
+        self.heard_from[(flow.request.host, flow.request.port)] = time.monotonic()
+        if call.watchdog is not None:
+            call.watchdog.cancel()
+        if isinstance(flow.response.stream, StreamMeter):
+            self._watch_idle(flow, flow.response.stream)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is None:
+            return
+        if call.watchdog is not None:
+            call.watchdog.cancel()
+        if flow.response is None:  # never answered: check it before the next call
+            self.heard_from.pop((flow.request.host, flow.request.port), None)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is not None and call.watchdog is not None:
+            call.watchdog.cancel()
+
+    async def _reach(self, address: tuple[str, int], call) -> GatewayError | None:
+        """Connect and let go, with backoff between attempts; the failure when all fail."""
+        retry_policy, timed_out = policy(), False
+        while True:
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(*address), ctx.options.meterproxy_connect_timeout
+                )
+            except TimeoutError:
+                timed_out = True
+            except OSError:
+                timed_out = False
+            else:
+                writer.close()
+                return None
+            wait = retry_policy.wait_before(call.attempts + 1, None)
+            if wait is None:
+                break
+            await asyncio.sleep(wait)
+            call.attempts += 1
+        if timed_out:
+            return GatewayError(
+                504, f"provider timed out connecting after {call.attempts} attempts", "upstream_timeout"
+            )
+        return GatewayError(502, f"provider unreachable after {call.attempts} attempts", "upstream_unreachable")
+
+    def _watch_idle(self, flow: http.HTTPFlow, meter: StreamMeter) -> None:
+        idle = ctx.options.meterproxy_idle_timeout
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            if not flow.live:
+                return
+            quiet = time.monotonic() - meter.last_chunk_at
+            if quiet >= idle:
+                cut_upstream(flow, f"the stream stalled for {idle} s")
+            else:
+                loop.call_later(idle - quiet, check)
+
+        loop.call_later(idle, check)
+
+
+def cut_upstream(flow: http.HTTPFlow, reason: str) -> None:
+    """Close the flow's upstream connection. mitmproxy 11 cannot kill a flow in transit
+    (mitmproxy#4711), so the connection is closed under it: mitmproxy then ends the flow as a
+    server disconnect (the client gets a 502, or a cut stream) and the error hook records it."""
+    call = call_of(flow)
+    if call is None or not flow.live:
+        return
+    handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
+    transport = handler.transports.get(flow.server_conn) if handler else None
+    if transport is not None and transport.writer is not None:
+        call.timeout = reason
+        transport.writer.close()
