@@ -15,6 +15,7 @@ response from anywhere but the upstream connection. So:
 """
 
 import asyncio
+import logging
 import time
 
 import httpx2
@@ -41,6 +42,7 @@ class Retries:
         self._client: httpx2.AsyncClient | None = None
 
     def load(self, loader):
+        logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per retry is ours to log
         loader.add_option("meterproxy_attempts", int, 3, "Attempts per call, the first included.")
         loader.add_option(
             "meterproxy_max_retry_wait", int, 30, "Seconds: a longer Retry-After is passed on, not waited for."
@@ -88,7 +90,7 @@ class Retries:
             )
         except httpx2.HTTPError:
             return None
-        kept = [(name, value) for name, value in answer.headers.multi_items() if name.lower() not in HOP_BY_HOP]
+        kept = [(name, value) for name, value in answer.headers.raw if name.lower().decode() not in HOP_BY_HOP]
         return http.Response.make(answer.status_code, answer.content, kept)
 
     @property

@@ -860,8 +860,11 @@ def _response(status: int, headers: list) -> h11.Response:
     return h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
 
 
-async def _send(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, behaviour: dict) -> bool:
-    """Write the reply; False if the connection was deliberately cut."""
+async def _send(
+    conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, behaviour: dict, entry: dict | None = None
+) -> bool:
+    """Write the reply; False if the connection was deliberately cut. A stream's log entry
+    counts the events sent and notes when the client went away (`aborted_at`, epoch seconds)."""
     gzip, headers = behaviour.get("gzip"), reply.headers
     if gzip:
         headers = [*headers, (b"content-encoding", b"gzip")]
@@ -881,8 +884,15 @@ async def _send(conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply
     for i, event in enumerate(itertools.islice(events, cut)):
         if delay and i:
             await asyncio.sleep(delay)
-        writer.write(conn.send(h11.Data(data=event)))
-        await writer.drain()
+        try:
+            writer.write(conn.send(h11.Data(data=event)))
+            await writer.drain()
+        except ConnectionError:
+            if entry is not None:
+                entry["aborted_at"] = time.time()
+            raise
+        if entry is not None:
+            entry["events_sent"] = i + 1
     if cut is not None:
         return False
     writer.write(conn.send(h11.EndOfMessage()))
@@ -905,7 +915,7 @@ async def _respond(
         return False
     reply = _route(state, entry, behaviour)
     entry["response_status"] = reply.status
-    return await _send(conn, writer, reply, behaviour)
+    return await _send(conn, writer, reply, behaviour, entry)
 
 
 async def _read_request(

@@ -88,7 +88,15 @@ class Gateway:
     """The real gateway: `mitmdump -s addons/gateway.py` (or mitmweb) with its own database and
     confdir; `args` go to the program (another `--mode`, say)."""
 
-    def __init__(self, tmp: Path, fake: FakeProvider, program: str = "mitmdump", args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        tmp: Path,
+        fake: FakeProvider,
+        program: str = "mitmdump",
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        more_providers: str = "",
+    ):
         self.db_path = tmp / "ledger.sqlite"
         self.ca_cert = tmp / "mitmproxy" / "mitmproxy-ca-cert.pem"  # what clients trust in proxy mode
         providers = tmp / "providers.toml"
@@ -96,9 +104,10 @@ class Gateway:
             "".join(f'[providers.{name}]\nupstream = "{fake.url}/{name}"\n\n' for name in FAKE_PROVIDERS)
             + f'[providers.selfhosted]\nbase_url = "{SELF_HOSTED}"\nupstream = "{fake.url}/openai"\n'
             + 'price_provider = "openai"\n'
+            + more_providers
         )
-        env = {key: value for key, value in os.environ.items() if not key.endswith("_API_KEY")}
-        env.update(MANAGED_KEYS)
+        environment = {key: value for key, value in os.environ.items() if not key.endswith("_API_KEY")}
+        environment.update(MANAGED_KEYS, **(env or {}))
         self.process, match, self.output = _start(
             [
                 str(Path(sys.executable).with_name(program)),
@@ -117,7 +126,7 @@ class Gateway:
                 f"meterproxy_providers={providers}",
             ],
             r"(?i)proxy listening at 127\.0\.0\.1:(\d+)",
-            env,
+            environment,
         )
         self.port = int(match.group(1))
         self.url = f"http://127.0.0.1:{self.port}"

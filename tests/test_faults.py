@@ -1,0 +1,197 @@
+"""Provider faults against the fake provider's fault injection (SPEC §3, §7): for each, what
+the client got, how many attempts reached the provider, and the call's single ledger row."""
+
+import socket
+import time
+
+import httpx2
+import openai
+import pytest
+
+from tests.harness import Gateway, make_account
+
+FIRST_KEY, SECOND_KEY = "sk-managed-first-1a2b", "sk-managed-second-3c4d"
+MESSAGES = [{"role": "user", "content": "are you there"}]
+OPTIONS = {
+    "meterproxy_attempts": 3,
+    "meterproxy_first_byte_timeout": 1,
+    "meterproxy_idle_timeout": 1,
+    "meterproxy_max_retry_wait": 5,
+    "meterproxy_connect_timeout": 1,
+}
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gateway(fake, tmp_path_factory):
+    args = tuple(arg for name, value in OPTIONS.items() for arg in ("--set", f"{name}={value}"))
+    down = f'[providers.down]\nbase_url = "https://down.provider.test"\nupstream = "http://127.0.0.1:{closed_port()}"\n'
+    gateway = Gateway(
+        tmp_path_factory.mktemp("faults"),
+        fake,
+        args=args,
+        env={"OPENAI_API_KEY": f"{FIRST_KEY},{SECOND_KEY}", "DOWN_API_KEY": "sk-down"},
+        more_providers=down + 'price_provider = "openai"\n',
+    )
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def account(gateway):
+    return make_account(gateway.store)
+
+
+def chat(gateway, account, route="openai/v1", **options):
+    client = openai.OpenAI(base_url=f"{gateway.url}/{route}", api_key=account.token(), max_retries=0)
+    return client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES, **options)
+
+
+def keys_seen(fake) -> list[str]:
+    return [dict(request["headers"])["authorization"].removeprefix("Bearer ") for request in fake.requests()]
+
+
+def test_429_with_retry_after_then_success_fails_over_to_the_next_key(gateway, fake, account):
+    fake.behave({"status": 429, "headers": {"retry-after": "1"}})
+    started = time.monotonic()
+    raw = chat(gateway, account)
+    assert raw.status_code == 200 and raw.parse().choices[0].message.content == "w0 w1 w2 w3 w4"
+    assert time.monotonic() - started >= 1  # Retry-After honoured
+    first, second = keys_seen(fake)
+    assert {first, second} == {FIRST_KEY, SECOND_KEY}  # the retry went out with the other key
+    row = gateway.row(raw.headers["x-lava-request-id"])
+    assert (row["status"], row["attempts"], row["upstream_status"], row["output_tokens"]) == ("completed", 2, 200, 5)
+
+
+def test_500_twice_then_success(gateway, fake, account):
+    fake.behave({"status": 500}, {"status": 500})
+    raw = chat(gateway, account)
+    assert raw.parse().choices[0].message.content == "w0 w1 w2 w3 w4"
+    assert len(fake.requests()) == 3
+    rows = [row for row in gateway.rows() if row["request_id"] == raw.headers["x-lava-request-id"]]
+    assert [(row["status"], row["attempts"]) for row in rows] == [("completed", 3)]  # one row, three attempts
+
+
+def test_500_until_the_attempts_run_out_passes_the_last_answer_on(gateway, fake, account):
+    fake.behave({"status": 503}, {"status": 503}, {"status": 503})
+    with pytest.raises(openai.InternalServerError) as raised:
+        chat(gateway, account)
+    assert raised.value.status_code == 503
+    assert len(fake.requests()) == 3
+    row = gateway.row(raised.value.response.headers["x-lava-request-id"])
+    assert (row["status"], row["attempts"], row["upstream_status"], row["wallet_cost"]) == (
+        "error",
+        3,
+        503,
+        "0.0000000000",
+    )
+
+
+def test_a_streamed_429_is_passed_on_untouched_with_its_retry_after(gateway, fake, account):
+    fake.behave({"status": 429, "headers": {"retry-after": "2"}})
+    with pytest.raises(openai.RateLimitError) as raised:
+        chat(gateway, account, stream=True)
+    assert raised.value.response.headers["retry-after"] == "2"
+    assert len(fake.requests()) == 1
+    row = gateway.row(raised.value.response.headers["x-lava-request-id"])
+    assert (row["status"], row["attempts"], row["upstream_status"]) == ("error", 1, 429)
+
+
+def test_a_provider_that_hangs_past_the_first_byte_timeout_is_cut_off(gateway, fake, account):
+    fake.behave({"hang": 10})
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as raised:
+        chat(gateway, account)
+    assert raised.value.status_code == 502 and time.monotonic() - started < 5
+    assert len(fake.requests()) == 1
+    # mitmproxy answers a cut-off upstream itself (HTML, no request id): find the row by time.
+    newest = max(gateway.rows(), key=lambda row: (row["created_at"], row["request_id"]))
+    row = gateway.row(newest["request_id"])
+    assert (row["status"], row["upstream_status"], row["error_message"]) == (
+        "error",
+        None,
+        "the provider sent nothing for 1 s",
+    )
+
+
+def test_a_stream_cut_halfway_is_charged_for_what_was_delivered(gateway, fake, account):
+    fake.behave({"cut_after": 4, "words": 8})
+    client = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=account.token(), max_retries=0)
+    delivered = []
+    with pytest.raises(openai.APIConnectionError):
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        ) as response:
+            request_id = response.headers["x-lava-request-id"]
+            for chunk in response.parse():
+                delivered.append(chunk.choices[0].delta.content or "")
+    assert "".join(delivered) == "w0 w1 w2"
+    row = gateway.row(request_id)
+    assert (row["status"], row["usage_source"], row["attempts"]) == ("completed", "estimated", 1)
+    assert row["output_tokens"] > 0
+
+
+@pytest.mark.parametrize("delay, complete", [(0.3, True), (2.0, False)], ids=["within-idle-timeout", "stalled"])
+def test_a_slow_drip(gateway, fake, account, delay, complete):
+    fake.behave({"chunk_delay": delay, "words": 4})
+    client = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=account.token(), max_retries=0)
+    arrivals = []
+    try:
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        ) as response:
+            request_id = response.headers["x-lava-request-id"]
+            for chunk in response.parse():
+                arrivals.append((time.monotonic(), chunk.choices[0].delta.content if chunk.choices else None))
+        finished = True
+    except openai.APIConnectionError:
+        finished = False
+    assert finished is complete
+    row = gateway.row(request_id)
+    if complete:
+        assert [text for _, text in arrivals if text] == ["w0", " w1", " w2", " w3"]
+        assert arrivals[-1][0] - arrivals[0][0] >= 3 * delay * 0.9  # chunk by chunk, as they came
+        assert (row["status"], row["usage_source"], row["output_tokens"]) == ("completed", "provider", 4)
+    else:
+        assert (row["status"], row["usage_source"]) == ("completed", "estimated")
+
+
+def test_an_unreachable_provider_is_a_502_in_the_openai_shape_after_the_retries(gateway, fake, account):
+    with pytest.raises(openai.InternalServerError) as raised:
+        chat(gateway, account, route="down/v1")
+    error = raised.value
+    assert (error.status_code, error.code) == (502, "upstream_unreachable")
+    assert error.body["message"] == "provider unreachable after 3 attempts"
+    row = gateway.row(error.response.headers["x-lava-request-id"])
+    assert (row["status"], row["attempts"], row["upstream_status"], row["wallet_cost"]) == (
+        "error",
+        3,
+        None,
+        "0.0000000000",
+    )
+    assert gateway.store.wallet(account.wallet_id)["held"] == "0.0000000000"
+
+
+def test_a_client_gone_mid_stream_closes_the_provider_within_a_second(gateway, fake, account):
+    fake.behave({"chunk_delay": 0.1, "words": 100})
+    url = f"{gateway.url}/openai/v1/chat/completions"
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+    with httpx2.stream("POST", url, json=body, headers={"authorization": f"Bearer {account.token()}"}) as response:
+        request_id = response.headers["x-lava-request-id"]
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]  # three events with their blank lines
+        left_at = time.time()
+    assert received[0].startswith("data: ")
+    deadline = time.monotonic() + 5
+    while "aborted_at" not in fake.requests()[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [seen] = fake.requests()
+    assert seen["aborted_at"] - left_at < 1.0 and seen["events_sent"] < 100
+    row = gateway.row(request_id)
+    assert (row["status"], row["usage_source"]) == ("completed", "estimated")
+    assert 2 <= row["output_tokens"] <= seen["events_sent"] * 2
