@@ -8,6 +8,7 @@ metering API answers `/v1/requests` and `/v1/usage` itself.
 from addons.api import MeteringApi
 from addons.auth import Auth
 from addons.ledger import Ledger
+from addons.limits import Limits
 from addons.metering import Metering
 from addons.resilience import Retries, UpstreamWatch
 from addons.routing import Routing
@@ -15,6 +16,6 @@ from addons.routing import Routing
 ledger = Ledger()
 routing = Routing()
 auth = Auth(ledger)
-# Order matters: retries replace a failed answer before metering reads it; the upstream watch
-# runs once the pending row is written.
-addons = [routing, auth, Retries(auth), Metering(), ledger, UpstreamWatch(), MeteringApi(ledger, routing)]
+# Order matters: limits refuse before the pending row is written; retries replace a failed
+# answer before metering reads it; the upstream watch runs once the pending row is written.
+addons = [routing, auth, Retries(auth), Metering(), Limits(), ledger, UpstreamWatch(), MeteringApi(ledger, routing)]

@@ -32,6 +32,7 @@ class Call:
     upstream_failure: GatewayError | None = None  # the gateway gave up on the provider (502/504)
     timeout: str | None = None  # why the gateway cut the provider off
     watchdog: object = field(default=None, repr=False)  # the first-byte timer
+    rate_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the client
 
     @property
     def key_mode(self) -> KeyMode:

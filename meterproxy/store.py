@@ -19,6 +19,7 @@ import sqlite_utils
 
 from meterproxy.errors import GatewayError
 from meterproxy.ids import new_id
+from meterproxy.limits import ProductLimits
 from meterproxy.token import ForwardToken
 from pricing.fees import ProductFees
 from pricing.money import ZERO, money_text
@@ -66,10 +67,11 @@ LEDGER_COLUMNS = {
 
 ACCOUNT = {"id": str, "created_at": str}
 FEE_COLUMNS = {name: str for name in ProductFees.model_fields}
+LIMIT_COLUMNS = {name: int for name in ProductLimits.model_fields}
 SCHEMA = {
     "merchants": ({**ACCOUNT, "name": str, "secret_hash": str}, {"pk": "id"}),
     "products": (
-        {**ACCOUNT, "merchant_id": str, "name": str, "secret_hash": str, **FEE_COLUMNS},
+        {**ACCOUNT, "merchant_id": str, "name": str, "secret_hash": str, **FEE_COLUMNS, **LIMIT_COLUMNS},
         {"pk": "id", "foreign_keys": [("merchant_id", "merchants")]},
     ),
     "wallets": ({**ACCOUNT, "name": str, "balance": str}, {"pk": "id"}),
@@ -154,6 +156,7 @@ class Principal:
     wallet_id: str | None = None
     product_id: str | None = None
     fees: ProductFees | None = None
+    limits: ProductLimits | None = None
 
 
 class Store:
@@ -197,9 +200,12 @@ class Store:
     def create_merchant(self, name: str) -> tuple[dict, str]:
         return self._create("merchants", "mer", {"name": name}, secret_prefix="msk")
 
-    def create_product(self, merchant_id: str, name: str, fees: ProductFees) -> tuple[dict, str]:
+    def create_product(
+        self, merchant_id: str, name: str, fees: ProductFees, limits: ProductLimits | None = None
+    ) -> tuple[dict, str]:
         self._require("merchants", merchant_id)
-        fields = {"merchant_id": merchant_id, "name": name, **fees.model_dump(mode="json")}
+        limits = limits or ProductLimits()
+        fields = {"merchant_id": merchant_id, "name": name, **fees.model_dump(mode="json"), **limits.model_dump()}
         return self._create("products", "prd", fields, secret_prefix="psk")
 
     def create_wallet(self, name: str, balance: Decimal = ZERO) -> dict:
@@ -277,7 +283,8 @@ class Store:
         if product is None:
             raise GatewayError(401, "unknown product", "invalid_product")
         fees = ProductFees.model_validate({name: product[name] for name in FEE_COLUMNS})
-        return Principal(merchant_id, connection["id"], connection["wallet_id"], product["id"], fees)
+        limits = ProductLimits.model_validate({name: product[name] or 0 for name in LIMIT_COLUMNS})
+        return Principal(merchant_id, connection["id"], connection["wallet_id"], product["id"], fees, limits)
 
     def _by_secret(self, table: str, secret: str, merchant_id: str | None = None) -> dict | None:
         """The row a secret names, if it belongs to `merchant_id` (when given)."""

@@ -13,6 +13,7 @@ from tabulate import tabulate
 
 from meterproxy import queries
 from meterproxy.errors import GatewayError
+from meterproxy.limits import ProductLimits
 from meterproxy.queries import LedgerFilter
 from meterproxy.store import Store, iso
 from meterproxy.token import decode_token, encode_token
@@ -73,7 +74,8 @@ def merchant_create(store: Store, args) -> None:
 
 def product_create(store: Store, args) -> None:
     fees = ProductFees(**{name: getattr(args, name) for name in ProductFees.model_fields})
-    row, secret = store.create_product(args.merchant, args.name, fees)
+    limits = ProductLimits(**{name: getattr(args, name) for name in ProductLimits.model_fields})
+    row, secret = store.create_product(args.merchant, args.name, fees, limits)
     show([{**public(row), "product_secret": secret}], args.json)
 
 
@@ -198,6 +200,8 @@ def parser() -> argparse.ArgumentParser:
         default=Payer.WALLET,
         help="who pays the provider cost with a managed key",
     )
+    sub.add_argument("--rpm", dest="requests_per_minute", type=int, default=0, help="requests a minute per connection")
+    sub.add_argument("--tpm", dest="tokens_per_minute", type=int, default=0, help="tokens a minute per connection")
 
     wallet = groups.add_parser("wallet", help="wallets and balances").add_subparsers(required=True)
     sub = command(wallet, "create", wallet_create, "create a wallet")

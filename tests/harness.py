@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+from meterproxy.limits import ProductLimits
 from meterproxy.store import Store
 from meterproxy.token import encode_token
 from pricing.fees import ProductFees
@@ -175,9 +176,11 @@ class Account:
         )
 
 
-def make_account(store: Store, fees: ProductFees | None = None, balance: Decimal = Decimal("10")) -> Account:
+def make_account(
+    store: Store, fees: ProductFees | None = None, balance: Decimal = Decimal("10"), limits: ProductLimits | None = None
+) -> Account:
     merchant, secret_key = store.create_merchant("test merchant")
-    product, product_secret = store.create_product(merchant["id"], "test product", fees or ProductFees())
+    product, product_secret = store.create_product(merchant["id"], "test product", fees or ProductFees(), limits)
     wallet = store.create_wallet("test wallet", balance)
     connection, connection_secret = store.create_connection(merchant["id"], wallet["id"])
     return Account(

@@ -14,6 +14,7 @@ from meterproxy.call import Call
 from meterproxy.dialects import OpenAIChat
 from meterproxy.errors import GatewayError
 from meterproxy.ledger import MAX_ERROR_MESSAGE, Outcome, closing_fields, opening_row
+from meterproxy.limits import ProductLimits
 from meterproxy.providers import Registry
 from meterproxy.store import INTERRUPTED, Principal, Store, hash_secret
 from meterproxy.token import ForwardToken
@@ -391,6 +392,7 @@ def test_authorize_managed_and_byok(store):
         accounts["wallet"]["id"],
         accounts["product"]["id"],
         FEES,
+        ProductLimits(),
     )
     billed = dict(
         secret_key=accounts["secret_key"],

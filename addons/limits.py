@@ -1,0 +1,58 @@
+"""The gateway's own limits: a maximum request body (413) and each connection's requests and
+tokens per minute from its product (429 with Retry-After and OpenAI's x-ratelimit-* headers).
+Refusals happen before the pending row, so they are audited and never charged."""
+
+from mitmproxy import ctx, http
+
+from addons.calls import call_of, fail_closed, refuse
+from meterproxy.errors import GatewayError
+from meterproxy.limits import RateLimiter
+
+BYTES_PER_TOKEN = 4  # the usual estimate for a prompt's size in tokens
+
+
+class Limits:
+    def __init__(self) -> None:
+        self.limiter = RateLimiter()
+
+    def load(self, loader):
+        loader.add_option("meterproxy_max_body", int, 32 * 1024 * 1024, "Largest request body in bytes (413 beyond).")
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is None or call.refusal:
+            return
+        length = flow.request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > ctx.options.meterproxy_max_body:
+            refuse(flow, call, self._too_large())
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is None or call.refusal:
+            return
+        body_size = len(flow.request.raw_content or b"")
+        if body_size > ctx.options.meterproxy_max_body:  # a chunked body has no length up front
+            refuse(flow, call, self._too_large())
+            return
+        limits = call.principal.limits
+        if limits is None or not limits.active:
+            return
+        worst = call.dialect.worst_case(call.request_body or {}, body_size // BYTES_PER_TOKEN) if call.dialect else None
+        tokens = worst.input_tokens + worst.output_tokens if worst else body_size // BYTES_PER_TOKEN
+        verdict = self.limiter.admit(call.principal.connection_id, limits, tokens)
+        call.rate_headers = verdict.headers
+        if not verdict.allowed:
+            message = "rate limit of this connection reached: retry after the Retry-After seconds"
+            refuse(flow, call, GatewayError(429, message, "rate_limit_exceeded", verdict.headers))
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        call = call_of(flow)
+        if call is not None and call.rate_headers and not call.refusal:
+            flow.response.headers.update(call.rate_headers)
+
+    @staticmethod
+    def _too_large() -> GatewayError:
+        limit = ctx.options.meterproxy_max_body
+        return GatewayError(413, f"request body is larger than {limit} bytes", "request_too_large")
