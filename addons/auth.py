@@ -72,11 +72,13 @@ class Auth:
         call = call_of(flow)
         if call is None or call.refusal:
             return
+        credential = find_credential(flow.request)
         try:
-            call.token = decode_token(find_credential(flow.request) or "")
+            call.token = decode_token(credential or "")
         except GatewayError as error:
             if call.proxied:  # the client's own provider key: metered, charged to nobody
                 call.principal = Principal(merchant_id=None)
+                call.key = credential
                 return
             refuse(flow, call, error)
         remove_credentials(flow.request)
@@ -98,6 +100,15 @@ class Auth:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """A provider's error may quote the key it was given: never pass that on or record it."""
+        call = call_of(flow)
+        if call is None or not call.key or flow.response.stream or flow.response.status_code < 400:
+            return
+        content = flow.response.content or b""
+        if call.key.encode() in content:
+            flow.response.content = content.replace(call.key.encode(), REDACTED.encode())
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)

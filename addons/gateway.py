@@ -16,6 +16,7 @@ from addons.routing import Routing
 ledger = Ledger()
 routing = Routing()
 auth = Auth(ledger)
-# Order matters: limits refuse before the pending row is written; retries replace a failed
-# answer before metering reads it; the upstream watch runs once the pending row is written.
-addons = [routing, auth, Retries(auth), Metering(), Limits(), ledger, UpstreamWatch(), MeteringApi(ledger, routing)]
+# Order matters: retries replace a failed answer before auth scrubs keys from it and metering
+# reads it; limits refuse before the pending row is written; the upstream watch runs once the
+# pending row is written.
+addons = [routing, Retries(auth), auth, Metering(), Limits(), ledger, UpstreamWatch(), MeteringApi(ledger, routing)]

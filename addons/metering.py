@@ -43,7 +43,7 @@ class Metering:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call is None or call.refusal or call.dialect is None:
+        if call is None or call.refusal or call.upstream_failure or call.dialect is None:
             return
         headers = flow.response.headers
         content_type = headers.get("content-type", "")

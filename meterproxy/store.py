@@ -6,6 +6,7 @@ SHA-256 hashes (they are 256-bit random, so a plain hash is enough and lookups s
 """
 
 import hashlib
+import hmac
 import json
 import secrets
 import sqlite3
@@ -288,9 +289,13 @@ class Store:
 
     def _by_secret(self, table: str, secret: str, merchant_id: str | None = None) -> dict | None:
         """The row a secret names, if it belongs to `merchant_id` (when given)."""
-        rows = self.db[table].rows_where("secret_hash = ?", [hash_secret(secret)], limit=1)
-        row = next(iter(rows), None)
-        return row if row and (merchant_id is None or row["merchant_id"] == merchant_id) else None
+        digest = hash_secret(secret)
+        row = next(iter(self.db[table].rows_where("secret_hash = ?", [digest], limit=1)), None)
+        # The lookup compares hashes of 256-bit secrets, which tells a timing attacker nothing
+        # about any secret; the comparison here is constant-time all the same.
+        if row is None or not hmac.compare_digest(row["secret_hash"], digest):
+            return None
+        return row if merchant_id is None or row["merchant_id"] == merchant_id else None
 
     def open_request(self, row: dict, hold: Decimal) -> None:
         """Hold the request's worst-case cost on its wallet and write its `pending` row, before

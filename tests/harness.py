@@ -27,6 +27,18 @@ MANAGED_KEYS = {
     "DEEPSEEK_API_KEY": "sk-managed-deepseek-c4f0",
     "XAI_API_KEY": "xai-managed-6e19",
 }
+# Everything secret that tests hand to a gateway, and everything a gateway leaves behind: the
+# key-leak test (tests/test_zz_key_leaks.py) searches the latter for the former.
+SECRETS: set[str] = set(MANAGED_KEYS.values())
+GATEWAYS: list["Gateway"] = []
+
+
+def secret(value: str) -> str:
+    """Register a secret a test uses, so that the key-leak test looks for it."""
+    SECRETS.add(value)
+    return value
+
+
 FAKE_PROVIDERS = ("openai", "anthropic", "google", "mistral", "deepseek", "xai")
 SELF_HOSTED = "https://llm.selfhosted.test"  # added by the providers file; no managed key
 
@@ -107,8 +119,11 @@ class Gateway:
             + 'price_provider = "openai"\n'
             + more_providers
         )
+        self.record = tmp / "responses.record"  # every response to a client (tests/leak_recorder.py)
         environment = {key: value for key, value in os.environ.items() if not key.endswith("_API_KEY")}
-        environment.update(MANAGED_KEYS, **(env or {}))
+        environment.update(MANAGED_KEYS, **(env or {}), METERPROXY_TEST_RECORD=str(self.record))
+        for keys in [value for name, value in (env or {}).items() if name.endswith("_API_KEY")]:
+            SECRETS.update(keys.split(","))
         self.process, match, self.output = _start(
             [
                 str(Path(sys.executable).with_name(program)),
@@ -121,6 +136,8 @@ class Gateway:
                 f"confdir={tmp / 'mitmproxy'}",
                 "-s",
                 "addons/gateway.py",
+                "-s",
+                "tests/leak_recorder.py",
                 "--set",
                 f"meterproxy_db={self.db_path}",
                 "--set",
@@ -132,6 +149,12 @@ class Gateway:
         self.port = int(match.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
         self.store = Store(self.db_path)
+        GATEWAYS.append(self)
+
+    def traces(self) -> bytes:
+        """All the gateway left behind: its database files, its log output, its responses."""
+        files = [*self.db_path.parent.glob(self.db_path.name + "*"), self.record]
+        return b"".join(path.read_bytes() for path in files if path.exists()) + "".join(self.output).encode()
 
     def forward_base(self, provider_base: str) -> str:
         return f"{self.url}/v1/forward?u={provider_base}"
@@ -168,11 +191,15 @@ class Account:
     product_secret: str
 
     def token(self, provider_key: str | None = None, billed: bool = True) -> str:
-        return encode_token(
-            secret_key=self.secret_key,
-            connection_secret=self.connection_secret if billed else None,
-            product_secret=self.product_secret if billed else None,
-            provider_key=provider_key,
+        if provider_key:
+            secret(provider_key)
+        return secret(
+            encode_token(
+                secret_key=self.secret_key,
+                connection_secret=self.connection_secret if billed else None,
+                product_secret=self.product_secret if billed else None,
+                provider_key=provider_key,
+            )
         )
 
 
@@ -183,6 +210,7 @@ def make_account(
     product, product_secret = store.create_product(merchant["id"], "test product", fees or ProductFees(), limits)
     wallet = store.create_wallet("test wallet", balance)
     connection, connection_secret = store.create_connection(merchant["id"], wallet["id"])
+    SECRETS.update((secret_key, product_secret, connection_secret))
     return Account(
         merchant["id"], wallet["id"], connection["id"], product["id"], secret_key, connection_secret, product_secret
     )

@@ -195,3 +195,15 @@ def test_a_client_gone_mid_stream_closes_the_provider_within_a_second(gateway, f
     row = gateway.row(request_id)
     assert (row["status"], row["usage_source"]) == ("completed", "estimated")
     assert 2 <= row["output_tokens"] <= seen["events_sent"] * 2
+
+
+def test_a_provider_redirect_is_never_handed_on(gateway, fake, account):
+    fake.behave({"status": 302, "headers": {"location": "https://evil.example/collect"}, "body": {}})
+    with pytest.raises(openai.InternalServerError) as raised:
+        chat(gateway, account)
+    response = raised.value.response
+    assert (response.status_code, raised.value.code) == (502, "upstream_redirect")
+    assert "location" not in response.headers and "evil.example" not in response.text
+    assert len(fake.requests()) == 1
+    row = gateway.row(response.headers["x-lava-request-id"])
+    assert (row["status"], row["wallet_cost"]) == ("error", "0.0000000000")

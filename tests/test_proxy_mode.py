@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pricing.fees import ProductFees
-from tests.harness import MANAGED_KEYS, ROOT, Gateway, make_account
+from tests.harness import MANAGED_KEYS, ROOT, Gateway, make_account, secret
 
 MESSAGES = [{"role": "user", "content": "metered through the proxy"}]
 PROMPT_TOKENS = 3 + 3 + 4  # the fake provider's formula
@@ -73,7 +73,7 @@ def test_an_unmodified_sdk_through_https_proxy_is_metered_exactly(gateway, fake,
 
 
 def test_a_client_with_its_own_provider_key_is_metered_and_charged_to_nobody(gateway, fake, proxied):
-    own_key = "sk-proj-developer-own-key-5e1d"
+    own_key = secret("sk-proj-developer-own-key-5e1d")
     client = openai.OpenAI(api_key=own_key, max_retries=0)
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
     [seen] = fake.requests()
