@@ -11,7 +11,6 @@ import os
 from mitmproxy import http
 
 from addons.calls import call_of, fail_closed, refuse
-from addons.ledger import Ledger
 from meterproxy.errors import GatewayError
 from meterproxy.providers import AuthStyle, Provider
 from meterproxy.store import Principal
@@ -63,8 +62,7 @@ def remove_credentials(request: http.Request) -> None:
 
 
 class Auth:
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
+    def __init__(self) -> None:
         self.managed_keys = ManagedKeys()
 
     @fail_closed
@@ -84,14 +82,14 @@ class Auth:
         remove_credentials(flow.request)
 
     @fail_closed
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The key goes on here; the token's secrets are checked by the ledger's admission, in
+        the same transaction as the hold and the pending row."""
         call = call_of(flow)
         if call is None or call.refusal or call.token is None:
             return
-        token = call.token
         try:
-            call.principal = await self.ledger.writer.call(lambda store: store.authorize(token))
-            key = self._key_for(call.target.provider, token)
+            key = self._key_for(call.target.provider, call.token)
         except GatewayError as error:
             refuse(flow, call, error)
             return

@@ -15,7 +15,7 @@ from addons.routing import Routing
 
 ledger = Ledger()
 routing = Routing()
-auth = Auth(ledger)
+auth = Auth()
 # Order matters: retries replace a failed answer before auth scrubs keys from it and metering
 # reads it; limits refuse before the pending row is written; the upstream watch runs once the
 # pending row is written.

@@ -28,4 +28,5 @@ def show_settled(flow: http.HTTPFlow, call: Call, fields: dict) -> None:
     }
     flow.comment = describe(row)
     flow.marked = MARKS[row["status"]]
-    ctx.master.addons.trigger(UpdateHook([flow]))
+    if hasattr(ctx.master, "view"):  # a UI shows the flow (mitmweb): tell it
+        ctx.master.addons.trigger(UpdateHook([flow]))

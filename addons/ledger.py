@@ -15,10 +15,12 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.calls import CALL, call_of, fail_closed, refuse
 from addons.inspection import show_refusal, show_settled
+from addons.limits import limit_rate
 from meterproxy import estimate
 from meterproxy.call import Call
 from meterproxy.errors import GatewayError
 from meterproxy.ledger import Outcome, closing_fields, from_timestamp, opening_row, worst_case_hold
+from meterproxy.limits import RateLimiter
 from meterproxy.store import Store, utc_now
 from meterproxy.writer import LedgerWriter
 from pricing.prices import DEFAULT_OVERRIDES, PriceBook
@@ -30,6 +32,7 @@ class Ledger:
     def __init__(self) -> None:
         self.writer: LedgerWriter | None = None
         self.prices = PriceBook()
+        self.limiter = RateLimiter()  # used on the writer thread only
 
     def load(self, loader):
         loader.add_option("meterproxy_db", str, "meterproxy.sqlite", "SQLite database of the ledger and accounts.")
@@ -64,18 +67,22 @@ class Ledger:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
+        """Admission, in one transaction on the writer thread: the token's secrets, the
+        connection's rate limits, the hold on the wallet, the pending row."""
         call = call_of(flow)
         if call is None or call.refusal:
             return
         started = from_timestamp(flow.request.timestamp_start)
-        row = opening_row(call, started)
-        body_size, prices = len(flow.request.raw_content or b""), self.prices
+        body_size, prices, limiter = len(flow.request.raw_content or b""), self.prices, self.limiter
 
-        def open_request(store: Store) -> None:
-            store.open_request(row, worst_case_hold(call, body_size, prices, started))
+        def admit(store: Store) -> None:
+            if call.token is not None:
+                call.principal = store.authorize(call.token)
+            limit_rate(limiter, call, body_size)
+            store.open_request(opening_row(call, started), worst_case_hold(call, body_size, prices, started))
 
         try:
-            await self.writer.call(open_request)
+            await self.writer.call(admit)
         except GatewayError as error:
             refuse(flow, call, error)
             return

@@ -1,20 +1,33 @@
 """The gateway's own limits: a maximum request body (413) and each connection's requests and
 tokens per minute from its product (429 with Retry-After and OpenAI's x-ratelimit-* headers).
-Refusals happen before the pending row, so they are audited and never charged."""
+The rate limit is checked in the ledger's admission (it needs the product); either refusal
+comes before the pending row, so it is audited and never charged."""
 
 from mitmproxy import ctx, http
 
 from addons.calls import call_of, fail_closed, refuse
+from meterproxy.call import Call
 from meterproxy.errors import GatewayError
 from meterproxy.limits import RateLimiter
 
 BYTES_PER_TOKEN = 4  # the usual estimate for a prompt's size in tokens
 
 
-class Limits:
-    def __init__(self) -> None:
-        self.limiter = RateLimiter()
+def limit_rate(limiter: RateLimiter, call: Call, body_size: int) -> None:
+    """Count the call against its connection's limits; GatewayError 429 when over."""
+    limits = call.principal.limits
+    if limits is None or not limits.active:
+        return
+    worst = call.dialect.worst_case(call.request_body or {}, body_size // BYTES_PER_TOKEN) if call.dialect else None
+    tokens = worst.input_tokens + worst.output_tokens if worst else body_size // BYTES_PER_TOKEN
+    verdict = limiter.admit(call.principal.connection_id, limits, tokens)
+    call.rate_headers = verdict.headers
+    if not verdict.allowed:
+        message = "rate limit of this connection reached: retry after the Retry-After seconds"
+        raise GatewayError(429, message, "rate_limit_exceeded", verdict.headers)
 
+
+class Limits:
     def load(self, loader):
         loader.add_option("meterproxy_max_body", int, 32 * 1024 * 1024, "Largest request body in bytes (413 beyond).")
 
@@ -32,20 +45,8 @@ class Limits:
         call = call_of(flow)
         if call is None or call.refusal:
             return
-        body_size = len(flow.request.raw_content or b"")
-        if body_size > ctx.options.meterproxy_max_body:  # a chunked body has no length up front
+        if len(flow.request.raw_content or b"") > ctx.options.meterproxy_max_body:  # chunked: no length up front
             refuse(flow, call, self._too_large())
-            return
-        limits = call.principal.limits
-        if limits is None or not limits.active:
-            return
-        worst = call.dialect.worst_case(call.request_body or {}, body_size // BYTES_PER_TOKEN) if call.dialect else None
-        tokens = worst.input_tokens + worst.output_tokens if worst else body_size // BYTES_PER_TOKEN
-        verdict = self.limiter.admit(call.principal.connection_id, limits, tokens)
-        call.rate_headers = verdict.headers
-        if not verdict.allowed:
-            message = "rate limit of this connection reached: retry after the Retry-After seconds"
-            refuse(flow, call, GatewayError(429, message, "rate_limit_exceeded", verdict.headers))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)

@@ -239,7 +239,7 @@ def test_a_flow_that_is_not_a_call_gets_no_request_id():
 
 def authenticated(headers: dict, path: str = "/v1/forward?u=" + CHAT) -> http.HTTPFlow:
     flow = routed(path, headers)
-    auth = Auth(Ledger())
+    auth = Auth()
     with taddons.context(auth):
         auth.requestheaders(flow)
     return flow
@@ -281,7 +281,7 @@ def test_auth_leaves_refused_and_foreign_flows_alone():
     assert error_of(refused)[0] == 403
     assert refused.request.headers["authorization"] == "Bearer garbage"
 
-    auth = Auth(Ledger())
+    auth = Auth()
     foreign = tflow.tflow()
     foreign.request.headers["authorization"] = "Bearer upstream-credential"
     with taddons.context(auth):
@@ -330,10 +330,10 @@ def accounts(tmp_path):
     store.close()
     ledger = Ledger()
     ledger.writer = LedgerWriter(path)
-    auth = Auth(ledger)
+    auth = Auth()
     auth.managed_keys = ManagedKeys({"OPENAI_API_KEY": "sk-managed-1,sk-managed-2", "ANTHROPIC_API_KEY": "ant-managed"})
     secrets = dict(secret_key=secret_key, connection_secret=connection_secret, product_secret=product_secret)
-    yield auth, secrets
+    yield auth, ledger, secrets
     ledger.writer.stop()
 
 
@@ -341,7 +341,7 @@ def keyed(auth: Auth, path: str, token: str) -> http.HTTPFlow:
     flow = routed(path, {"authorization": f"Bearer {token}"})
     with taddons.context(auth):
         auth.requestheaders(flow)
-        asyncio.run(auth.request(flow))
+        auth.request(flow)
     return flow
 
 
@@ -355,28 +355,43 @@ def keyed(auth: Auth, path: str, token: str) -> http.HTTPFlow:
     ],
 )
 def test_auth_request_injects_the_key_in_the_providers_style(accounts, path, byok, header, value):
-    auth, secrets = accounts
+    auth, _, secrets = accounts
     flow = keyed(auth, path, encode_token(**secrets, provider_key=byok))
     assert flow.response is None
     assert flow.request.headers.get_all(header) == [value]
-    assert call_of(flow).principal.product_id.startswith("prd_")
     auth.responseheaders(flow)
     assert flow.request.headers[header] == REDACTED
 
 
 def test_auth_request_refuses_managed_mode_without_a_managed_key(accounts):
-    auth, secrets = accounts
+    auth, _, secrets = accounts
     flow = keyed(auth, "/mistral/v1/chat/completions", encode_token(**secrets))
     status, error = error_of(flow)
     assert (status, error["code"]) == (403, "no_managed_key")
     assert "authorization" not in flow.request.headers
 
 
-def test_auth_request_refuses_an_unknown_secret_with_401(accounts):
-    auth, secrets = accounts
-    flow = keyed(auth, "/openai/v1/chat/completions", encode_token(**{**secrets, "secret_key": "msk_unknown"}))
-    assert error_of(flow)[0] == 401
-    assert "authorization" not in flow.request.headers
+def admitted(ledger: Ledger, flow: http.HTTPFlow) -> http.HTTPFlow:
+    with taddons.context(ledger):
+        asyncio.run(ledger.request(flow))
+    return flow
+
+
+def test_admission_checks_the_tokens_secrets_and_writes_the_pending_row(accounts):
+    auth, ledger, secrets = accounts
+    flow = admitted(ledger, keyed(auth, "/openai/v1/chat/completions", encode_token(**secrets)))
+    call = call_of(flow)
+    assert flow.response is None and call.opened
+    assert call.principal.product_id.startswith("prd_")
+    assert ledger.writer.submit(lambda store: store.request(call.request_id)).result()["status"] == "pending"
+
+
+def test_admission_refuses_an_unknown_secret_with_401(accounts):
+    auth, ledger, secrets = accounts
+    token = encode_token(**{**secrets, "secret_key": "msk_unknown"})
+    flow = admitted(ledger, keyed(auth, "/openai/v1/chat/completions", token))
+    assert (error_of(flow)[0], call_of(flow).opened) == (401, False)
+    assert ledger.writer.submit(lambda store: store.request(call_of(flow).request_id)).result() is None
 
 
 # --- Metering -----------------------------------------------------------------------------------
