@@ -11,6 +11,7 @@ from meterproxy.call import Call
 from meterproxy.errors import GatewayError
 
 CALL = "meterproxy"
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 log = logging.getLogger("meterproxy")
 
 
@@ -23,6 +24,8 @@ def call_of(flow: http.HTTPFlow) -> Call | None:
 def refuse(flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
     """Answer locally in the OpenAI error shape; nothing goes upstream, the ledger audits it."""
     call.refusal = error
+    for name in CREDENTIAL_HEADERS:  # the flow is kept (mitmweb): no key or token stays on it
+        flow.request.headers.pop(name, None)
     headers = {"content-type": "application/json", **error.headers}
     flow.response = http.Response.make(error.status, error.body(), headers)
 

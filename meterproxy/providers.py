@@ -81,6 +81,7 @@ BUILT_IN = (
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _UNSAFE = re.compile(r"[\x00-\x20\x7f\\]")
 _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
 
 
 class ProviderEntry(BaseModel):
@@ -147,7 +148,10 @@ class Registry:
         provider = self.by_origin.get(origin)
         if provider is None or "@" in parts.netloc:
             raise GatewayError(403, f"{host or 'target'} is not a registered provider", "provider_not_allowed")
-        path_and_query = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        # Non-ASCII characters go on percent-encoded (as UTF-8), as every HTTP client sends them.
+        path = urllib.parse.quote(parts.path or "/", safe=_PATH_SAFE)
+        query = urllib.parse.quote(parts.query, safe=_PATH_SAFE + "?")
+        path_and_query = urllib.parse.urlunsplit(("", "", path, query, ""))
         canonical = provider.base_url + path_and_query
         return Target(provider, canonical, (provider.upstream or provider.base_url) + path_and_query)
 
