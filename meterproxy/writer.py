@@ -8,7 +8,9 @@ after its batch has committed, so an awaited `pending` row is on disk before the
 import asyncio
 import logging
 import queue
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import TypeVar
 from meterproxy.store import Store
 
 T = TypeVar("T")
+COMMIT_ATTEMPTS = 5
 log = logging.getLogger(__name__)
 _STOP = object()
 
@@ -67,20 +70,35 @@ class LedgerWriter:
         store.close()
 
     def _run_batch(self, store: Store, batch: list) -> None:
-        outcomes = []
-        try:
-            with store.transaction():
-                for job, _ in batch:
-                    try:
-                        with store.db.atomic():
-                            outcomes.append((True, job(store)))
-                    except Exception as error:
-                        outcomes.append((False, error))
-        except Exception as error:  # the commit itself failed: nothing of the batch happened
-            log.exception("ledger batch failed")
-            outcomes = [(False, error)] * len(batch)
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                outcomes = self._transact(store, batch)
+                break
+            except sqlite3.OperationalError as error:  # locked or busy past busy_timeout: nothing happened
+                log.warning("ledger batch not committed (%s), attempt %d of %d", error, attempt, COMMIT_ATTEMPTS)
+                outcomes = [(False, error)] * len(batch)
+                time.sleep(0.1 * attempt)
+            except Exception as error:
+                log.exception("ledger batch failed")
+                outcomes = [(False, error)] * len(batch)
+                break
         for (_, future), (ok, value) in zip(batch, outcomes):
             if ok:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+
+    @staticmethod
+    def _transact(store: Store, batch: list) -> list[tuple[bool, object]]:
+        """Run the batch in one transaction, each job in its own savepoint."""
+        outcomes = []
+        with store.transaction():
+            for job, _ in batch:
+                try:
+                    with store.db.atomic():
+                        outcomes.append((True, job(store)))
+                except sqlite3.OperationalError:
+                    raise  # the database itself: retry the whole batch
+                except Exception as error:
+                    outcomes.append((False, error))
+        return outcomes
