@@ -115,7 +115,7 @@ def worst_case_hold(call: Call, body_size: int, prices: PriceBook, at: datetime)
     if worst is None:
         return fees.request_cap
     try:
-        return call.tariff(call.model).charge(worst, at, prices).wallet_cost
+        return call.tariff(call.model).charge(worst, at, prices, upper_bound=True).wallet_cost
     except PriceNotFound:  # such a call ends as an error row that charges nothing
         return ZERO
 

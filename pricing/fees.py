@@ -82,12 +82,13 @@ class Tariff:
     fees: ProductFees | None
     key_mode: KeyMode
 
-    def charge(self, usage: Usage, at: datetime, prices: "PriceBook") -> Charge:
-        """Raises PriceNotFound for a model priced nowhere."""
+    def charge(self, usage: Usage, at: datetime, prices: "PriceBook", upper_bound: bool = False) -> Charge:
+        """Raises PriceNotFound for a model priced nowhere. `upper_bound`: at least the charge,
+        from cached per-unit rates (for holds)."""
         if self.model is None:
             return split_charge(ZERO, usage, None, self.key_mode)
-        provider_cost = prices.provider_cost(self.price_provider, self.model, usage, at)
-        return split_charge(provider_cost, usage, self.fees, self.key_mode)
+        cost = prices.upper_bound if upper_bound else prices.provider_cost
+        return split_charge(cost(self.price_provider, self.model, usage, at), usage, self.fees, self.key_mode)
 
 
 def split_charge(provider_cost: Decimal, usage: Usage, fees: ProductFees | None, key_mode: KeyMode) -> Charge:

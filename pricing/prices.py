@@ -57,6 +57,7 @@ class OverridesFile(BaseModel):
 class PriceBook:
     def __init__(self, overrides: list[ModelPrice] = ()):
         self.overrides = {(price.provider, price.model): price for price in overrides}
+        self._rates: dict[tuple, tuple[Decimal, Decimal, Decimal]] = {}
 
     @classmethod
     def from_file(cls, path: str | Path | None = DEFAULT_OVERRIDES) -> "PriceBook":
@@ -67,6 +68,26 @@ class PriceBook:
         except (OSError, ValueError) as error:
             raise ValueError(f"price overrides {path}: {error}") from None
         return cls(parsed.model)
+
+    def upper_bound(self, provider: str, model: str, usage: Usage, at: datetime) -> Decimal:
+        """At least `provider_cost(usage)`: every unit at the highest rate it can have (input as
+        cache writes where those cost more, the top tier of tiered prices), from rates worked out
+        once per model and hour. For holds, on every call's path, where exactness is not needed."""
+        hour = at.replace(minute=0, second=0, microsecond=0)
+        key = (provider, model, hour)
+        if key not in self._rates:
+            self._rates[key] = self._highest_rates(provider, model, hour)
+        per_input, per_output, per_character = self._rates[key]
+        characters = usage.input_characters + usage.output_characters
+        return usage.input_tokens * per_input + usage.output_tokens * per_output + characters * per_character
+
+    def _highest_rates(self, provider: str, model: str, at: datetime) -> tuple[Decimal, Decimal, Decimal]:
+        def rate(**figures: int) -> Decimal:
+            return self.provider_cost(provider, model, Usage(**figures), at) / MILLION
+
+        whole = int(MILLION)
+        input_rate = max(rate(input_tokens=whole), rate(input_tokens=whole, cache_write_tokens=whole))
+        return input_rate, rate(output_tokens=whole), rate(input_characters=whole)
 
     def provider_cost(self, provider: str, model: str, usage: Usage, at: datetime) -> Decimal:
         """The provider's price for `usage`, in force at `at` (some providers price by time)."""

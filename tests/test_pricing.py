@@ -265,3 +265,27 @@ def test_the_readme_worked_example():
         ("0.0027285000", "0.0022935000", "0.0004350000"),
         ("0.0027285000", "0.0022935000", "0.0000000000"),
     ]
+
+
+@pytest.mark.parametrize(
+    "provider, model",
+    [
+        ("openai", "gpt-4o-mini"),
+        ("anthropic", "claude-sonnet-4-5"),
+        ("google", "gemini-2.5-flash"),
+        ("openai", "tts-1"),
+    ],
+)
+@pytest.mark.parametrize(
+    "usage",
+    [
+        Usage(input_tokens=1000, output_tokens=500),
+        Usage(input_tokens=300_000, output_tokens=10),
+        Usage(input_characters=900),
+    ],
+)
+def test_the_hold_bound_is_never_below_the_price(provider, model, usage):
+    """Holds use cached per-unit rates at their highest: never less than the exact price."""
+    book = PriceBook()
+    assert book.upper_bound(provider, model, usage, AT) >= book.provider_cost(provider, model, usage, AT)
+    assert book.upper_bound(provider, model, usage, AT) == book.upper_bound(provider, model, usage, AT)
