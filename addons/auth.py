@@ -51,14 +51,20 @@ def find_credential(request: http.Request) -> str | None:
     """The key where an SDK puts it: the `Authorization` bearer, `x-api-key` (Anthropic),
     `x-goog-api-key` or `?key=` (Google)."""
     found = [bearer(request.headers.get("authorization")), request.headers.get("x-api-key")]
-    found += [request.headers.get("x-goog-api-key"), request.query.get("key")]
+    found += [request.headers.get("x-goog-api-key"), request.query.get("key") if _has_key_parameter(request) else None]
     return next((credential for credential in found if credential), None)
+
+
+def _has_key_parameter(request: http.Request) -> bool:
+    """Cheaper than parsing the query of every request."""
+    return "key=" in request.path
 
 
 def remove_credentials(request: http.Request) -> None:
     for name in KEY_HEADERS.values():
         request.headers.pop(name, None)
-    request.query.pop("key", None)
+    if _has_key_parameter(request):
+        request.query.pop("key", None)
 
 
 class Auth:
@@ -128,5 +134,5 @@ class Auth:
         for name in KEY_HEADERS.values():
             if name in flow.request.headers:
                 flow.request.headers[name] = REDACTED
-        if "key" in flow.request.query:
+        if _has_key_parameter(flow.request) and "key" in flow.request.query:
             flow.request.query["key"] = REDACTED
