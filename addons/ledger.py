@@ -95,6 +95,8 @@ class Ledger:
         if call.refusal:
             self.audit(flow, call.request_id, call.refusal, call.target_host)
             show_refusal(flow, call.refusal)
+            # The flow is kept (mitmweb, saved flows): leave plain data on it, not the live call.
+            flow.metadata[CALL] = {"request_id": call.request_id, "refused": call.refusal.code}
         elif call.opened:
             self._close(flow, call, error=None)
 
@@ -135,7 +137,6 @@ class Ledger:
             self.log.error("ledger row %s not completed: %r", call.request_id, completion.exception())
             return
         show_settled(flow, call, completion.result())
-        # The flow is kept (mitmweb, saved flows): leave plain data on it, not the live call.
         flow.metadata[CALL] = {"request_id": call.request_id, **completion.result()}
 
     def audit(self, flow: http.HTTPFlow, request_id: str, refusal: GatewayError, target_host: str | None) -> None:

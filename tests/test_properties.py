@@ -496,9 +496,7 @@ def within_spec(metadata: object) -> bool:
     return (
         isinstance(metadata, dict)
         and len(metadata) <= MAX_PAIRS
-        and all(
-            isinstance(key, str) and 1 <= len(key) <= MAX_LENGTH and set(key) <= allowed for key in metadata.keys()
-        )
+        and all(isinstance(key, str) and 1 <= len(key) <= MAX_LENGTH and set(key) <= allowed for key in metadata.keys())
         and all(isinstance(value, str) and 1 <= len(value) <= MAX_LENGTH for value in metadata.values())
     )
 

@@ -198,6 +198,8 @@ def test_mitmweb_shows_provider_model_tokens_cost_key_mode_and_request_id(fake, 
             ),
             ("refused 401 invalid_token: forward token is not base64-encoded JSON", "\N{NO ENTRY}"),
         ]
+        saved = httpx2.get(f"http://127.0.0.1:{web_port}/flows/dump")  # the flows serialize: plain data on them
+        assert saved.status_code == 200 and request_id.encode() in saved.content
         shown = json.dumps(flows)
         assert MANAGED_KEYS["OPENAI_API_KEY"] not in shown and account.token() not in shown
     finally:
