@@ -7,6 +7,7 @@ metering API answers `/v1/requests` and `/v1/usage` itself.
 
 from addons.api import MeteringApi
 from addons.auth import Auth
+from addons.cache import ResponseCache
 from addons.ledger import Ledger
 from addons.limits import Limits
 from addons.metering import Metering
@@ -17,6 +18,16 @@ ledger = Ledger()
 routing = Routing()
 auth = Auth()
 # Order matters: retries replace a failed answer before auth scrubs keys from it and metering
-# reads it; limits refuse before the pending row is written; the upstream watch runs once the
-# pending row is written.
-addons = [routing, Retries(auth), auth, Metering(), Limits(), ledger, UpstreamWatch(), MeteringApi(ledger, routing)]
+# reads it; limits refuse before the pending row is written; the cache answers after admission
+# and keeps an answer once it is metered; the upstream watch runs last before forwarding.
+addons = [
+    routing,
+    Retries(auth),
+    auth,
+    Metering(),
+    Limits(),
+    ledger,
+    ResponseCache(ledger),
+    UpstreamWatch(),
+    MeteringApi(ledger, routing),
+]

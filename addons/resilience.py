@@ -120,8 +120,8 @@ class UpstreamWatch:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call is None or call.refusal or not call.opened:
-            return
+        if call is None or call.refusal or not call.opened or flow.response is not None:
+            return  # flow.response: answered already (from the cache)
         address = (flow.request.host, flow.request.port)
         if time.monotonic() - self.heard_from.get(address, -1e9) > ctx.options.meterproxy_health_window:
             failure = await self._reach(address, call)

@@ -88,6 +88,7 @@ class Routing:
             url, params = forward_target(query)
             call.target_host = target_host(url)
             call.target = self.registry.resolve(url)
+            call.fresh = params.get("fresh") == "1"
             return params
         name, _, rest = path[1:].partition("/")
         call.target_host = name

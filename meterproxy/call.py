@@ -33,6 +33,10 @@ class Call:
     timeout: str | None = None  # why the gateway cut the provider off
     watchdog: object = field(default=None, repr=False)  # the first-byte timer
     rate_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the client
+    fresh: bool = False  # ?fresh=1: skip the cache's lookup
+    cache_status: str | None = None  # hit, miss or bypass, when the cache is in play
+    cache_hit: bool = False
+    cache_entry: dict | None = None  # where a miss's answer is to be kept
 
     @property
     def key_mode(self) -> KeyMode:
@@ -40,7 +44,8 @@ class Call:
         return self.token.key_mode if self.token else KeyMode.UNMANAGED
 
     def tariff(self, model: str | None) -> Tariff:
-        return Tariff(self.target.provider.price_provider, model, self.principal.fees, self.key_mode)
+        """A cached answer costs the provider nothing; the product's fees still apply."""
+        return Tariff(self.target.provider.price_provider, model, self.principal.fees, self.key_mode, self.cache_hit)
 
     @property
     def endpoint(self) -> str | None:

@@ -61,7 +61,8 @@ def closing_fields(call: Call, outcome: Outcome, prices: PriceBook) -> tuple[dic
         "latency_ms": _ms(outcome.started, outcome.ended),
         "ttfb_ms": _ms(outcome.started, outcome.first_byte) if outcome.first_byte else None,
         "model": model,
-        "attempts": call.attempts,
+        "attempts": 0 if call.cache_hit else call.attempts,
+        "cache_hit": call.cache_hit,
     }
     error = _failure(call, outcome)
     if error is not None:

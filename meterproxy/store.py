@@ -72,7 +72,15 @@ LIMIT_COLUMNS = {name: int for name in ProductLimits.model_fields}
 SCHEMA = {
     "merchants": ({**ACCOUNT, "name": str, "secret_hash": str}, {"pk": "id"}),
     "products": (
-        {**ACCOUNT, "merchant_id": str, "name": str, "secret_hash": str, **FEE_COLUMNS, **LIMIT_COLUMNS},
+        {
+            **ACCOUNT,
+            "merchant_id": str,
+            "name": str,
+            "secret_hash": str,
+            **FEE_COLUMNS,
+            **LIMIT_COLUMNS,
+            "cache_ttl": int,
+        },
         {"pk": "id", "foreign_keys": [("merchant_id", "merchants")]},
     ),
     "wallets": ({**ACCOUNT, "name": str, "balance": str}, {"pk": "id"}),
@@ -83,6 +91,22 @@ SCHEMA = {
     "requests": (LEDGER_COLUMNS, {"pk": "request_id"}),
     # Money set aside for requests in flight: a wallet can spend its balance less its holds.
     "holds": ({"request_id": str, "wallet_id": str, "amount": str, "created_at": str}, {"pk": "request_id"}),
+    # Answers kept for the same question (addons/cache.py); one merchant's never reach another.
+    "cache_entries": (
+        {
+            "key": str,
+            "merchant_id": str,
+            "product_id": str,
+            "provider": str,
+            "endpoint": str,
+            "content_type": str,
+            "body": bytes,
+            "created_at": str,
+            "expires_at": str,
+            "hits": int,
+        },
+        {"pk": "key"},
+    ),
     "audit": (
         {
             "id": int,
@@ -158,6 +182,7 @@ class Principal:
     product_id: str | None = None
     fees: ProductFees | None = None
     limits: ProductLimits | None = None
+    cache_ttl: int = 0
 
 
 class Store:
@@ -202,11 +227,13 @@ class Store:
         return self._create("merchants", "mer", {"name": name}, secret_prefix="msk")
 
     def create_product(
-        self, merchant_id: str, name: str, fees: ProductFees, limits: ProductLimits | None = None
+        self, merchant_id: str, name: str, fees: ProductFees, limits: ProductLimits | None = None, cache_ttl: int = 0
     ) -> tuple[dict, str]:
+        """`cache_ttl`: seconds the product keeps answers for the same question (0: no cache)."""
         self._require("merchants", merchant_id)
         limits = limits or ProductLimits()
         fields = {"merchant_id": merchant_id, "name": name, **fees.model_dump(mode="json"), **limits.model_dump()}
+        fields["cache_ttl"] = cache_ttl
         return self._create("products", "prd", fields, secret_prefix="psk")
 
     def create_wallet(self, name: str, balance: Decimal = ZERO) -> dict:
@@ -288,7 +315,8 @@ class Store:
             raise GatewayError(401, "unknown product", "invalid_product")
         fees = ProductFees.model_validate({name: product[name] for name in FEE_COLUMNS})
         limits = ProductLimits.model_validate({name: product[name] or 0 for name in LIMIT_COLUMNS})
-        return Principal(merchant_id, connection["id"], connection["wallet_id"], product["id"], fees, limits)
+        ids = (merchant_id, connection["id"], connection["wallet_id"], product["id"])
+        return Principal(*ids, fees, limits, product["cache_ttl"] or 0)
 
     def _by_secret(self, table: str, secret: str, merchant_id: str | None = None) -> dict | None:
         """The row a secret names, if it belongs to `merchant_id` (when given)."""
@@ -346,6 +374,22 @@ class Store:
         if wallet_id and wallet_cost:
             self._debit(wallet_id, wallet_cost)
         return self.request(row["request_id"]), True
+
+    def cached(self, key: str, now: str) -> dict | None:
+        """The live entry for `key`, counted as a hit."""
+        cursor = self.db.execute(
+            "SELECT content_type, body FROM cache_entries WHERE key = ? AND expires_at > ?", [key, now]
+        )
+        found = cursor.fetchone()
+        if found is None:
+            return None
+        self.db.execute("UPDATE cache_entries SET hits = hits + 1 WHERE key = ?", [key])
+        return {"content_type": found[0], "body": found[1]}
+
+    def keep(self, entry: dict) -> None:
+        """Store an answer, replacing an older one for the same question."""
+        self.db.execute("DELETE FROM cache_entries WHERE key = ?", [entry["key"]])
+        self._insert("cache_entries", {**entry, "hits": 0})
 
     def recover(self) -> int:
         """After a crash or a restart: no row stays `pending` and no hold stays open."""

@@ -81,12 +81,15 @@ class Tariff:
     model: str | None
     fees: ProductFees | None
     key_mode: KeyMode
+    free: bool = False  # no provider cost (an answer from the cache)
 
     def charge(self, usage: Usage, at: datetime, prices: "PriceBook", upper_bound: bool = False) -> Charge:
         """Raises PriceNotFound for a model priced nowhere. `upper_bound`: at least the charge,
         from cached per-unit rates (for holds)."""
         if self.model is None:
             return split_charge(ZERO, usage, None, self.key_mode)
+        if self.free:
+            return split_charge(ZERO, usage, self.fees, self.key_mode)
         cost = prices.upper_bound if upper_bound else prices.provider_cost
         return split_charge(cost(self.price_provider, self.model, usage, at), usage, self.fees, self.key_mode)
 

@@ -75,7 +75,7 @@ def merchant_create(store: Store, args) -> None:
 def product_create(store: Store, args) -> None:
     fees = ProductFees(**{name: getattr(args, name) for name in ProductFees.model_fields})
     limits = ProductLimits(**{name: getattr(args, name) for name in ProductLimits.model_fields})
-    row, secret = store.create_product(args.merchant, args.name, fees, limits)
+    row, secret = store.create_product(args.merchant, args.name, fees, limits, args.cache_ttl)
     show([{**public(row), "product_secret": secret}], args.json)
 
 
@@ -202,6 +202,9 @@ def parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--rpm", dest="requests_per_minute", type=int, default=0, help="requests a minute per connection")
     sub.add_argument("--tpm", dest="tokens_per_minute", type=int, default=0, help="tokens a minute per connection")
+    sub.add_argument(
+        "--cache-ttl", type=int, default=0, help="seconds to keep answers for the same question (0: no cache)"
+    )
 
     wallet = groups.add_parser("wallet", help="wallets and balances").add_subparsers(required=True)
     sub = command(wallet, "create", wallet_create, "create a wallet")

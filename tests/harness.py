@@ -204,10 +204,16 @@ class Account:
 
 
 def make_account(
-    store: Store, fees: ProductFees | None = None, balance: Decimal = Decimal("10"), limits: ProductLimits | None = None
+    store: Store,
+    fees: ProductFees | None = None,
+    balance: Decimal = Decimal("10"),
+    limits: ProductLimits | None = None,
+    cache_ttl: int = 0,
 ) -> Account:
     merchant, secret_key = store.create_merchant("test merchant")
-    product, product_secret = store.create_product(merchant["id"], "test product", fees or ProductFees(), limits)
+    product, product_secret = store.create_product(
+        merchant["id"], "test product", fees or ProductFees(), limits, cache_ttl
+    )
     wallet = store.create_wallet("test wallet", balance)
     connection, connection_secret = store.create_connection(merchant["id"], wallet["id"])
     SECRETS.update((secret_key, product_secret, connection_secret))

@@ -119,6 +119,7 @@ def test_a_completed_row_has_exact_costs():
         "ttfb_ms": 120,
         "model": "gpt-4o-mini-2024-07-18",  # the model the provider says it used
         "attempts": 1,
+        "cache_hit": False,
         "input_tokens": 1000,
         "output_tokens": 100,
         "cached_input_tokens": 400,

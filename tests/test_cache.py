@@ -1,0 +1,100 @@
+"""The response cache (issue 8, non-streamed answers so far): the same question twice reaches the
+provider once; the second answer is the first, byte for byte, and its row is a hit that costs
+no provider money, only the product's fees."""
+
+import time
+from decimal import Decimal
+
+import openai
+import pytest
+
+from pricing.fees import ProductFees
+from tests.harness import make_account
+
+FEES = ProductFees(fixed_fee=Decimal("0.001"))
+DAY = 24 * 3600
+
+
+def ask(gateway, account, content: str, base: str | None = None, **options):
+    client = openai.OpenAI(base_url=base or f"{gateway.url}/openai/v1", api_key=account.token(), max_retries=0)
+    return client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": content}], **options
+    )
+
+
+@pytest.fixture(scope="module")
+def account(gateway):
+    return make_account(gateway.store, FEES, cache_ttl=DAY)
+
+
+def test_the_same_question_twice_reaches_the_provider_once(gateway, fake, account):
+    first = ask(gateway, account, "what is a ledger")
+    second = ask(gateway, account, "what is a ledger")
+    assert len(fake.requests()) == 1
+    assert second.content == first.content and second.headers["content-type"] == first.headers["content-type"]
+    assert (first.headers["x-meterproxy-cache"], second.headers["x-meterproxy-cache"]) == ("miss", "hit")
+    missed, hit = gateway.row(first.headers["x-lava-request-id"]), gateway.row(second.headers["x-lava-request-id"])
+    assert (missed["cache_hit"], hit["cache_hit"], hit["status"], hit["attempts"]) == (0, 1, "completed", 0)
+    assert Decimal(missed["total_cost"]) > Decimal("0.001")
+    assert (hit["total_cost"], hit["wallet_cost"]) == ("0.0010000000", "0.0010000000")  # the fee only
+    assert hit["input_tokens"] == missed["input_tokens"] and hit["output_tokens"] == missed["output_tokens"]
+
+
+def test_key_order_and_whitespace_do_not_matter_but_the_merchant_does(gateway, fake, account):
+    ask(gateway, account, "order", temperature=0, top_p=1)
+    assert ask(gateway, account, "order", top_p=1, temperature=0).headers["x-meterproxy-cache"] == "hit"
+    other = make_account(gateway.store, FEES, cache_ttl=DAY)
+    assert ask(gateway, other, "order", temperature=0, top_p=1).headers["x-meterproxy-cache"] == "miss"
+    assert len(fake.requests()) == 2
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"base": "fresh"},
+        {"extra_headers": {"cache-control": "no-cache"}},
+        {"extra_headers": {"cache-control": "no-store"}},
+    ],
+    ids=["fresh=1", "no-cache", "no-store"],
+)
+def test_fresh_no_cache_and_no_store_reach_the_provider(gateway, fake, account, how):
+    question = f"always ask {how}"
+    ask(gateway, account, question)
+    base = f"{gateway.url}/v1/forward?fresh=1&u=https://api.openai.com/v1/" if how.get("base") else None
+    again = ask(gateway, account, question, base=base, extra_headers=how.get("extra_headers"))
+    assert len(fake.requests()) == 2
+    assert again.headers["x-meterproxy-cache"] == ("bypass" if "no-store" in str(how) else "miss")
+
+
+def test_an_expired_entry_reaches_the_provider(gateway, fake, account):
+    ask(gateway, account, "short lived", extra_headers={"x-meterproxy-cache-ttl": "1"})
+    time.sleep(1.2)
+    assert ask(gateway, account, "short lived").headers["x-meterproxy-cache"] == "miss"
+    assert len(fake.requests()) == 2
+
+
+@pytest.mark.parametrize(
+    "behaviour", [{"status": 400}, {"status": 500}, {"usage": False}], ids=["4xx", "5xx", "unmetered"]
+)
+def test_errors_and_unmetered_answers_are_never_kept(gateway, fake, account, behaviour):
+    question = f"do not keep {behaviour}"
+    fake.behave(*[behaviour] * 3)  # a 500 is retried: every attempt fails the same way
+    try:
+        ask(gateway, account, question)
+    except openai.APIStatusError:
+        pass
+    fake.reset()
+    assert ask(gateway, account, question).headers["x-meterproxy-cache"] == "miss"
+    assert len(fake.requests()) == 1
+
+
+def test_a_product_without_cache_is_not_in_play_unless_a_request_asks(gateway, fake):
+    plain = make_account(gateway.store, FEES)
+    first = ask(gateway, plain, "no cache here")
+    assert "x-meterproxy-cache" not in first.headers
+    ask(gateway, plain, "opted in", extra_headers={"x-meterproxy-cache": "on"})
+    assert (
+        ask(gateway, plain, "opted in", extra_headers={"x-meterproxy-cache": "on"}).headers["x-meterproxy-cache"]
+        == "hit"
+    )
+    assert len(fake.requests()) == 2
