@@ -1,28 +1,38 @@
 """The response cache: pay once for the same question (opt-in per product, or per request).
 
 After admission, a request whose answer is kept is answered from the cache: it writes its own
-ledger row (`cache_hit`, provider cost 0, the product's fees) and never reaches the provider.
-Otherwise a successful, metered, non-streamed answer is kept for the product's TTL. Every
-response in play says `x-meterproxy-cache: hit|miss|bypass`.
+ledger row (`cache_hit`, the kept answer's usage, provider cost 0, the product's fees) and never
+reaches the provider. Otherwise a successful answer whose usage the provider reported is kept
+for the product's TTL: a JSON body byte for byte, a stream as the event stream the client
+received (replayed whole, a valid stream of the same events). Every response in play says
+`x-meterproxy-cache: hit|miss|bypass`.
 """
 
+import json
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from addons.calls import call_of
 from addons.ledger import Ledger
 from meterproxy.cache import OPT_IN_HEADER, cache_key, directive
-from meterproxy.store import iso
+from meterproxy.store import Store, iso
+from meterproxy.usage import Usage, UsageSource
+from pricing.money import money_text
+from pricing.prices import PriceNotFound
 
 
 class ResponseCache:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
+    def load(self, loader):
+        loader.add_option("meterproxy_cache_max_bytes", int, 256 * 1024 * 1024, "Size cap of the response cache.")
+
     async def request(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call is None or call.refusal or not call.opened or call.request_body is None or call.stream:
+        if call is None or call.refusal or not call.opened or call.request_body is None:
             return
         rule = directive(call.principal.cache_ttl, dict(flow.request.headers.items()), call.fresh)
         if rule is None:
@@ -36,6 +46,15 @@ class ResponseCache:
             entry = await self.ledger.writer.call(lambda store: store.cached(key, now))
             if entry is not None:
                 call.cache_hit, call.cache_status = True, "hit"
+                usage = entry["usage"]
+                call.dialect.usage = Usage(
+                    **{
+                        **usage,
+                        "input_seconds": Decimal(usage["input_seconds"]),
+                        "output_seconds": Decimal(usage["output_seconds"]),
+                    }
+                )
+                call.dialect.final = True
                 flow.response = http.Response.make(200, entry["body"], {"content-type": entry["content_type"]})
                 return
         call.cache_status = "miss"
@@ -47,13 +66,23 @@ class ResponseCache:
             flow.response.headers[OPT_IN_HEADER] = call.cache_status
 
     def response(self, flow: http.HTTPFlow) -> None:
-        """Keep only a successful answer whose usage the provider reported."""
+        """Keep only a whole, successful answer whose usage the provider reported."""
         call = call_of(flow)
-        if call is None or not call.cache_entry or flow.response.stream or not 200 <= flow.response.status_code < 300:
+        if call is None or not call.cache_entry or not 200 <= flow.response.status_code < 300:
             return
-        if call.dialect is None or call.dialect.usage is None or not call.dialect.final:
+        usage = call.dialect.usage if call.dialect else None
+        if usage is None or not call.dialect.final or usage.source is not UsageSource.PROVIDER:
             return
+        if call.meter is not None:
+            if call.meter.tap is None or not call.meter.readable:
+                return  # too large, or not read
+            body = b"".join(call.meter.tap)
+        elif flow.response.stream:
+            return  # passed through unread
+        else:
+            body = flow.response.raw_content
         now = datetime.now(UTC)
+        columns = {name: value for name, value in usage.columns().items() if name != "usage_source"}
         entry = {
             "key": call.cache_entry["key"],
             "merchant_id": call.principal.merchant_id,
@@ -61,8 +90,18 @@ class ResponseCache:
             "provider": call.target.provider.name,
             "endpoint": call.endpoint,
             "content_type": flow.response.headers.get("content-type", "application/json"),
-            "body": flow.response.raw_content,
+            "body": body,
+            "usage": json.dumps(columns),
             "created_at": iso(now),
             "expires_at": iso(now + timedelta(seconds=call.cache_entry["ttl"])),
         }
-        self.ledger.writer.submit(lambda store: store.keep(entry))
+        prices, tariff, limit = self.ledger.prices, call.tariff(call.model), ctx.options.meterproxy_cache_max_bytes
+
+        def keep(store: Store) -> None:
+            try:
+                cost = tariff.charge(usage, now, prices).provider_cost
+            except PriceNotFound:
+                return  # never charged, so never kept
+            store.keep({**entry, "provider_cost": money_text(cost)}, limit)
+
+        self.ledger.writer.submit(keep)

@@ -35,15 +35,16 @@ class Metering:
             body and body.get("stream") is True
         )
         call.dialect = dialect_for(wire, path, call.model)
-        if call.stream and isinstance(call.dialect, OpenAIChat) and _asks_usage(body):
+        if call.stream and isinstance(call.dialect, OpenAIChat) and not _asks_usage(body):
             call.drop_usage_event = True
             # Dropping an event needs the plain bytes of the stream.
             flow.request.headers["accept-encoding"] = "identity"
-            flow.request.content = json.dumps(body).encode()
+            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+            flow.request.content = json.dumps({**body, "stream_options": {**options, "include_usage": True}}).encode()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call is None or call.refusal or call.upstream_failure or call.dialect is None:
+        if call is None or call.refusal or call.upstream_failure or call.dialect is None or call.cache_hit:
             return
         headers = flow.response.headers
         content_type = headers.get("content-type", "")
@@ -54,7 +55,10 @@ class Metering:
             except ValueError:
                 flow.response.stream = True  # cannot be read: passed on, estimated at the end
                 return
-            flow.response.stream = StreamMeter(call.dialect, decode, call.drop_usage_event)
+            call.meter = StreamMeter(call.dialect, decode, call.drop_usage_event)
+            if call.cache_entry is not None:  # kept as the client received it, if it ends well
+                call.meter.tap = []
+            flow.response.stream = call.meter
             if call.drop_usage_event and encoding:
                 headers.pop("content-encoding")  # the meter hands on the decoded events
         elif "json" not in content_type:
@@ -62,7 +66,7 @@ class Metering:
 
     def response(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call is None or call.refusal or call.dialect is None or flow.response.stream:
+        if call is None or call.refusal or call.dialect is None or flow.response.stream or call.cache_hit:
             return
         try:
             body = json.loads(flow.response.content or b"")
@@ -88,9 +92,6 @@ def _json_body(request: http.Request, model_in_body: bool) -> dict | None:
 
 
 def _asks_usage(body: dict) -> bool:
-    """Add `stream_options.include_usage` unless the client asked for it; True if added."""
+    """Whether the client asked for the stream's usage event itself."""
     options = body.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return False
-    body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    return True
+    return isinstance(options, dict) and options.get("include_usage") is True

@@ -141,8 +141,8 @@ class UpstreamWatch:
         self.heard_from[(flow.request.host, flow.request.port)] = time.monotonic()
         if call.watchdog is not None:
             call.watchdog.cancel()
-        if isinstance(flow.response.stream, StreamMeter):
-            self._watch_idle(flow, flow.response.stream)
+        if call.meter is not None:
+            self._watch_idle(flow, call.meter)
 
     def error(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)

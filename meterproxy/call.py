@@ -6,6 +6,7 @@ from meterproxy.dialects import Dialect
 from meterproxy.errors import GatewayError
 from meterproxy.providers import Target
 from meterproxy.store import Principal
+from meterproxy.stream import StreamMeter
 from meterproxy.token import ForwardToken, KeyMode
 from pricing.fees import Tariff
 
@@ -24,6 +25,7 @@ class Call:
     request_body: dict | None = None
     stream: bool = False
     dialect: Dialect | None = None
+    meter: StreamMeter | None = None  # the tee of a streamed response
     drop_usage_event: bool = False  # the gateway asked for the stream's usage event itself
     refusal: GatewayError | None = None
     opened: bool = False  # its pending row is on disk

@@ -121,3 +121,31 @@ def rollup(rows: Iterable[dict], by: str) -> list[dict]:
         {by: key, **totals, **{name: money_text(totals[name]) for name in COSTS}}
         for key, totals in sorted(groups.items(), key=lambda item: (item[0] is None, item[0] or ""))
     ]
+
+
+def cache_stats(db: sqlite_utils.Database, merchant_id: str | None = None) -> list[dict]:
+    """Per product: answers kept, their hits, the share of the product's completed requests
+    answered from the cache, and the provider cost those hits saved (exact)."""
+    mine, params = ("WHERE merchant_id = ?", [merchant_id]) if merchant_id else ("", [])
+    kept: dict = {}
+    for product, hits, cost in db.execute(f"SELECT product_id, hits, provider_cost FROM cache_entries {mine}", params):
+        totals = kept.setdefault(product, {"entries": 0, "hits": 0, "saved": ZERO})
+        totals["entries"] += 1
+        totals["hits"] += hits
+        totals["saved"] += hits * Decimal(cost)
+    served = db.execute(
+        "SELECT product_id, COUNT(*), SUM(cache_hit) FROM requests WHERE status = 'completed' "
+        f"{'AND merchant_id = ?' if merchant_id else ''} GROUP BY product_id",
+        params,
+    ).fetchall()
+    ratios = {product: (hit or 0) / count for product, count, hit in served if count}
+    return [
+        {
+            "product_id": product,
+            "entries": totals["entries"],
+            "hits": totals["hits"],
+            "hit_ratio": f"{ratios.get(product, 0):.3f}",
+            "saved": money_text(totals["saved"]),
+        }
+        for product, totals in sorted(kept.items(), key=lambda item: item[0] or "")
+    ]

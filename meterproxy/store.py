@@ -101,6 +101,8 @@ SCHEMA = {
             "endpoint": str,
             "content_type": str,
             "body": bytes,
+            "usage": str,  # the metered usage of the answer, JSON: a hit is metered with it
+            "provider_cost": str,  # what the answer cost: each hit saves it
             "created_at": str,
             "expires_at": str,
             "hits": int,
@@ -377,19 +379,29 @@ class Store:
 
     def cached(self, key: str, now: str) -> dict | None:
         """The live entry for `key`, counted as a hit."""
-        cursor = self.db.execute(
-            "SELECT content_type, body FROM cache_entries WHERE key = ? AND expires_at > ?", [key, now]
-        )
-        found = cursor.fetchone()
+        query = "SELECT content_type, body, usage FROM cache_entries WHERE key = ? AND expires_at > ?"
+        found = self.db.execute(query, [key, now]).fetchone()
         if found is None:
             return None
         self.db.execute("UPDATE cache_entries SET hits = hits + 1 WHERE key = ?", [key])
-        return {"content_type": found[0], "body": found[1]}
+        return {"content_type": found[0], "body": found[1], "usage": json.loads(found[2])}
 
-    def keep(self, entry: dict) -> None:
-        """Store an answer, replacing an older one for the same question."""
-        self.db.execute("DELETE FROM cache_entries WHERE key = ?", [entry["key"]])
+    def keep(self, entry: dict, max_bytes: int) -> None:
+        """Store an answer, replacing an older one for the same question; then drop expired
+        entries, and the oldest ones while the cache is over `max_bytes`."""
+        stale = "DELETE FROM cache_entries WHERE key = ? OR expires_at <= ?"
+        self.db.execute(stale, [entry["key"], entry["created_at"]])
         self._insert("cache_entries", {**entry, "hits": 0})
+        total = self.db.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM cache_entries").fetchone()[0]
+        for key, size in self.db.execute("SELECT key, LENGTH(body) FROM cache_entries ORDER BY created_at").fetchall():
+            if total <= max_bytes:
+                break
+            self.db.execute("DELETE FROM cache_entries WHERE key = ?", [key])
+            total -= size
+
+    def purge_cache(self, product_id: str) -> int:
+        with self.transaction():
+            return self.db.execute("DELETE FROM cache_entries WHERE product_id = ?", [product_id]).rowcount
 
     def recover(self) -> int:
         """After a crash or a restart: no row stays `pending` and no hold stays open."""

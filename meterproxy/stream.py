@@ -18,6 +18,7 @@ import zstandard
 from meterproxy.dialects import Dialect
 
 log = logging.getLogger(__name__)
+TAP_LIMIT = 8 * 1024 * 1024  # the largest stream kept for the cache
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
@@ -59,15 +60,27 @@ class StreamMeter:
         self._pending = b""
         self.readable = True  # False once the bytes stop decoding: passed on, no longer metered
         self.last_chunk_at = time.monotonic()  # for the idle timeout
+        self.tap: list[bytes] | None = None  # set to a list to keep what the client gets
+        self.tap_limit = TAP_LIMIT
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         self.last_chunk_at = time.monotonic()
         events = self._read(chunk) if self.readable else []
         if not self._drop_usage_event or not self.readable:
-            return [chunk] if chunk else []
-        out = b"".join(event for event, drop in events if not drop)
+            out = chunk
+        else:
+            out = b"".join(event for event, drop in events if not drop)
+        if self.tap is not None:
+            self._keep(out)
         # Never return b"" for a non-empty chunk: mitmproxy would end the response there.
         return [out] if out else []
+
+    def _keep(self, out: bytes) -> None:
+        self.tap_limit -= len(out)
+        if self.tap_limit < 0:
+            self.tap = None  # too large to keep: the stream still passes
+        else:
+            self.tap.append(out)
 
     def _read(self, chunk: bytes) -> list[tuple[bytes, bool]]:
         try:

@@ -120,6 +120,15 @@ def report(store: Store, args) -> None:
     show(rows if args.json else [{key: row[key] for key in (args.by, *REPORT_COLUMNS)} for row in rows], args.json)
 
 
+def cache_stats(store: Store, args) -> None:
+    """Per product: entries kept, hits, hit ratio (of its completed requests) and money saved."""
+    show(queries.cache_stats(store.db, args.merchant), args.json)
+
+
+def cache_purge(store: Store, args) -> None:
+    show([{"product_id": args.product, "purged": store.purge_cache(args.product)}], args.json)
+
+
 def requests_list(store: Store, args) -> None:
     rows = store.recent_requests(args.limit)
     show(rows if args.json else [{key: row[key] for key in LEDGER_SUMMARY} for row in rows], args.json)
@@ -240,6 +249,10 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--merchant", help="only this merchant's requests")
     sub.add_argument("--since", type=moment, help="from this ISO 8601 time (inclusive; UTC unless it says)")
     sub.add_argument("--until", type=moment, help="to this ISO 8601 time (exclusive)")
+
+    cache = groups.add_parser("cache", help="the response cache").add_subparsers(required=True)
+    command(cache, "stats", cache_stats, "hit ratio and money saved per product").add_argument("--merchant")
+    command(cache, "purge", cache_purge, "drop a product's kept answers").add_argument("product")
 
     sub = command(groups, "quickstart", quickstart, "create a development account on a fresh database")
     sub.add_argument("--gateway", default="http://127.0.0.1:8080")

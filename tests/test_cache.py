@@ -2,6 +2,7 @@
 provider once; the second answer is the first, byte for byte, and its row is a hit that costs
 no provider money, only the product's fees."""
 
+import json
 import time
 from decimal import Decimal
 
@@ -98,3 +99,63 @@ def test_a_product_without_cache_is_not_in_play_unless_a_request_asks(gateway, f
         == "hit"
     )
     assert len(fake.requests()) == 2
+
+
+def stream_text(gateway, account, content: str, **options) -> tuple[list[str], dict]:
+    """The chunks' texts as the client got them, and the response headers."""
+    client = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=account.token(), max_retries=0)
+    with client.chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": content}], stream=True, **options
+    ) as response:
+        return [chunk.model_dump_json() for chunk in response.parse()], dict(response.headers)
+
+
+@pytest.mark.parametrize("options", [{}, {"stream_options": {"include_usage": True}}], ids=["no-usage", "usage"])
+def test_a_stream_is_kept_as_the_client_received_it_and_replayed(gateway, fake, account, options):
+    question = f"stream me {options}"
+    first, first_headers = stream_text(gateway, account, question, **options)
+    second, second_headers = stream_text(gateway, account, question, **options)
+    assert second == first and len(first) >= 5
+    assert ("usage" in first[-1] and '"choices":[]' in first[-1]) is bool(options)  # the client's own view
+    assert (first_headers["x-meterproxy-cache"], second_headers["x-meterproxy-cache"]) == ("miss", "hit")
+    assert len(fake.requests()) == 1
+    missed = gateway.row(first_headers["x-lava-request-id"])
+    hit = gateway.row(second_headers["x-lava-request-id"])
+    assert (hit["cache_hit"], hit["stream"], hit["usage_source"], hit["total_cost"]) == (
+        1,
+        1,
+        "provider",
+        "0.0010000000",
+    )
+    assert (hit["input_tokens"], hit["output_tokens"]) == (missed["input_tokens"], missed["output_tokens"])
+
+
+def test_a_cut_stream_is_never_kept(gateway, fake, account):
+    fake.behave({"cut_after": 3})
+    with pytest.raises(openai.APIConnectionError):
+        stream_text(gateway, account, "cut me")
+    fake.reset()
+    assert stream_text(gateway, account, "cut me")[1]["x-meterproxy-cache"] == "miss"
+
+
+def test_the_admin_command_shows_hits_and_savings_and_purges(gateway, fake, tmp_path):
+    from tests.test_commands import meterproxy
+
+    account = make_account(gateway.store, FEES, cache_ttl=DAY)
+    for _ in range(3):
+        ask(gateway, account, "count my savings")
+    rows = [row for row in gateway.rows() if row["product_id"] == account.product_id]
+    for row in rows:
+        gateway.row(row["request_id"])
+    missed = next(row for row in gateway.rows() if row["product_id"] == account.product_id and not row["cache_hit"])
+    saved_each = Decimal(missed["total_cost"]) - Decimal("0.001")
+    [stats] = [
+        entry
+        for entry in json.loads(meterproxy(gateway.db_path, "--json", "cache", "stats"))
+        if entry["product_id"] == account.product_id
+    ]
+    assert (stats["entries"], stats["hits"], stats["hit_ratio"]) == (1, 2, "0.667")
+    assert Decimal(stats["saved"]) == 2 * saved_each
+    [purged] = json.loads(meterproxy(gateway.db_path, "--json", "cache", "purge", account.product_id))
+    assert purged["purged"] == 1
+    assert ask(gateway, account, "count my savings").headers["x-meterproxy-cache"] == "miss"
