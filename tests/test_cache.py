@@ -1,4 +1,4 @@
-"""The response cache (issue 8, non-streamed answers so far): the same question twice reaches the
+"""The response cache (SPEC-style contract of issue 8): the same question twice reaches the
 provider once; the second answer is the first, byte for byte, and its row is a hit that costs
 no provider money, only the product's fees."""
 
@@ -159,3 +159,26 @@ def test_the_admin_command_shows_hits_and_savings_and_purges(gateway, fake, tmp_
     [purged] = json.loads(meterproxy(gateway.db_path, "--json", "cache", "purge", account.product_id))
     assert purged["purged"] == 1
     assert ask(gateway, account, "count my savings").headers["x-meterproxy-cache"] == "miss"
+
+
+def test_the_store_drops_expired_entries_and_the_oldest_past_the_size_cap(tmp_path):
+    from meterproxy.store import Store
+
+    store = Store(tmp_path / "cache.sqlite")
+
+    def entry(key: str, created: str, expires: str, size: int) -> dict:
+        return {
+            "key": key, "merchant_id": "mer_1", "product_id": "prd_1", "provider": "openai", "endpoint": "POST /x",
+            "content_type": "application/json", "body": b"x" * size, "usage": "{}", "provider_cost": "0.1",
+            "created_at": created, "expires_at": expires,
+        }  # fmt: skip
+
+    with store.transaction():
+        store.keep(entry("old", "2026-01-01T00:00:00.000Z", "2026-01-01T00:00:05.000Z", 10), 1000)
+        store.keep(entry("a", "2026-01-01T00:00:10.000Z", "2027-01-01T00:00:00.000Z", 400), 1000)
+        store.keep(entry("b", "2026-01-01T00:00:20.000Z", "2027-01-01T00:00:00.000Z", 400), 1000)
+        store.keep(entry("c", "2026-01-01T00:00:30.000Z", "2027-01-01T00:00:00.000Z", 400), 1000)
+    assert [row["key"] for row in store.db["cache_entries"].rows] == ["b", "c"]  # "old" expired, "a" evicted
+    assert store.cached("b", "2026-06-01T00:00:00.000Z")["content_type"] == "application/json"
+    assert store.cached("b", "2027-06-01T00:00:00.000Z") is None  # expired by then
+    store.close()
