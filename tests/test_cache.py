@@ -1,4 +1,4 @@
-"""The response cache (SPEC-style contract of issue 8): the same question twice reaches the
+"""The response cache: the same question twice reaches the
 provider once; the second answer is the first, byte for byte, and its row is a hit that costs
 no provider money, only the product's fees."""
 
