@@ -15,6 +15,7 @@ import httpx2
 import pytest
 
 from meterproxy.ids import new_id
+from meterproxy.queries import COSTS, FIGURES
 from meterproxy.store import Store, utc_now
 from tests.harness import Account, make_account
 from tests.test_forward_openai import FEES, MESSAGES, PROMPT_TOKENS, as_text, client_for, expected_costs
@@ -22,16 +23,6 @@ from tests.test_forward_openai import FEES, MESSAGES, PROMPT_TOKENS, as_text, cl
 ZERO_TEXT = "0.0000000000"
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 METADATA = {"customer": "acme", "feature": "summaries"}
-FIGURES = (
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "input_characters",
-    "output_characters",
-)
-COSTS = ("total_cost", "wallet_cost", "merchant_cost")
 
 
 # --- helpers ---------------------------------------------------------------------------------
