@@ -124,13 +124,16 @@ class Ledger:
             store.complete_request(call.request_id, fields, call.principal.wallet_id, wallet_cost)
             return fields
 
+        completion = self.writer.submit(complete)
+        if not (hasattr(ctx.master, "view") or ctx.options.save_stream_file):
+            return  # the flow is not kept: nobody to show the outcome to
         loop = asyncio.get_running_loop()
 
         def settled(done: Future) -> None:  # on the writer thread
             if not loop.is_closed():
                 loop.call_soon_threadsafe(self._settled, flow, call, done)
 
-        self.writer.submit(complete).add_done_callback(settled)
+        completion.add_done_callback(settled)
 
     def _settled(self, flow: http.HTTPFlow, call: Call, completion: Future) -> None:
         if completion.exception() is not None:
