@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+import openai
+
 from meterproxy.limits import ProductLimits
 from meterproxy.store import Store
 from meterproxy.token import encode_token
@@ -220,3 +222,19 @@ def make_account(
     return Account(
         merchant["id"], wallet["id"], connection["id"], product["id"], secret_key, connection_secret, product_secret
     )
+
+
+def stream_until_cut(client, messages: list[dict]) -> tuple[str, str]:
+    """Read an OpenAI chat stream that the provider cuts: its request id and the text delivered.
+    The client must see the cut too (the SDK raises APIConnectionError)."""
+    delivered = []
+    try:
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=messages, stream=True
+        ) as response:
+            request_id = response.headers["x-lava-request-id"]
+            for chunk in response.parse():
+                delivered.append(chunk.choices[0].delta.content or "")
+    except openai.APIConnectionError:
+        return request_id, "".join(delivered)
+    raise AssertionError("the stream was not cut")

