@@ -3,14 +3,23 @@
 The override file (`pricing/overrides.toml` by default) holds models genai-prices lacks and
 negotiated prices, in dollars per million tokens. A model priced nowhere raises `PriceNotFound`
 so that the request becomes an `error` row, never a silent zero.
+
+genai-prices' general calculation takes about 70 µs, once per call. Most prices have no tiers,
+and such a price is linear in the token figures: `LinearPrice` learns its coefficients from
+genai-prices itself, once per price, and then prices a call with four multiplications, to the
+same exact Decimal (`tests/test_pricing.py` checks every such model of the database).
 """
 
 import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
 import genai_prices
+from genai_prices.data_snapshot import get_snapshot
+from genai_prices.types import TieredPrices
 from pydantic import BaseModel, ConfigDict
 
 from meterproxy.usage import Usage
@@ -48,6 +57,61 @@ class ModelPrice(BaseModel):
         return total / MILLION
 
 
+TOKEN_FIGURES = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+
+
+def price_figures(usage: Usage) -> dict[str, int]:
+    """The usage as genai-prices names it."""
+    figures = {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_tokens": usage.cached_input_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+    }
+    if usage.input_characters:  # text-to-speech is priced by the characters of its input
+        figures["input_characters"] = usage.input_characters
+    return figures
+
+
+@dataclass(frozen=True)
+class LinearPrice:
+    """A price without tiers, as a per-call constant plus one coefficient per token figure,
+    valid for usage that genai-prices can price (cache tokens within the input tokens)."""
+
+    constant: Decimal
+    coefficients: tuple[Decimal, ...]
+
+    # Probing point: every figure large and consistent, each raised by a million in turn.
+    BASE = {
+        "input_tokens": 4_000_000,
+        "output_tokens": 1_000_000,
+        "cache_read_tokens": 1_000_000,
+        "cache_write_tokens": 1_000_000,
+    }
+
+    @classmethod
+    def learn(cls, price: Callable[[dict], Decimal]) -> "LinearPrice | None":
+        """From `price` (genai-prices' calculation), or None if it cannot price the probes."""
+        try:
+            base = price(cls.BASE)
+            coefficients = tuple(
+                (price({**cls.BASE, name: cls.BASE[name] + 1_000_000}) - base) / MILLION for name in TOKEN_FIGURES
+            )
+        except (LookupError, ValueError, TypeError):
+            return None
+        constant = base - sum(c * cls.BASE[name] for c, name in zip(coefficients, TOKEN_FIGURES))
+        return cls(constant, coefficients)
+
+    def cost(self, figures: dict[str, int]) -> Decimal | None:
+        """None where the figures are outside what the coefficients were learnt for."""
+        if len(figures) != len(TOKEN_FIGURES):
+            return None
+        values = [figures[name] for name in TOKEN_FIGURES]
+        if min(values) < 0 or values[2] + values[3] > values[0]:
+            return None
+        return self.constant + sum(c * v for c, v in zip(self.coefficients, values))
+
+
 class OverridesFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,6 +122,7 @@ class PriceBook:
     def __init__(self, overrides: list[ModelPrice] = ()):
         self.overrides = {(price.provider, price.model): price for price in overrides}
         self._rates: dict[tuple, tuple[Decimal, Decimal, Decimal]] = {}
+        self._linear: dict[int, tuple[object, LinearPrice | None]] = {}  # id of a genai-prices price
 
     @classmethod
     def from_file(cls, path: str | Path | None = DEFAULT_OVERRIDES) -> "PriceBook":
@@ -94,21 +159,25 @@ class PriceBook:
         override = self.overrides.get((provider, model))
         if override is not None:
             return override.cost(usage)
-        figures = {
-            "input_tokens": usage.input_tokens,
-            "output_tokens": usage.output_tokens,
-            "cache_read_tokens": usage.cached_input_tokens,
-            "cache_write_tokens": usage.cache_write_tokens,
-        }
-        if usage.input_characters:  # text-to-speech is priced by the characters of its input
-            figures["input_characters"] = usage.input_characters
+        figures = price_figures(usage)
         try:
-            calculation = genai_prices.calc_price(
-                genai_prices.Usage(**figures),
-                model,
-                provider_id=provider,
-                genai_request_timestamp=at,
-            )
+            found, info = get_snapshot().find_provider_model(model, None, provider, None)
         except LookupError:
             raise PriceNotFound(f"no price for model {model!r} of provider {provider!r}") from None
-        return calculation.total_price
+        model_price = info.get_prices(at)
+        key = id(model_price)  # the entry keeps the price alive, so the id stays its own
+        if key not in self._linear:
+            self._linear[key] = (model_price, self._learn(found, info, model_price, at))
+        linear = self._linear[key][1]
+        fast = linear.cost(figures) if linear is not None else None
+        if fast is not None:
+            return fast
+        return info.calc_price(genai_prices.Usage(**figures), found, genai_request_timestamp=at).total_price
+
+    @staticmethod
+    def _learn(found, info, model_price, at: datetime) -> LinearPrice | None:
+        if any(isinstance(value, TieredPrices) for value in model_price.__dict__.values()):
+            return None
+        return LinearPrice.learn(
+            lambda figures: info.calc_price(genai_prices.Usage(**figures), found, genai_request_timestamp=at).total_price
+        )

@@ -1,17 +1,20 @@
 """Money (SPEC §5): provider cost from genai-prices or the override file, product fees, the split
 between wallet and merchant, and 10-decimal exact amounts."""
 
+import random
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import genai_prices
 import pytest
+from genai_prices.data_snapshot import get_snapshot
 
 from meterproxy.token import KeyMode
 from meterproxy.usage import Usage
 from pricing.fees import Charge, Payer, ProductFees, split_charge
 from pricing.money import money, money_text
-from pricing.prices import DEFAULT_OVERRIDES, ModelPrice, PriceBook, PriceNotFound
+from pricing.prices import DEFAULT_OVERRIDES, ModelPrice, PriceBook, PriceNotFound, price_figures
 
 AT = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 MILLION = Decimal(1_000_000)
@@ -59,6 +62,76 @@ def test_cached_tokens_are_cheaper_than_uncached_ones():
     cached = PriceBook().provider_cost("openai", "gpt-4o-mini", Usage(input_tokens=1000, cached_input_tokens=1000), AT)
     uncached = PriceBook().provider_cost("openai", "gpt-4o-mini", Usage(input_tokens=1000), AT)
     assert (cached, uncached) == (Decimal("0.000075"), Decimal("0.00015"))
+
+
+def every_priced_model():
+    for provider in get_snapshot().providers:
+        for model in provider.models:
+            yield provider.id, model.id
+
+
+def genai_prices_cost(provider: str, model: str, usage: Usage, at: datetime) -> Decimal:
+    return genai_prices.calc_price(
+        genai_prices.Usage(**price_figures(usage)), model, provider_id=provider, genai_request_timestamp=at
+    ).total_price
+
+
+def test_the_linear_prices_equal_genai_prices_for_every_model_without_tiers():
+    """The fast path against genai-prices' own calculation, for every model of its database, at
+    two moments and on usage with and without cache tokens (random, and at the edges)."""
+    book, draw = PriceBook(), random.Random(7)
+    fast = 0
+    for provider, model in every_priced_model():
+        for at in (AT, datetime(2026, 11, 22, 20, 0, tzinfo=UTC)):
+            usages = [Usage(), Usage(input_tokens=9, cached_input_tokens=4, cache_write_tokens=5, output_tokens=1)]
+            for _ in range(4):
+                total = draw.randrange(0, 2_000_000)
+                read = draw.randrange(0, total + 1)
+                usages.append(
+                    Usage(
+                        input_tokens=total,
+                        cached_input_tokens=read,
+                        cache_write_tokens=draw.randrange(0, total - read + 1),
+                        output_tokens=draw.randrange(0, 100_000),
+                    )
+                )
+            for usage in usages:
+                try:
+                    expected = genai_prices_cost(provider, model, usage, at)
+                except (LookupError, ValueError) as error:
+                    with pytest.raises(type(error)):
+                        book.provider_cost(provider, model, usage, at)
+                    continue
+                assert book.provider_cost(provider, model, usage, at) == expected, (provider, model, usage, at)
+    fast = sum(1 for _, linear in book._linear.values() if linear is not None)
+    assert fast > 1500  # the fast path did price most models
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        Usage(input_tokens=10, cached_input_tokens=20),  # more cached than input: genai-prices refuses
+        Usage(input_tokens=10, output_tokens=5, input_characters=300),  # characters: not linear here
+    ],
+)
+def test_usage_outside_the_linear_prices_goes_to_genai_prices(usage):
+    try:
+        expected = genai_prices_cost("openai", "gpt-4o-mini", usage, AT)
+    except ValueError as error:
+        with pytest.raises(ValueError, match=re.escape(str(error))):
+            PriceBook().provider_cost("openai", "gpt-4o-mini", usage, AT)
+    else:
+        assert PriceBook().provider_cost("openai", "gpt-4o-mini", usage, AT) == expected
+
+
+def test_tiered_prices_are_priced_by_genai_prices_on_both_sides_of_the_tier():
+    book = PriceBook()
+    for input_tokens in (100_000, 300_000):
+        usage = Usage(input_tokens=input_tokens, output_tokens=1_000)
+        assert book.provider_cost("google", "gemini-2.5-pro", usage, AT) == genai_prices_cost(
+            "google", "gemini-2.5-pro", usage, AT
+        )
+    assert [linear for _, linear in book._linear.values()] == [None]
 
 
 @pytest.mark.parametrize("provider, model", [("openai", "no-such-model-xyz"), ("no-such-provider", "gpt-4o-mini")])
