@@ -7,7 +7,8 @@ elsewhere and read their own ledger.
     GET  /v1/usage               daily rollups over the same filters
 
 Authentication is the merchant's secret key as a bearer token; a merchant only ever sees its
-own records (another merchant's id is a 404). Database work runs on the ledger's writer thread.
+own records (another merchant's id is a 404). Reads run on the ledger's `StoreThread`, a usage
+record on its writer.
 """
 
 import json
@@ -55,15 +56,15 @@ class MeteringApi:
         secret_key = bearer(request.headers.get("authorization"))
         if not secret_key:
             raise GatewayError(401, "send your merchant secret key as a bearer token", "invalid_secret_key")
-        writer = self.ledger.writer
-        merchant_id = (await writer.call(lambda store: store.merchant(secret_key)))["id"]
+        reader = self.ledger.store_thread
+        merchant_id = (await reader.call(lambda store: store.merchant(secret_key)))["id"]
         if request.method == "POST" and path == "/v1/requests":
             return await self._create(_parse(CreateRequest, request.content or b"{}", json_body=True), merchant_id)
         if request.method != "GET":
             raise GatewayError(405, f"{request.method} is not allowed on {path}", "method_not_allowed")
         if path.startswith("/v1/requests/"):
             request_id = path.removeprefix("/v1/requests/")
-            row = await writer.call(lambda store: store.request(request_id))
+            row = await reader.call(lambda store: store.request(request_id))
             if row is None or row["merchant_id"] != merchant_id:
                 raise GatewayError(404, f"no request {request_id}", "request_not_found")
             return 200, RequestRecord.from_row(row).model_dump(mode="json")
@@ -79,7 +80,7 @@ class MeteringApi:
         )
         if path == "/v1/requests":
             try:
-                rows, cursor = await writer.call(lambda store: queries.page(store.db, where, query.cursor, query.limit))
+                rows, cursor = await reader.call(lambda store: queries.page(store.db, where, query.cursor, query.limit))
             except ValueError as error:
                 raise GatewayError(400, str(error), "invalid_cursor") from None
             page = RequestPage(
@@ -87,7 +88,7 @@ class MeteringApi:
             )
             return 200, page.model_dump(mode="json")
         if path == "/v1/usage":
-            days = await writer.call(lambda store: queries.rollup(queries.matching(store.db, where), "day"))
+            days = await reader.call(lambda store: queries.rollup(queries.matching(store.db, where), "day"))
             report = UsageReport(data=[DailyUsage(date=day.pop("day"), **day) for day in days])
             return 200, report.model_dump(mode="json")
         raise GatewayError(404, f"no such endpoint {path}", "not_found")

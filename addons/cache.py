@@ -34,7 +34,7 @@ class ResponseCache:
         call = call_of(flow)
         if call is None or call.refusal or not call.opened or call.request_body is None:
             return
-        rule = directive(call.principal.cache_ttl, dict(flow.request.headers.items()), call.fresh)
+        rule = directive(call.principal.cache_ttl, flow.request.headers, call.fresh)
         if rule is None:
             return
         call.cache_status = "bypass"
@@ -43,7 +43,7 @@ class ResponseCache:
         key = cache_key(call.principal.merchant_id or "", call.target.provider.name, call.endpoint, call.request_body)
         if rule.read:
             now = iso(datetime.now(UTC))
-            entry = await self.ledger.writer.call(lambda store: store.cached(key, now))
+            entry = await self.ledger.store_thread.call(lambda store: store.cached(key, now), writes=True)
             if entry is not None:
                 call.cache_hit, call.cache_status = True, "hit"
                 usage = entry["usage"]
@@ -104,4 +104,4 @@ class ResponseCache:
                 return  # never charged, so never kept
             store.keep({**entry, "provider_cost": money_text(cost)}, limit)
 
-        self.ledger.writer.submit(keep)
+        self.ledger.store_thread.submit(keep, writes=True)

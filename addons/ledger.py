@@ -1,13 +1,14 @@
 """The ledger: a `pending` row before the call goes upstream, completed (priced, wallet
 charged) when it ends, and an audit entry for every request refused before forwarding.
 
-All database work happens on the `LedgerWriter` thread; only the pending row is awaited.
+The ledger's writes go through the `LedgerWriter`, on the event loop; only the pending row is
+awaited. Reads that may take long (the metering API) and the response cache's bodies go to the
+`StoreThread`.
 """
 
 import asyncio
 import logging
 import threading
-from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Optional
 
@@ -19,10 +20,10 @@ from addons.limits import limit_rate
 from meterproxy import estimate
 from meterproxy.call import Call
 from meterproxy.errors import GatewayError
-from meterproxy.ledger import Outcome, closing_fields, from_timestamp, opening_row, worst_case_hold
+from meterproxy.ledger import Outcome, closing_fields, from_timestamp, needs_estimate, opening_row, worst_case_hold
 from meterproxy.limits import RateLimiter
 from meterproxy.store import Store, utc_now
-from meterproxy.writer import LedgerWriter
+from meterproxy.writer import LedgerWriter, StoreThread
 from pricing.prices import DEFAULT_OVERRIDES, PriceBook
 
 
@@ -31,8 +32,10 @@ class Ledger:
 
     def __init__(self) -> None:
         self.writer: LedgerWriter | None = None
+        self.store_thread: StoreThread | None = None
         self.prices = PriceBook()
-        self.limiter = RateLimiter()  # used on the writer thread only
+        self.limiter = RateLimiter()
+        self.keeps_flows = False  # a UI or a save file keeps flows: show each its outcome
 
     def load(self, loader):
         loader.add_option("meterproxy_db", str, "meterproxy.sqlite", "SQLite database of the ledger and accounts.")
@@ -44,31 +47,39 @@ class Ledger:
         )
 
     def configure(self, updated):
+        if "save_stream_file" in updated:
+            self.keeps_flows = hasattr(ctx.master, "view") or bool(ctx.options.save_stream_file)
         if "meterproxy_prices" in updated:
             try:
                 self.prices = PriceBook.from_file(ctx.options.meterproxy_prices)
             except ValueError as error:
                 raise exceptions.OptionsError(str(error)) from None
         if "meterproxy_db" in updated:
-            # Load the tokenizer now, so that the first estimate does not stall the writer.
+            # Load the tokenizer now, so that the first estimate does not wait for it.
             threading.Thread(target=estimate.encoding, args=(estimate.DEFAULT,), daemon=True).start()
             self.done()
             try:
+                self.store_thread = StoreThread(ctx.options.meterproxy_db)
+                # Before any admission: rows still pending were interrupted by the last stop.
+                interrupted = self.store_thread.submit(lambda store: store.recover(), writes=True).result()
                 self.writer = LedgerWriter(ctx.options.meterproxy_db)
             except Exception as error:
                 raise exceptions.OptionsError(f"cannot open {ctx.options.meterproxy_db}: {error}") from None
-            interrupted = self.writer.submit(lambda store: store.recover()).result()
             if interrupted:
                 self.log.warning("%d requests were interrupted by the last stop; marked as errors", interrupted)
 
     def done(self):
         if self.writer is not None:
             self.writer.stop()
+            self.writer = None
+        if self.store_thread is not None:
+            self.store_thread.stop()
+            self.store_thread = None
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        """Admission, in one transaction on the writer thread: the token's secrets, the
-        connection's rate limits, the hold on the wallet, the pending row."""
+        """Admission, in one transaction of the writer: the token's secrets, the connection's
+        rate limits, the hold on the wallet, the pending row."""
         call = call_of(flow)
         if call is None or call.refusal:
             return
@@ -117,6 +128,13 @@ class Ledger:
             error=error,
         )
         call.opened = False  # one completion per call, whichever hook comes first
+        if needs_estimate(call, outcome):  # the tokenizer runs off the event loop first
+            estimating = asyncio.get_running_loop().run_in_executor(None, call.dialect.metered_usage, call.request_body)
+            estimating.add_done_callback(lambda _: self._complete(flow, call, outcome))
+        else:
+            self._complete(flow, call, outcome)
+
+    def _complete(self, flow: http.HTTPFlow, call: Call, outcome: Outcome) -> None:
         prices = self.prices
 
         def complete(store: Store) -> dict:
@@ -124,18 +142,12 @@ class Ledger:
             store.complete_request(call.request_id, fields, call.principal.wallet_id, wallet_cost)
             return fields
 
-        completion = self.writer.submit(complete)
-        if not (hasattr(ctx.master, "view") or ctx.options.save_stream_file):
-            return  # the flow is not kept: nobody to show the outcome to
-        loop = asyncio.get_running_loop()
+        if not self.keeps_flows:
+            self.writer.post(complete)  # nobody to show the outcome to
+            return
+        self.writer.submit(complete).add_done_callback(lambda completion: self._settled(flow, call, completion))
 
-        def settled(done: Future) -> None:  # on the writer thread
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(self._settled, flow, call, done)
-
-        completion.add_done_callback(settled)
-
-    def _settled(self, flow: http.HTTPFlow, call: Call, completion: Future) -> None:
+    def _settled(self, flow: http.HTTPFlow, call: Call, completion: asyncio.Future) -> None:
         if completion.exception() is not None:
             self.log.error("ledger row %s not completed: %r", call.request_id, completion.exception())
             return
@@ -153,4 +165,4 @@ class Ledger:
             "client_address": flow.client_conn.peername[0] if flow.client_conn.peername else None,
             "target_host": target_host,
         }
-        self.writer.submit(lambda store: store.record_audit(entry))
+        self.writer.post(lambda store: store.record_audit(entry), at_once=True)

@@ -28,8 +28,14 @@ def limit_rate(limiter: RateLimiter, call: Call, body_size: int) -> None:
 
 
 class Limits:
+    max_body = 0
+
     def load(self, loader):
         loader.add_option("meterproxy_max_body", int, 32 * 1024 * 1024, "Largest request body in bytes (413 beyond).")
+
+    def configure(self, updated):
+        if "meterproxy_max_body" in updated:
+            self.max_body = ctx.options.meterproxy_max_body
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -37,7 +43,7 @@ class Limits:
         if call is None or call.refusal:
             return
         length = flow.request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > ctx.options.meterproxy_max_body:
+        if length.isdigit() and int(length) > self.max_body:
             refuse(flow, call, self._too_large())
 
     @fail_closed
@@ -45,7 +51,7 @@ class Limits:
         call = call_of(flow)
         if call is None or call.refusal:
             return
-        if len(flow.request.raw_content or b"") > ctx.options.meterproxy_max_body:  # chunked: no length up front
+        if len(flow.request.raw_content or b"") > self.max_body:  # chunked: no length up front
             refuse(flow, call, self._too_large())
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -53,7 +59,5 @@ class Limits:
         if call is not None and call.rate_headers and not call.refusal:
             flow.response.headers.update(call.rate_headers)
 
-    @staticmethod
-    def _too_large() -> GatewayError:
-        limit = ctx.options.meterproxy_max_body
-        return GatewayError(413, f"request body is larger than {limit} bytes", "request_too_large")
+    def _too_large(self) -> GatewayError:
+        return GatewayError(413, f"request body is larger than {self.max_body} bytes", "request_too_large")

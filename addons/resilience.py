@@ -63,6 +63,8 @@ class Retries:
         call = call_of(flow)
         if call is None or call.refusal or call.upstream_failure or call.stream:
             return
+        if flow.response.status_code not in RETRYABLE_STATUSES:
+            return
         retry_policy = policy()
         while flow.response.status_code in RETRYABLE_STATUSES:
             wait = retry_policy.wait_before(call.attempts + 1, flow.response.headers.get("retry-after"))
@@ -109,6 +111,7 @@ class Retries:
 class UpstreamWatch:
     def __init__(self) -> None:
         self.heard_from: dict[tuple[str, int], float] = {}  # upstream address → last answer
+        self.health_window = self.first_byte_timeout = 0  # read in `configure`, not per call
 
     def load(self, loader):
         loader.add_option(
@@ -118,18 +121,24 @@ class UpstreamWatch:
             "Seconds: a provider not heard from for longer is checked for reachability before forwarding.",
         )
 
+    def configure(self, updated):
+        if "meterproxy_health_window" in updated:
+            self.health_window = ctx.options.meterproxy_health_window
+        if "meterproxy_first_byte_timeout" in updated:
+            self.first_byte_timeout = ctx.options.meterproxy_first_byte_timeout
+
     async def request(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
         if call is None or call.refusal or not call.opened or flow.response is not None:
             return  # flow.response: answered already (from the cache)
         address = (flow.request.host, flow.request.port)
-        if time.monotonic() - self.heard_from.get(address, -1e9) > ctx.options.meterproxy_health_window:
+        if time.monotonic() - self.heard_from.get(address, -1e9) > self.health_window:
             failure = await self._reach(address, call)
             if failure is not None:
                 call.upstream_failure = failure
                 flow.response = http.Response.make(failure.status, failure.body(), {"content-type": "application/json"})
                 return
-        timeout = ctx.options.meterproxy_first_byte_timeout
+        timeout = self.first_byte_timeout
         call.watchdog = asyncio.get_running_loop().call_later(
             timeout, cut_upstream, flow, f"the provider sent nothing for {timeout} s"
         )

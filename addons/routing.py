@@ -4,9 +4,12 @@ Every other host is refused with 403 before anything is sent. The request id is 
 here and every response of a gateway call carries it as `x-lava-request-id`.
 """
 
+import functools
 from typing import Optional
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http import url
+from mitmproxy.utils.strutils import always_str
 
 from addons.calls import CALL, call_of, fail_closed, refuse
 from meterproxy.call import Call
@@ -18,6 +21,27 @@ from meterproxy.providers import Registry, forward_target, target_host
 
 FORWARD_PATHS = ("/v1/forward", "/v1/forward/")
 REQUEST_ID_HEADER = "x-lava-request-id"
+METADATA_PREFIX = METADATA_HEADER.encode()
+
+
+@functools.lru_cache(maxsize=4096)
+def _upstream_parts(upstream_url: str) -> tuple[bytes, str, int, bytes, str]:
+    """mitmproxy's own parse of a target's URL, and its host header, worked out once."""
+    scheme, host, port, path = url.parse(upstream_url)
+    host = always_str(host, "idna", "strict")  # as the `host` setter stores it
+    return scheme, host, port, path, url.hostport(scheme, host, port)
+
+
+def retarget(request: http.Request, upstream_url: str) -> None:
+    """`request.url = upstream_url`, from the cached parse: the same fields, Host header and
+    authority, without parsing and validating the same URL on every call."""
+    scheme, host, port, path, host_header = _upstream_parts(upstream_url)
+    data = request.data
+    data.scheme, data.host, data.port, data.path = scheme, host, port, path
+    if "Host" in data.headers:
+        data.headers["Host"] = host_header
+    if data.authority:
+        request.authority = host_header
 
 
 class Routing:
@@ -68,15 +92,22 @@ class Routing:
         call = Call(new_id("req"), flow.request.method, proxied=proxied)
         flow.metadata[CALL] = call
         headers = flow.request.headers
+        # One pass over the raw fields: most calls carry no metadata header at all.
+        tagged = [
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in headers.fields
+            if name.lower().startswith(METADATA_PREFIX)
+        ]
         try:
             params = self._route(flow, call, path, query)
-            call.metadata = parse_metadata(params.get("metadata"), headers.get(METADATA_HEADER), headers.items())
+            if tagged or "metadata" in params:
+                call.metadata = parse_metadata(params.get("metadata"), headers.get(METADATA_HEADER), tagged)
         except GatewayError as error:
             refuse(flow, call, error)
             return
-        for name in [name for name in headers if name.lower().startswith(METADATA_HEADER)]:
-            del headers[name]
-        flow.request.url = call.target.upstream_url
+        for name, _ in tagged:
+            headers.pop(name, None)
+        retarget(flow.request, call.target.upstream_url)
 
     def _route(self, flow: http.HTTPFlow, call: Call, path: str, query: str) -> dict[str, str]:
         """Find the call's target; returns the forward URL's other parameters."""

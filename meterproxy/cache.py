@@ -3,6 +3,7 @@ what a request's headers and query say about reading and writing the cache."""
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_TTL = 24 * 3600
@@ -24,10 +25,11 @@ class Directive:
     ttl: int
 
 
-def directive(product_ttl: int, headers: dict[str, str], fresh: bool) -> Directive | None:
+def directive(product_ttl: int, headers: Mapping[str, str], fresh: bool) -> Directive | None:
     """None when the cache is not in play for this request (`x-meterproxy-cache: bypass`, or a
     product without cache and no opt-in). `no-store` neither reads nor writes; `no-cache` and
-    `?fresh=1` skip the lookup and refresh the entry."""
+    `?fresh=1` skip the lookup and refresh the entry. `headers` looks names up as HTTP does,
+    whatever their case (mitmproxy's Headers)."""
     asked = headers.get(OPT_IN_HEADER, "").strip().lower()
     if asked in ("off", "bypass") or (not product_ttl and asked != "on"):
         return None

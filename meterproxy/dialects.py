@@ -50,6 +50,7 @@ class Dialect:
         self.final = False  # the usage is the provider's last word, not a partial figure
         self.reply = Reply()
         self.text = TextCounter(model)
+        self._estimate: Usage | None = None
 
     def read_event(self, data: bytes) -> bool:
         """Meter one stream event's data; True for the usage-only event of OpenAI streams."""
@@ -77,17 +78,25 @@ class Dialect:
 
     def metered_usage(self, request: dict | None) -> Usage:
         """The provider's usage, or, where it gave none or only a partial figure, an estimate
-        from the request and the text that was delivered."""
-        if self.usage is not None and self.final:
+        from the request and the text that was delivered (worked out once: it runs the tokenizer,
+        which the gateway does off its event loop, before the completion asks again)."""
+        if self.reported:
             return self.usage
-        partial = self.usage or Usage(input_tokens=self.prompt_tokens(request or {}))
-        return Usage(
-            input_tokens=partial.input_tokens,
-            cached_input_tokens=partial.cached_input_tokens,
-            cache_write_tokens=partial.cache_write_tokens,
-            output_tokens=self.text.total(),
-            source=UsageSource.ESTIMATED,
-        )
+        if self._estimate is None:
+            partial = self.usage or Usage(input_tokens=self.prompt_tokens(request or {}))
+            self._estimate = Usage(
+                input_tokens=partial.input_tokens,
+                cached_input_tokens=partial.cached_input_tokens,
+                cache_write_tokens=partial.cache_write_tokens,
+                output_tokens=self.text.total(),
+                source=UsageSource.ESTIMATED,
+            )
+        return self._estimate
+
+    @property
+    def reported(self) -> bool:
+        """Whether the provider gave its final usage, so that nothing needs estimating."""
+        return self.usage is not None and self.final
 
     def _set_usage(self, usage: Usage, final: bool = True) -> None:
         self.usage, self.final = usage, final

@@ -72,6 +72,12 @@ def closing_fields(call: Call, outcome: Outcome, prices: PriceBook) -> tuple[dic
     return {**fields, **priced_fields}, wallet_cost
 
 
+def needs_estimate(call: Call, outcome: Outcome) -> bool:
+    """Whether `closing_fields` will estimate the usage with the tokenizer (which can take long
+    for a big prompt or a long cut stream)."""
+    return call.dialect is not None and not call.dialect.reported and _failure(call, outcome) is None
+
+
 def priced(tariff: Tariff, usage: Usage, at: datetime, prices: PriceBook) -> tuple[dict, Decimal]:
     """The usage, status and costs of a row, and what the wallet pays: `completed` with exact
     costs, or `error` for a model with no price."""

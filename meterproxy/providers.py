@@ -7,6 +7,7 @@ at another base URL (how tests reach the local fake provider).
 """
 
 import enum
+import functools
 import re
 import tomllib
 import urllib.parse
@@ -109,6 +110,8 @@ class Registry:
     def __init__(self, providers: tuple[Provider, ...] | list[Provider] = BUILT_IN):
         self.by_name = {provider.name: provider for provider in providers}
         self.by_origin = {provider.origin: provider for provider in providers}
+        # The same few URLs come again and again; a Target is immutable.
+        self._resolved = functools.lru_cache(maxsize=4096)(self._resolve)
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> "Registry":
@@ -130,6 +133,9 @@ class Registry:
 
     def resolve(self, url: str) -> Target:
         """Accept `url` only if it names a registered provider exactly."""
+        return self._resolved(url)
+
+    def _resolve(self, url: str) -> Target:
         if not url:
             raise GatewayError(400, "missing target URL: pass ?u=<provider URL>", "missing_target")
         if _UNSAFE.search(url):

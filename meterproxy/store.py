@@ -1,6 +1,6 @@
 """The SQLite database: merchants, products, wallets, connections, the ledger and the audit log.
 
-One file in WAL mode, shared by the gateway (through `LedgerWriter`'s single thread) and the
+One file in WAL mode, shared by the gateway (its `LedgerWriter` and `StoreThread`) and the
 `meterproxy` admin command. Money is stored as exact 10-decimal strings; secrets only as
 SHA-256 hashes (they are 256-bit random, so a plain hash is enough and lookups stay indexed).
 """
@@ -131,6 +131,7 @@ INDEXES = (
     ("requests", ["status"], False),
     ("holds", ["wallet_id"], False),
 )
+MAX_REMEMBERED = 10_000  # principals kept in memory; all are forgotten when there are more
 INTERRUPTED = "interrupted: the gateway stopped before the call completed"
 
 
@@ -188,28 +189,70 @@ class Principal:
 
 
 class Store:
-    def __init__(self, path: str | Path):
-        conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+    def __init__(self, path: str | Path, busy_timeout: float = 30, checkpoints: bool = True):
+        """`busy_timeout`: seconds to wait for another connection's write lock. `checkpoints`:
+        False leaves the WAL's checkpoints (which fsync) to another connection."""
+        conn = sqlite3.connect(str(path), timeout=busy_timeout, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # in WAL: durable across process crashes
-        self.db.execute("PRAGMA busy_timeout=30000")
+        self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        if not checkpoints:
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.ensure_schema()
+        # What the gateway's writer keeps between transactions: principals by their token's
+        # secrets, and each wallet's [balance, held]. Accounts change rarely, and but for the
+        # gateway's own holds and debits only through other connections (the admin command):
+        # SQLite's data_version tells when another connection has committed, and then all of it
+        # is forgotten, as it is when a transaction or savepoint rolls back.
+        self._data_version: int | None = None
+        self._principals: dict[str, Principal] = {}
+        self._wallets: dict[str, list[Decimal]] = {}
 
     def close(self) -> None:
         self.db.close()
 
     @contextmanager
-    def transaction(self):
-        """A write transaction that takes the lock up front, so that it waits for other
-        writers (busy_timeout) instead of failing on a lock upgrade."""
-        self.db.execute("BEGIN IMMEDIATE")
+    def transaction(self, immediate: bool = True):
+        """A transaction that, by default, takes the write lock up front, so that it waits for
+        other writers (busy_timeout) instead of failing on a lock upgrade. `immediate=False`
+        for reading: a consistent snapshot that holds no lock."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._data_version = version
+            self.forget()
         try:
             yield self
         except BaseException:
-            self.db.rollback()
+            conn.rollback()
+            self.forget()
             raise
-        self.db.commit()
+        conn.commit()
+
+    @contextmanager
+    def savepoint(self):
+        """A nested transaction: an exception undoes only what ran inside it."""
+        conn = self.db.conn
+        conn.execute("SAVEPOINT job")
+        try:
+            yield self
+        except BaseException:
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            self.forget()
+            raise
+        conn.execute("RELEASE job")
+
+    def forget(self) -> None:
+        """Drop what is remembered of accounts and wallets: read them again when next needed."""
+        self._principals.clear()
+        self._wallets.clear()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file as far as readers allow, without blocking writers."""
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def ensure_schema(self) -> None:
         """Create the tables, or bring an older database's tables up to this schema."""
@@ -245,6 +288,7 @@ class Store:
         with self.transaction():
             balance = self.wallet_balance(wallet_id) + amount
             self.db["wallets"].update(wallet_id, {"balance": money_text(balance)})
+        self.forget()
         return balance
 
     def wallet_balance(self, wallet_id: str) -> Decimal:
@@ -279,12 +323,14 @@ class Store:
             row["secret_hash"] = hash_secret(secret)
         with self.transaction():
             self.db[table].insert(row)
+        self.forget()
         return row, secret
 
     def revoke_connection(self, connection_id: str) -> None:
         self._require("connections", connection_id)
         with self.transaction():
             self.db["connections"].update(connection_id, {"revoked_at": utc_now()})
+        self.forget()
 
     def _require(self, table: str, row_id: str) -> dict:
         try:
@@ -292,11 +338,19 @@ class Store:
         except sqlite_utils.db.NotFoundError:
             raise KeyError(f"no {table[:-1]} {row_id}") from None
 
-    # --- the gateway's side (called on the writer thread) ------------------------------------
+    # --- the gateway's side (called in the writer's transactions) -------------------------------
 
     def authorize(self, token: ForwardToken) -> Principal:
-        merchant = self.merchant(token.secret_key)
-        return self.principal(merchant["id"], token.connection_secret, token.product_secret)
+        """The principal a token's secrets name (401 if none); remembered by a hash of them."""
+        key = hash_secret(repr((token.secret_key, token.connection_secret, token.product_secret)))
+        principal = self._principals.get(key)
+        if principal is None:
+            merchant = self.merchant(token.secret_key)
+            principal = self.principal(merchant["id"], token.connection_secret, token.product_secret)
+            if len(self._principals) >= MAX_REMEMBERED:
+                self._principals.clear()
+            self._principals[key] = principal
+        return principal
 
     def merchant(self, secret_key: str) -> dict:
         merchant = self._by_secret("merchants", secret_key)
@@ -337,30 +391,46 @@ class Store:
         the call goes upstream; refuse (402) when the wallet's available balance cannot cover it."""
         wallet_id = row.get("wallet_id")
         if wallet_id:
-            if self.wallet_balance(wallet_id) - self.held(wallet_id) < hold:
+            figures = self._wallet_figures(wallet_id)
+            balance, held = figures
+            if balance - held < hold:
                 raise GatewayError(402, "wallet balance cannot cover this request", "insufficient_balance")
-            hold_row = {"request_id": row["request_id"], "wallet_id": wallet_id, "amount": money_text(hold)}
+            amount = money_text(hold)
+            hold_row = {"request_id": row["request_id"], "wallet_id": wallet_id, "amount": amount}
             self._insert("holds", {**hold_row, "created_at": row["created_at"]})
+            figures[1] = held + Decimal(amount)
         self._insert("requests", {**row, "status": "pending", "metadata": json.dumps(row.get("metadata") or {})})
 
     def complete_request(self, request_id: str, fields: dict, wallet_id: str | None, wallet_cost: Decimal) -> None:
         """Finish the row, release its hold and debit the wallet, in one transaction."""
-        names = list(fields)
-        assignments = ", ".join(f"{name} = ?" for name in names)
-        self.db.execute(f"UPDATE requests SET {assignments} WHERE request_id = ?", [*fields.values(), request_id])
-        self.db.execute("DELETE FROM holds WHERE request_id = ?", [request_id])
+        conn = self.db.conn
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        conn.execute(f"UPDATE requests SET {assignments} WHERE request_id = ?", [*fields.values(), request_id])
+        released = conn.execute("DELETE FROM holds WHERE request_id = ? RETURNING wallet_id, amount", [request_id])
+        for held_on, amount in released.fetchall():
+            if held_on in self._wallets:
+                self._wallets[held_on][1] -= Decimal(amount)
         if wallet_id and wallet_cost:
             self._debit(wallet_id, wallet_cost)
+
+    def _wallet_figures(self, wallet_id: str) -> list[Decimal]:
+        """The wallet's [balance, held], remembered; the caller updates it with what it writes."""
+        figures = self._wallets.get(wallet_id)
+        if figures is None:
+            figures = self._wallets[wallet_id] = [self.wallet_balance(wallet_id), self.held(wallet_id)]
+        return figures
 
     def _insert(self, table: str, row: dict) -> None:
         """A plain INSERT: the gateway's hot path, where the table's shape is known."""
         columns = ", ".join(row)
         marks = ", ".join("?" * len(row))
-        self.db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
+        self.db.conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
 
     def _debit(self, wallet_id: str, amount: Decimal) -> None:
-        balance = self.wallet_balance(wallet_id) - amount
-        self.db.execute("UPDATE wallets SET balance = ? WHERE id = ?", [money_text(balance), wallet_id])
+        figures = self._wallet_figures(wallet_id)
+        balance = money_text(figures[0] - amount)
+        self.db.conn.execute("UPDATE wallets SET balance = ? WHERE id = ?", [balance, wallet_id])
+        figures[0] = Decimal(balance)
 
     def record_usage(self, row: dict, wallet_id: str | None, wallet_cost: Decimal) -> tuple[dict, bool]:
         """A finished row for usage metered elsewhere, charged at once; idempotent on its
@@ -370,8 +440,10 @@ class Store:
             if existing["merchant_id"] != row["merchant_id"] or _figures(existing) != _figures(row):
                 raise GatewayError(409, "request_id was already used for other figures", "request_id_conflict")
             return existing, False
-        if wallet_id and self.wallet_balance(wallet_id) - self.held(wallet_id) < wallet_cost:
-            raise GatewayError(402, "wallet balance cannot cover this request", "insufficient_balance")
+        if wallet_id:
+            balance, held = self._wallet_figures(wallet_id)
+            if balance - held < wallet_cost:
+                raise GatewayError(402, "wallet balance cannot cover this request", "insufficient_balance")
         self.db["requests"].insert({**row, "metadata": json.dumps(row["metadata"])})
         if wallet_id and wallet_cost:
             self._debit(wallet_id, wallet_cost)
@@ -412,6 +484,7 @@ class Store:
             [INTERRUPTED, now, *[money_text(ZERO)] * 3],
         )
         self.db.execute("DELETE FROM holds")
+        self.forget()
         return cursor.rowcount
 
     def record_audit(self, entry: dict) -> None:

@@ -3,6 +3,7 @@
 import base64
 import binascii
 import enum
+import functools
 import json
 from typing import Annotated
 
@@ -54,8 +55,10 @@ def encode_token(**fields: str | None) -> str:
     return base64.b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode()
 
 
+@functools.lru_cache(maxsize=4096)
 def decode_token(raw: str) -> ForwardToken:
-    """Standard or URL-safe base64, padding optional. Any defect is a 401 that names no secret."""
+    """Standard or URL-safe base64, padding optional. Any defect is a 401 that names no secret.
+    Tokens are immutable and the same few come on every call: the decoded ones are kept."""
     raw = raw.strip()
     if not raw:
         raise _invalid("no forward token")

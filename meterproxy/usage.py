@@ -5,7 +5,6 @@ counts every input token (cached and cache-write ones are parts of it) and `outp
 includes reasoning tokens. These are also genai-prices' conventions.
 """
 
-import dataclasses
 import enum
 from dataclasses import dataclass
 from decimal import Decimal
@@ -31,11 +30,18 @@ class Usage:
 
     def columns(self) -> dict:
         """The ledger columns, seconds as exact decimal strings."""
-        values = dataclasses.asdict(self)
-        values["usage_source"] = values.pop("source").value
-        values["input_seconds"] = str(self.input_seconds)
-        values["output_seconds"] = str(self.output_seconds)
-        return values
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cached_input_tokens": self.cached_input_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "input_characters": self.input_characters,
+            "output_characters": self.output_characters,
+            "input_seconds": str(self.input_seconds),
+            "output_seconds": str(self.output_seconds),
+            "usage_source": self.source.value,
+        }
 
 
 @dataclass

@@ -1,8 +1,17 @@
-"""The gateway's one database thread, so that SQLite never blocks mitmproxy's event loop.
+"""The gateway's database work, kept from ever blocking mitmproxy's event loop for long.
 
-Jobs (functions of a `Store`) queue up and run in batches: one transaction per batch, each job
-in its own savepoint so a failing job takes nothing else with it. A job's future resolves only
-after its batch has committed, so an awaited `pending` row is on disk before the call goes out.
+`LedgerWriter` runs the ledger's writes on the event loop itself. Jobs (functions of a `Store`)
+submitted during one turn of the loop run together right after it: one transaction, each job in
+its own savepoint so that a failing job takes nothing else with it. A job's future resolves only
+once its batch has committed, so an awaited `pending` row is on disk before the call goes out.
+In WAL mode with `synchronous=NORMAL` a commit is a write to the operating system, tens of
+microseconds: less than a hop to a thread and back would cost. What could take longer is kept
+off the loop: a database locked by another process (an admin command) is tried again a little
+later instead of waited for, and checkpoints (which fsync) run on the `StoreThread`.
+
+`StoreThread` is one thread with its own connection for work that may take long and that no
+call's admission waits on: the metering API's reports, the response cache's bodies, and a WAL
+checkpoint every second.
 """
 
 import asyncio
@@ -11,6 +20,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -19,8 +29,12 @@ from typing import TypeVar
 from meterproxy.store import Store
 
 T = TypeVar("T")
-COMMIT_ATTEMPTS = 5
 log = logging.getLogger(__name__)
+POSTED_DELAY = 0.005  # seconds a job nobody waits for may wait for company
+LOCKED_PATIENCE = 30.0  # seconds a batch keeps trying while another process holds the lock
+FIRST_RETRY = 0.002  # seconds, doubled on each attempt up to MAX_RETRY
+MAX_RETRY = 0.1
+CHECKPOINT_EVERY = 1.0  # seconds
 _STOP = object()
 
 
@@ -28,77 +42,167 @@ class LedgerWriter:
     def __init__(self, path: str | Path, max_batch: int = 512):
         self.path = path
         self.max_batch = max_batch
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._started = Future()
-        self._thread = threading.Thread(target=self._run, name="meterproxy-ledger", daemon=True)
-        self._thread.start()
-        self._started.result()  # raise here if the database cannot be opened
+        self.store = Store(path, busy_timeout=0, checkpoints=False)
+        self._jobs: deque = deque()
+        self._scheduled: asyncio.Handle | None = None
+        self._soon = False  # the scheduled run is the next turn of the loop
+        self._locked_since: float | None = None
 
-    def submit(self, job: Callable[[Store], T]) -> "Future[T]":
-        future: Future = Future()
-        self._jobs.put((job, future))
+    def submit(self, job: Callable[[Store], T]) -> "asyncio.Future[T]":
+        """Queue `job` for the end of this turn of the loop; its future resolves after commit."""
+        future = asyncio.get_running_loop().create_future()
+        self._jobs.append((job, future))
+        self._run_soon()
         return future
 
+    def post(self, job: Callable[[Store], object], at_once: bool = False) -> None:
+        """Queue `job` with nobody waiting for it (a failure is logged). Unless `at_once`, it
+        runs within POSTED_DELAY, with the next awaited job if one comes first: a completion
+        rides along with the next admission instead of costing a commit between two calls."""
+        self._jobs.append((job, None))
+        if at_once:
+            self._run_soon()
+        elif self._scheduled is None:
+            self._scheduled = asyncio.get_running_loop().call_later(POSTED_DELAY, self._run)
+
+    def _run_soon(self) -> None:
+        if not self._soon and self._locked_since is None:  # while locked, the retry is due anyway
+            if self._scheduled is not None:
+                self._scheduled.cancel()
+            self._scheduled, self._soon = asyncio.get_running_loop().call_soon(self._run), True
+
     async def call(self, job: Callable[[Store], T]) -> T:
-        return await asyncio.wrap_future(self.submit(job))
+        return await self.submit(job)
 
     def stop(self) -> None:
-        """Finish every queued job, then close the database."""
-        if self._thread.is_alive():
-            self._jobs.put(_STOP)
-            self._thread.join()
+        """Commit every queued job, then close the database."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        while self._jobs:
+            if not self._flush():
+                time.sleep(FIRST_RETRY)
+        self.store.close()
 
     def _run(self) -> None:
-        try:
-            store = Store(self.path)
-        except Exception as error:
-            self._started.set_exception(error)
-            return
-        self._started.set_result(None)
-        stopping = False
-        while not stopping:
-            batch = [self._jobs.get()]
-            while len(batch) < self.max_batch and not self._jobs.empty():
-                batch.append(self._jobs.get_nowait())
-            if _STOP in batch:
-                stopping = True
-                batch = [item for item in batch if item is not _STOP]
-                while not self._jobs.empty():
-                    batch.append(self._jobs.get_nowait())
-            if batch:
-                self._run_batch(store, batch)
-        store.close()
+        self._scheduled, self._soon = None, False
+        while self._jobs:
+            if not self._flush():
+                waited = time.monotonic() - self._locked_since
+                delay = min(MAX_RETRY, max(FIRST_RETRY, waited))
+                self._scheduled = asyncio.get_running_loop().call_later(delay, self._run)
+                return
 
-    def _run_batch(self, store: Store, batch: list) -> None:
-        for attempt in range(1, COMMIT_ATTEMPTS + 1):
-            try:
-                outcomes = self._transact(store, batch)
-                break
-            except sqlite3.OperationalError as error:  # locked or busy past busy_timeout: nothing happened
-                log.warning("ledger batch not committed (%s), attempt %d of %d", error, attempt, COMMIT_ATTEMPTS)
-                outcomes = [(False, error)] * len(batch)
-                time.sleep(0.1 * attempt)
-            except Exception as error:
-                log.exception("ledger batch failed")
-                outcomes = [(False, error)] * len(batch)
-                break
+    def _flush(self) -> bool:
+        """Run the next batch; False if the database was locked and it should be tried again."""
+        batch = [self._jobs.popleft() for _ in range(min(self.max_batch, len(self._jobs)))]
+        try:
+            outcomes = self._transact(batch)
+        except sqlite3.OperationalError as error:  # locked, busy or the disk: nothing happened
+            if self._locked_since is None:
+                self._locked_since = time.monotonic()
+            if time.monotonic() - self._locked_since < LOCKED_PATIENCE:
+                self._jobs.extendleft(reversed(batch))
+                return False
+            log.error("ledger batch not committed: %s", error)
+            outcomes = [(False, error)] * len(batch)
+        except Exception as error:
+            log.exception("ledger batch failed")
+            outcomes = [(False, error)] * len(batch)
+        self._locked_since = None
         for (_, future), (ok, value) in zip(batch, outcomes):
-            if ok:
+            if future is None:
+                if not ok:
+                    log.error("ledger job failed: %r", value)
+            elif future.cancelled():
+                pass
+            elif ok:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+        return True
 
-    @staticmethod
-    def _transact(store: Store, batch: list) -> list[tuple[bool, object]]:
-        """Run the batch in one transaction, each job in its own savepoint."""
+    def _transact(self, batch: list) -> list[tuple[bool, object]]:
+        """Run the batch in one transaction, each job in its own savepoint (but a lone job,
+        whose transaction is its own)."""
+        store = self.store
+        if len(batch) == 1:
+            job = batch[0][0]
+            try:
+                with store.transaction():
+                    return [(True, job(store))]
+            except sqlite3.OperationalError:
+                raise
+            except Exception as error:
+                return [(False, error)]
         outcomes = []
         with store.transaction():
             for job, _ in batch:
                 try:
-                    with store.db.atomic():
+                    with store.savepoint():
                         outcomes.append((True, job(store)))
                 except sqlite3.OperationalError:
                     raise  # the database itself: retry the whole batch
                 except Exception as error:
                     outcomes.append((False, error))
         return outcomes
+
+
+class StoreThread:
+    """Jobs one at a time on a thread of their own, each in its own transaction (a writing
+    job's takes the write lock up front, waiting for it if need be); a checkpoint every second."""
+
+    def __init__(self, path: str | Path):
+        self.path = path
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._started: Future = Future()
+        self._thread = threading.Thread(target=self._serve, name="meterproxy-store", daemon=True)
+        self._thread.start()
+        self._started.result()  # raise here if the database cannot be opened
+
+    def submit(self, job: Callable[[Store], T], writes: bool = False) -> "Future[T]":
+        future: Future = Future()
+        self._jobs.put((job, future, writes))
+        return future
+
+    async def call(self, job: Callable[[Store], T], writes: bool = False) -> T:
+        return await asyncio.wrap_future(self.submit(job, writes))
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(_STOP)
+            self._thread.join()
+
+    def _serve(self) -> None:
+        try:
+            store = Store(self.path)
+        except Exception as error:
+            self._started.set_exception(error)
+            return
+        self._started.set_result(None)
+        next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
+        while True:
+            try:
+                item = self._jobs.get(timeout=max(0.0, next_checkpoint - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                break
+            if item is not None:
+                self._run(store, *item)
+            if time.monotonic() >= next_checkpoint:
+                store.checkpoint()
+                next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
+        store.close()
+
+    @staticmethod
+    def _run(store: Store, job, future: Future, writes: bool) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            with store.transaction(immediate=writes):
+                result = job(store)
+        except Exception as error:
+            future.set_exception(error)
+        else:
+            future.set_result(result)

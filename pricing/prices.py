@@ -172,12 +172,15 @@ class PriceBook:
         fast = linear.cost(figures) if linear is not None else None
         if fast is not None:
             return fast
-        return info.calc_price(genai_prices.Usage(**figures), found, genai_request_timestamp=at).total_price
+        return _genai_cost(found, info, figures, at)
 
     @staticmethod
     def _learn(found, info, model_price, at: datetime) -> LinearPrice | None:
         if any(isinstance(value, TieredPrices) for value in model_price.__dict__.values()):
             return None
-        return LinearPrice.learn(
-            lambda figures: info.calc_price(genai_prices.Usage(**figures), found, genai_request_timestamp=at).total_price
-        )
+        return LinearPrice.learn(lambda figures: _genai_cost(found, info, figures, at))
+
+
+def _genai_cost(provider, model, figures: dict[str, int], at: datetime) -> Decimal:
+    """genai-prices' own calculation (what `genai_prices.calc_price` does once it has the model)."""
+    return model.calc_price(genai_prices.Usage(**figures), provider, genai_request_timestamp=at).total_price

@@ -17,7 +17,7 @@ Figures: non-streamed requests/s at a fixed concurrency (wrk, default 16 connect
 p50/p99, p50 at concurrency 1; streams/s (20 chunks each); time to first byte of a paced stream
 (5 ms between chunks); the target's resident memory growth while one ~100 MB stream passes
 through; and a micro-benchmark of the ledger writer (`meterproxy.writer.LedgerWriter`, open +
-complete per row, from several producer threads). It prints a table with each figure's ratio
+complete per row, from concurrent calls on one event loop). It prints a table with each figure's ratio
 to b (non-streamed) or c (streamed) and the acceptance targets, writes
 bench-results/bench.json and draws bench-results/bench.png.
 """
@@ -25,6 +25,7 @@ bench-results/bench.json and draws bench-results/bench.png.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -861,7 +862,8 @@ def attempt(target: Target, measurement) -> dict:
 def bench_writer(rows: int, producers: int) -> dict:
     """`rows` requests through LedgerWriter as the gateway does them: an awaited open job
     (authorize the token, hold on the wallet, pending row), then a completion job (update,
-    release the hold, debit) that nobody waits for; from `producers` threads at once."""
+    release the hold, debit) that nobody waits for; from `producers` concurrent calls on one
+    event loop, as the gateway's flows are."""
     from meterproxy.ids import new_id
     from meterproxy.store import Store, utc_now
     from meterproxy.token import decode_token, encode_token
@@ -870,7 +872,7 @@ def bench_writer(rows: int, producers: int) -> dict:
 
     saved = os.sched_getaffinity(0)
     if PIN.enabled:
-        os.sched_setaffinity(0, {PIN.target})  # the writer thread and producers inherit it
+        os.sched_setaffinity(0, {PIN.target})
     with tempfile.TemporaryDirectory(prefix="bench-writer-") as work:
         db = Path(work) / "ledger.sqlite"
         store = Store(db)
@@ -884,72 +886,66 @@ def bench_writer(rows: int, producers: int) -> dict:
         )
         writer = LedgerWriter(db)
         hold, cost = Decimal("0.0000300000"), Decimal("0.0000045000")
-        failures: list[BaseException] = []
 
-        def produce(count: int) -> None:
-            try:
-                for _ in range(count):
-                    request_id = new_id("req")
-                    row = {
-                        "request_id": request_id,
-                        "provider": "openai",
-                        "endpoint": "chat/completions",
-                        "key_mode": "managed",
-                        "model": MODEL,
-                        "connection_id": connection["id"],
-                        "product_id": product["id"],
-                        "merchant_id": merchant["id"],
-                        "wallet_id": wallet["id"],
-                        "metadata": {"user": "bench"},
-                        "stream": False,
-                        "cache_hit": False,
-                        "attempts": 1,
-                        "created_at": utc_now(),
-                    }
+        async def produce(count: int) -> None:
+            for _ in range(count):
+                request_id = new_id("req")
+                row = {
+                    "request_id": request_id,
+                    "provider": "openai",
+                    "endpoint": "chat/completions",
+                    "key_mode": "managed",
+                    "model": MODEL,
+                    "connection_id": connection["id"],
+                    "product_id": product["id"],
+                    "merchant_id": merchant["id"],
+                    "wallet_id": wallet["id"],
+                    "metadata": {"user": "bench"},
+                    "stream": False,
+                    "cache_hit": False,
+                    "attempts": 1,
+                    "created_at": utc_now(),
+                }
 
-                    def admit(store: Store, row=row) -> None:
-                        store.authorize(token)
-                        store.open_request(row, hold)
+                def admit(store: Store, row=row) -> None:
+                    store.authorize(token)
+                    store.open_request(row, hold)
 
-                    writer.submit(admit).result()
-                    fields = {
-                        "upstream_status": 200,
-                        "provider_response_id": "chatcmpl-bench",
-                        "completed_at": utc_now(),
-                        "latency_ms": 3,
-                        "ttfb_ms": 2,
-                        "model": MODEL,
-                        "attempts": 1,
-                        "input_tokens": 12,
-                        "output_tokens": 5,
-                        "cached_input_tokens": 0,
-                        "cache_write_tokens": 0,
-                        "reasoning_tokens": 0,
-                        "usage_source": "provider",
-                        "status": "completed",
-                        "error_message": None,
-                        "total_cost": "0.0000045000",
-                        "wallet_cost": "0.0000045000",
-                        "merchant_cost": "0.0000000000",
-                    }
-                    writer.submit(
-                        lambda store, rid=request_id, f=fields: store.complete_request(rid, f, wallet["id"], cost)
-                    )
-            except BaseException as error:  # reported below
-                failures.append(error)
+                await writer.call(admit)
+                fields = {
+                    "upstream_status": 200,
+                    "provider_response_id": "chatcmpl-bench",
+                    "completed_at": utc_now(),
+                    "latency_ms": 3,
+                    "ttfb_ms": 2,
+                    "model": MODEL,
+                    "attempts": 1,
+                    "input_tokens": 12,
+                    "output_tokens": 5,
+                    "cached_input_tokens": 0,
+                    "cache_write_tokens": 0,
+                    "reasoning_tokens": 0,
+                    "usage_source": "provider",
+                    "status": "completed",
+                    "error_message": None,
+                    "total_cost": "0.0000045000",
+                    "wallet_cost": "0.0000045000",
+                    "merchant_cost": "0.0000000000",
+                }
+                writer.post(lambda store, rid=request_id, f=fields: store.complete_request(rid, f, wallet["id"], cost))
 
-        per_thread = [rows // producers + (1 if i < rows % producers else 0) for i in range(producers)]
-        threads = [threading.Thread(target=produce, args=(n,)) for n in per_thread]
+        per_producer = [rows // producers + (1 if i < rows % producers else 0) for i in range(producers)]
+
+        async def run_all() -> None:
+            await asyncio.gather(*(produce(n) for n in per_producer))
+            writer.stop()  # every queued completion committed
+
         started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        writer.stop()  # every queued completion committed
+        try:
+            asyncio.run(run_all())
+        finally:
+            os.sched_setaffinity(0, saved)
         elapsed = time.perf_counter() - started
-        os.sched_setaffinity(0, saved)
-        if failures:
-            raise RuntimeError(f"writer benchmark failed: {failures[0]!r}")
         summary = ledger_summary(db)
     completed = summary["rows"].get("completed", 0)
     if completed != rows or summary["open_holds"]:
@@ -1075,7 +1071,7 @@ def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> s
     w = verdicts["ledger writer rows/s"]
     if writer:
         lines.append(
-            f"ledger writer: {writer['rows']:,} rows (open + complete) from {writer['producers']} threads: "
+            f"ledger writer: {writer['rows']:,} rows (open + complete) from {writer['producers']} concurrent calls: "
             f"{writer['rows_per_s']:,.0f} rows/s   target >= 5,000   "
             f"{ {True: 'PASS', False: 'FAIL', None: 'n/a'}[w['pass']] }"
         )
@@ -1279,7 +1275,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="seconds before the big stream is cut (peers: at most 60; default 120)",
     )
     parser.add_argument("--writer-rows", type=int, default=20000, help="rows for the writer benchmark")
-    parser.add_argument("--writer-threads", type=int, default=16, help="producer threads for the writer benchmark")
+    parser.add_argument("--writer-calls", type=int, default=16, help="concurrent calls in the writer benchmark")
     parser.add_argument("--targets", default="abcd", help="which of a, b, c, d to run (default abcd)")
     parser.add_argument("--peers", action="store_true", help="add LiteLLM's proxy (e) and Portkey's gateway (f)")
     parser.add_argument("--writer-only", action="store_true", help="only the ledger writer micro-benchmark")
@@ -1359,8 +1355,8 @@ def main(argv: list[str]) -> int:
                         results[key]["ledger"] = target.ledger
                         print(f"  d meterproxy ledger: {results[key]['ledger']}", flush=True)
             fake.stop()
-        print(f"[writer] {settings.writer_rows:,} rows from {settings.writer_threads} threads", flush=True)
-        writer = bench_writer(settings.writer_rows, settings.writer_threads)
+        print(f"[writer] {settings.writer_rows:,} rows from {settings.writer_calls} concurrent calls", flush=True)
+        writer = bench_writer(settings.writer_rows, settings.writer_calls)
     finally:
         stop_all()
     meta["loadavg_end"] = os.getloadavg()
@@ -1370,7 +1366,7 @@ def main(argv: list[str]) -> int:
         (settings.out / "writer.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         verdict = "PASS" if writer["rows_per_s"] >= 5000 else "FAIL"
         print(
-            f"ledger writer: {writer['rows']:,} rows (open + complete) from {writer['producers']} threads: "
+            f"ledger writer: {writer['rows']:,} rows (open + complete) from {writer['producers']} concurrent calls: "
             f"{writer['rows_per_s']:,.0f} rows/s (target >= 5,000: {verdict})"
             f"; {PIN.note}; wrote {settings.out / 'writer.json'}"
         )

@@ -11,7 +11,7 @@ from addons.auth import REDACTED, Auth, ManagedKeys
 from addons.calls import call_of
 from addons.ledger import Ledger
 from addons.metering import Metering
-from addons.routing import REQUEST_ID_HEADER, Routing
+from addons.routing import REQUEST_ID_HEADER, Routing, retarget
 from meterproxy.providers import Registry
 from meterproxy.store import Store
 from meterproxy.stream import StreamMeter
@@ -53,6 +53,29 @@ def routed(
 
 
 # --- Routing ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        "https://api.openai.com/v1/chat/completions",
+        "http://127.0.0.1:8123/openai/v1/chat/completions?x=%C3%A9",
+        "https://generativelanguage.googleapis.com:443/v1beta/models/g:streamGenerateContent?alt=sse",
+    ],
+)
+@pytest.mark.parametrize("http2", [False, True])
+def test_retarget_does_what_setting_the_url_does(upstream, http2):
+    def request() -> http.Request:
+        flow = gateway_flow("/openai/v1/chat/completions")
+        if http2:
+            flow.request.http_version, flow.request.authority = "HTTP/2.0", "127.0.0.1:8080"
+        return flow.request
+
+    expected, got = request(), request()
+    expected.url = upstream
+    retarget(got, upstream)
+    assert got.data == expected.data
+    assert (got.url, got.host_header) == (expected.url, upstream.split("/")[2].removesuffix(":443"))
 
 
 @pytest.mark.parametrize(
@@ -383,7 +406,7 @@ def test_admission_checks_the_tokens_secrets_and_writes_the_pending_row(accounts
     call = call_of(flow)
     assert flow.response is None and call.opened
     assert call.principal.product_id.startswith("prd_")
-    assert ledger.writer.submit(lambda store: store.request(call.request_id)).result()["status"] == "pending"
+    assert ledger.writer.store.request(call.request_id)["status"] == "pending"
 
 
 def test_admission_refuses_an_unknown_secret_with_401(accounts):
@@ -391,7 +414,7 @@ def test_admission_refuses_an_unknown_secret_with_401(accounts):
     token = encode_token(**{**secrets, "secret_key": "msk_unknown"})
     flow = admitted(ledger, keyed(auth, "/openai/v1/chat/completions", token))
     assert (error_of(flow)[0], call_of(flow).opened) == (401, False)
-    assert ledger.writer.submit(lambda store: store.request(call_of(flow).request_id)).result() is None
+    assert ledger.writer.store.request(call_of(flow).request_id) is None
 
 
 # --- Metering -----------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def test_500_twice_then_success(gateway, fake, account):
     raw = chat(gateway, account)
     assert raw.parse().choices[0].message.content == "w0 w1 w2 w3 w4"
     assert len(fake.requests()) == 3
+    gateway.row(raw.headers["x-lava-request-id"])  # once completed
     rows = [row for row in gateway.rows() if row["request_id"] == raw.headers["x-lava-request-id"]]
     assert [(row["status"], row["attempts"]) for row in rows] == [("completed", 3)]  # one row, three attempts
 

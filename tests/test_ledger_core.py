@@ -2,8 +2,10 @@
 and the accounts store (meterproxy/store.py)."""
 
 import asyncio
+import random
 import sqlite3
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -19,7 +21,7 @@ from meterproxy.providers import Registry
 from meterproxy.store import INTERRUPTED, Principal, Store, hash_secret
 from meterproxy.token import ForwardToken
 from meterproxy.usage import Reply, Usage
-from meterproxy.writer import LedgerWriter
+from meterproxy.writer import LedgerWriter, StoreThread
 from pricing.fees import Payer, ProductFees
 from pricing.prices import ModelPrice, PriceBook
 
@@ -260,7 +262,7 @@ def test_a_long_provider_error_message_is_truncated():
     assert fields["error_message"].startswith("provider answered HTTP 500: xxx")
 
 
-# --- LedgerWriter -------------------------------------------------------------------------------
+# --- LedgerWriter and StoreThread ----------------------------------------------------------------
 
 
 @pytest.fixture
@@ -288,21 +290,14 @@ def committed_reasons(path) -> list[str]:
 
 
 def test_a_job_result_resolves_after_its_commit(writer):
-    assert writer.submit(insert_audit("first")).result(timeout=10) == 1
-    assert committed_reasons(writer.path) == ["first"]
+    async def scenario():
+        result = await writer.call(insert_audit("first"))
+        return result, committed_reasons(writer.path)
+
+    assert asyncio.run(scenario()) == (1, ["first"])
 
 
-def test_call_awaits_a_job(writer):
-    assert asyncio.run(writer.call(lambda store: store.db["audit"].count)) == 0
-
-
-def test_a_failing_job_in_a_batch_does_not_roll_back_the_others(writer):
-    started, release = threading.Event(), threading.Event()
-
-    def blocker(store):
-        started.set()
-        release.wait(timeout=10)
-
+def test_the_jobs_of_one_turn_of_the_loop_commit_together_and_a_failing_one_alone_rolls_back(writer):
     def failing(store):
         store.record_audit({"created_at": "t", "status": 403, "code": "c", "reason": "rolled back"})
         raise RuntimeError("job failed")
@@ -310,33 +305,86 @@ def test_a_failing_job_in_a_batch_does_not_roll_back_the_others(writer):
     def seen_by_others(store):
         return committed_reasons(writer.path)
 
-    first = writer.submit(blocker)
-    assert started.wait(timeout=10)
-    # these queue up behind the blocker and run as one batch, in one transaction
-    jobs = [
-        writer.submit(insert_audit("a")),
-        writer.submit(failing),
-        writer.submit(insert_audit("c")),
-        writer.submit(seen_by_others),
-    ]
-    release.set()
-    first.result(timeout=10)
+    async def scenario():
+        jobs = [insert_audit("a"), failing, insert_audit("c"), seen_by_others]
+        return await asyncio.gather(*(writer.submit(job) for job in jobs), return_exceptions=True)
 
-    assert jobs[0].result(timeout=10) == 1
-    with pytest.raises(RuntimeError, match="job failed"):
-        jobs[1].result(timeout=10)
-    assert jobs[2].result(timeout=10) == 2
-    assert jobs[3].result(timeout=10) == []  # a and c were not committed yet: same batch
+    a, failed, c, seen = asyncio.run(scenario())
+    assert (a, c, seen) == (1, 2, [])  # a and c were not committed yet: the same batch
+    assert isinstance(failed, RuntimeError) and str(failed) == "job failed"
     assert committed_reasons(writer.path) == ["a", "c"]
+
+
+def test_a_posted_job_that_fails_is_logged(writer, caplog):
+    async def scenario():
+        writer.post(lambda store: 1 / 0)
+        await writer.call(insert_audit("after"))
+
+    asyncio.run(scenario())
+    assert "ledger job failed: ZeroDivisionError" in caplog.text
+    assert committed_reasons(writer.path) == ["after"]
+
+
+def test_a_database_locked_by_another_process_is_retried_without_blocking_the_loop(writer):
+    """An admin command holding the write lock: the loop keeps running; the job commits as soon
+    as the lock is released."""
+    other = sqlite3.connect(writer.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def scenario():
+        job = writer.submit(insert_audit("waited"))
+        ticks = 0
+        for _ in range(20):  # 0.2 s of a loop that is never blocked for long
+            started = time.monotonic()
+            await asyncio.sleep(0.01)
+            ticks += time.monotonic() - started < 0.2
+        assert not job.done()
+        other.execute("COMMIT")
+        return ticks, await asyncio.wait_for(job, timeout=5)
+
+    try:
+        assert asyncio.run(scenario()) == (20, 1)
+    finally:
+        other.close()
+    assert committed_reasons(writer.path) == ["waited"]
 
 
 def test_stop_finishes_every_queued_job(tmp_path):
     writer = LedgerWriter(tmp_path / "ledger.sqlite", max_batch=3)
-    futures = [writer.submit(insert_audit(f"r{i}")) for i in range(50)]
-    writer.stop()
-    assert all(future.done() for future in futures)
-    assert [future.result() for future in futures] == list(range(1, 51))
+
+    async def scenario():
+        futures = [writer.submit(insert_audit(f"r{i}")) for i in range(50)]
+        writer.stop()  # before the loop ever ran the batch
+        return [future.result() for future in futures]
+
+    assert asyncio.run(scenario()) == list(range(1, 51))
     assert committed_reasons(writer.path) == [f"r{i}" for i in range(50)]
+
+
+def test_the_store_thread_commits_a_writing_job_and_reads_without_holding_the_write_lock(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    thread = StoreThread(path)
+    try:
+        assert thread.submit(insert_audit("kept"), writes=True).result(timeout=10) == 1
+        assert committed_reasons(path) == ["kept"]
+        started, release = threading.Event(), threading.Event()
+
+        def long_report(store):
+            count = store.db["audit"].count
+            started.set()
+            release.wait(timeout=10)
+            return count
+
+        report = thread.submit(long_report)
+        assert started.wait(timeout=10)
+        other = sqlite3.connect(path, timeout=0)
+        other.execute("INSERT INTO audit (created_at, status, code, reason) VALUES ('t', 1, 'c', 'meanwhile')")
+        other.commit()  # not locked out by the report
+        other.close()
+        release.set()
+        assert report.result(timeout=10) == 1  # its own snapshot
+    finally:
+        thread.stop()
 
 
 def test_a_database_that_cannot_be_opened_fails_the_constructor(tmp_path):
@@ -582,3 +630,57 @@ def test_recovery_leaves_no_row_pending_and_no_hold_open(store):
     row = store.request(make_call().request_id)
     assert (row["status"], row["error_message"], row["wallet_cost"]) == ("error", INTERRUPTED, "0.0000000000")
     assert store.wallet(wallet_id) == {**store.wallet(wallet_id), "balance": f"{balance:.10f}", "held": "0.0000000000"}
+
+
+def remembered_figures_are_the_databases(store: Store, wallet_id: str) -> bool:
+    return store._wallet_figures(wallet_id) == [store.wallet_balance(wallet_id), store.held(wallet_id)]
+
+
+def test_what_the_writer_remembers_follows_commits_of_other_connections(store, tmp_path):
+    """Principals and wallet figures are remembered between transactions; the admin command's
+    top-up and revocation (another connection) are seen at the next transaction all the same."""
+    accounts = make_accounts(store)
+    principal = funded_principal(store)
+    token = ForwardToken(**{name: accounts[name] for name in ("secret_key", "connection_secret", "product_secret")})
+    with store.transaction():
+        assert store.authorize(token).connection_id == accounts["connection"]["id"]
+        store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("4.5"))
+    admin = Store(tmp_path / "accounts.sqlite")
+    admin.top_up(principal.wallet_id, Decimal("2"))
+    admin.revoke_connection(accounts["connection"]["id"])
+    admin.close()
+    with store.transaction():
+        store.open_request(opening_row(make_call(principal=principal, request_id="req_2"), STARTED), Decimal("2.4"))
+        assert remembered_figures_are_the_databases(store, principal.wallet_id)
+        with pytest.raises(GatewayError) as refused:
+            store.authorize(token)
+    assert refused.value.code == "invalid_connection"
+
+
+def test_a_rolled_back_job_leaves_nothing_remembered_of_it(store):
+    principal = funded_principal(store)
+    with store.transaction():
+        store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("1"))
+        with pytest.raises(RuntimeError), store.savepoint():
+            store.open_request(opening_row(make_call(principal=principal, request_id="req_x"), STARTED), Decimal("3"))
+            raise RuntimeError("the job failed after its hold")
+        assert remembered_figures_are_the_databases(store, principal.wallet_id)
+        store.open_request(opening_row(make_call(principal=principal, request_id="req_y"), STARTED), Decimal("3.9"))
+    assert store.held(principal.wallet_id) == Decimal("4.9")
+
+
+def test_remembered_wallet_figures_match_the_database_through_holds_and_debits(store):
+    principal = funded_principal(store)
+    draw = random.Random(3)
+    open_ids = []
+    for i in range(60):
+        with store.transaction():
+            if open_ids and draw.random() < 0.5:
+                request_id = open_ids.pop(draw.randrange(len(open_ids)))
+                cost = Decimal(draw.randrange(0, 10**6)) / 10**11
+                store.complete_request(request_id, {"status": "completed"}, principal.wallet_id, cost)
+            else:
+                call = make_call(principal=principal, request_id=f"req_{i}")
+                store.open_request(opening_row(call, STARTED), Decimal(draw.randrange(1, 10**8)) / 10**9)
+                open_ids.append(call.request_id)
+            assert remembered_figures_are_the_databases(store, principal.wallet_id)

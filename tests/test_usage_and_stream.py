@@ -1,5 +1,6 @@
 """Usage extraction (meterproxy/usage.py) and stream metering (meterproxy/stream.py, SPEC §3.4)."""
 
+import dataclasses
 import gzip
 import json
 import random
@@ -112,6 +113,8 @@ def test_usage_columns_are_the_ledger_columns():
         "output_seconds": "0",
         "usage_source": "estimated",
     }
+    names = {field.name for field in dataclasses.fields(Usage)}
+    assert set(usage.columns()) == names - {"source"} | {"usage_source"}  # every figure has its column
 
 
 # --- an OpenAI JSON body ---------------------------------------------------------------------
