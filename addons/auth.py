@@ -47,24 +47,33 @@ class ManagedKeys:
         return keys[turn % len(keys)]
 
 
-def find_credential(request: http.Request) -> str | None:
-    """The key where an SDK puts it: the `Authorization` bearer, `x-api-key` (Anthropic),
-    `x-goog-api-key` or `?key=` (Google)."""
-    found = [bearer(request.headers.get("authorization")), request.headers.get("x-api-key")]
-    found += [request.headers.get("x-goog-api-key"), request.query.get("key") if _has_key_parameter(request) else None]
-    return next((credential for credential in found if credential), None)
+CREDENTIAL_FIELDS = tuple(name.encode() for name in KEY_HEADERS.values())
+
+
+def take_credential(request: http.Request) -> str | None:
+    """Remove every credential from the request and return the key the client sent, where an
+    SDK puts it: the `Authorization` bearer, `x-api-key` (Anthropic), `x-goog-api-key` or
+    `?key=` (Google). One pass over the raw header fields."""
+    found: dict[bytes, str] = {}
+    kept = []
+    for name, value in request.headers.fields:
+        lowered = name.lower()
+        if lowered in CREDENTIAL_FIELDS:
+            found.setdefault(lowered, value.decode("utf-8", "surrogateescape"))
+        else:
+            kept.append((name, value))
+    if found:
+        request.headers.fields = tuple(kept)
+    candidates = [bearer(found.get(b"authorization")), found.get(b"x-api-key"), found.get(b"x-goog-api-key")]
+    if _has_key_parameter(request):
+        candidates.append(request.query.get("key"))
+        request.query.pop("key", None)
+    return next((credential for credential in candidates if credential), None)
 
 
 def _has_key_parameter(request: http.Request) -> bool:
     """Cheaper than parsing the query of every request."""
     return "key=" in request.path
-
-
-def remove_credentials(request: http.Request) -> None:
-    for name in KEY_HEADERS.values():
-        request.headers.pop(name, None)
-    if _has_key_parameter(request):
-        request.query.pop("key", None)
 
 
 class Auth:
@@ -76,16 +85,18 @@ class Auth:
         call = call_of(flow)
         if call is None or call.refusal:
             return
-        credential = find_credential(flow.request)
+        request = flow.request
+        headers, path = request.headers.fields, request.path
+        credential = take_credential(request)
         try:
             call.token = decode_token(credential or "")
         except GatewayError as error:
-            if call.proxied:  # the client's own provider key: metered, charged to nobody
+            if call.proxied:  # the client's own provider key goes on as it came: metered, charged to nobody
+                request.headers.fields, request.path = headers, path
                 call.principal = Principal(merchant_id=None)
                 call.key = credential
                 return
             refuse(flow, call, error)
-        remove_credentials(flow.request)
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -131,8 +142,10 @@ class Auth:
         or the client's own."""
         if call_of(flow) is None:
             return
-        for name in KEY_HEADERS.values():
-            if name in flow.request.headers:
-                flow.request.headers[name] = REDACTED
+        fields = flow.request.headers.fields
+        if any(name.lower() in CREDENTIAL_FIELDS for name, _ in fields):
+            flow.request.headers.fields = tuple(
+                (name, REDACTED.encode() if name.lower() in CREDENTIAL_FIELDS else value) for name, value in fields
+            )
         if _has_key_parameter(flow.request) and "key" in flow.request.query:
             flow.request.query["key"] = REDACTED
