@@ -50,10 +50,10 @@ class ManagedKeys:
 CREDENTIAL_FIELDS = tuple(name.encode() for name in KEY_HEADERS.values())
 
 
-def take_credential(request: http.Request) -> str | None:
-    """Remove every credential from the request and return the key the client sent, where an
-    SDK puts it: the `Authorization` bearer, `x-api-key` (Anthropic), `x-goog-api-key` or
-    `?key=` (Google). One pass over the raw header fields."""
+def find_credential(request: http.Request) -> tuple[str | None, tuple]:
+    """The key where an SDK puts it: the `Authorization` bearer, `x-api-key` (Anthropic),
+    `x-goog-api-key` or `?key=` (Google); and the header fields without any credential. One
+    pass over the raw header fields."""
     found: dict[bytes, str] = {}
     kept = []
     for name, value in request.headers.fields:
@@ -62,13 +62,18 @@ def take_credential(request: http.Request) -> str | None:
             found.setdefault(lowered, value.decode("utf-8", "surrogateescape"))
         else:
             kept.append((name, value))
-    if found:
-        request.headers.fields = tuple(kept)
     candidates = [bearer(found.get(b"authorization")), found.get(b"x-api-key"), found.get(b"x-goog-api-key")]
     if _has_key_parameter(request):
         candidates.append(request.query.get("key"))
+    return next((credential for credential in candidates if credential), None), tuple(kept)
+
+
+def remove_credentials(request: http.Request, without: tuple) -> None:
+    """Leave only `without`, the header fields `find_credential` kept, and no `?key=`."""
+    if len(without) != len(request.headers.fields):
+        request.headers.fields = without
+    if _has_key_parameter(request):
         request.query.pop("key", None)
-    return next((credential for credential in candidates if credential), None)
 
 
 def _has_key_parameter(request: http.Request) -> bool:
@@ -85,18 +90,16 @@ class Auth:
         call = call_of(flow)
         if call is None or call.refusal:
             return
-        request = flow.request
-        headers, path = request.headers.fields, request.path
-        credential = take_credential(request)
+        credential, without = find_credential(flow.request)
         try:
             call.token = decode_token(credential or "")
         except GatewayError as error:
-            if call.proxied:  # the client's own provider key goes on as it came: metered, charged to nobody
-                request.headers.fields, request.path = headers, path
+            if call.proxied:  # the client's own provider key: metered, charged to nobody
                 call.principal = Principal(merchant_id=None)
                 call.key = credential
                 return
             refuse(flow, call, error)
+        remove_credentials(flow.request, without)
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:

@@ -64,7 +64,7 @@ class Retries:
         if call is None or call.refusal or call.upstream_failure or call.stream:
             return
         if flow.response.status_code not in RETRYABLE_STATUSES:
-            return
+            return  # the usual case: no policy to build
         retry_policy = policy()
         while flow.response.status_code in RETRYABLE_STATUSES:
             wait = retry_policy.wait_before(call.attempts + 1, flow.response.headers.get("retry-after"))

@@ -32,7 +32,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 POSTED_DELAY = 0.005  # seconds a job nobody waits for may wait for company
 LOCKED_PATIENCE = 30.0  # seconds a batch keeps trying while another process holds the lock
-FIRST_RETRY = 0.002  # seconds, doubled on each attempt up to MAX_RETRY
+FIRST_RETRY = 0.002  # seconds before the first retry; then as long as the lock has lasted, up to MAX_RETRY
 MAX_RETRY = 0.1
 CHECKPOINT_EVERY = 1.0  # seconds
 _STOP = object()
@@ -115,7 +115,7 @@ class LedgerWriter:
                 if not ok:
                     log.error("ledger job failed: %r", value)
             elif future.cancelled():
-                pass
+                continue  # whoever waited is gone; the job's work stands
             elif ok:
                 future.set_result(value)
             else:
