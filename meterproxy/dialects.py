@@ -111,8 +111,8 @@ class OpenAIChat(Dialect):
 
     def read_event(self, data: bytes) -> bool:
         for match in self._TEXT.finditer(data):
-            self.text.add(_json(b'"' + match[1] + b'"') or "")
-        if self.reply.response_id is not None and not self._USAGE.search(data):
+            self.text.add(match[1])
+        if self.reply.response_id is not None and (b'"usage"' not in data or not self._USAGE.search(data)):
             return False
         return super().read_event(data)
 

@@ -10,6 +10,7 @@ import base64
 import functools
 import gzip
 import hashlib
+import json
 import re
 from importlib import resources
 
@@ -98,27 +99,41 @@ _PIECE_BOUNDARY = re.compile(r"(?<=[^\W_]) (?=\S)")
 
 class TextCounter:
     """Collects streamed output text for an estimate, holding at most about `limit` characters:
-    past that, the text up to a piece boundary is counted and let go."""
+    past that, the text up to a piece boundary is counted and let go. Text may come as the
+    contents of a JSON string as it was on the wire, escapes and all: it is only decoded if it
+    is ever counted, which for most calls it never is."""
 
     def __init__(self, model: str | None, limit: int = 256 * 1024):
         self.model = model
         self.limit = limit
         self.counted_tokens = 0
-        self._parts: list[str] = []
+        self._parts: list[str | bytes] = []
         self._size = 0
 
-    def add(self, text: str) -> None:
+    def add(self, text: str | bytes) -> None:
+        """`text`, or the bytes between the quotes of a JSON string."""
         self._parts.append(text)
         self._size += len(text)
         if self._size > self.limit:
             self._count_settled_text()
 
     def total(self) -> int:
-        return self.counted_tokens + text_tokens("".join(self._parts), self.model)
+        return self.counted_tokens + text_tokens(self._text(), self.model)
+
+    def _text(self) -> str:
+        return "".join(part if isinstance(part, str) else _json_string(part) for part in self._parts)
 
     def _count_settled_text(self) -> None:
-        text = "".join(self._parts)
+        text = self._text()
         cut = max((match.start() for match in _PIECE_BOUNDARY.finditer(text, len(text) // 2)), default=0)
         self.counted_tokens += text_tokens(text[:cut], self.model)
         self._parts = [text[cut:]]
         self._size = len(text) - cut
+
+
+def _json_string(contents: bytes) -> str:
+    """The text of a JSON string from what was between its quotes; nothing if it is malformed."""
+    try:
+        return json.loads(b'"' + contents + b'"')
+    except ValueError:
+        return ""

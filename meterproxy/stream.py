@@ -38,6 +38,8 @@ def make_decoder(content_encoding: str) -> Callable[[bytes], bytes]:
 
 def split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
     """Complete events (with their blank-line terminator) and the incomplete rest."""
+    if buffer.endswith(b"\n\n") and buffer.find(b"\n\n") == len(buffer) - 2 and b"\r" not in buffer:
+        return [buffer], b""  # the usual chunk: exactly one event
     events = []
     start = 0
     for match in _EVENT_END.finditer(buffer):
@@ -48,6 +50,8 @@ def split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
 
 def event_data(event: bytes) -> bytes:
     """The joined `data:` lines of one event."""
+    if event.startswith(b"data:") and event.endswith(b"\n\n") and event.find(b"\n") == len(event) - 2:
+        return event[5:-2].lstrip(b" ")  # the usual event: one `data:` line, then `\n\n`
     lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     return b"\n".join(lines)
 

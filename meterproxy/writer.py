@@ -4,6 +4,8 @@
 submitted during one turn of the loop run together right after it: one transaction, each job in
 its own savepoint so that a failing job takes nothing else with it. A job's future resolves only
 once its batch has committed, so an awaited `pending` row is on disk before the call goes out.
+Completions, which nobody waits for, are posted: they gather for a few milliseconds and commit in
+batches of their own, so that an admission never waits for another call's completion.
 In WAL mode with `synchronous=NORMAL` a commit is a write to the operating system, tens of
 microseconds: less than a hop to a thread and back would cost. What could take longer is kept
 off the loop: a database locked by another process (an admin command) is tried again a little
@@ -43,66 +45,83 @@ class LedgerWriter:
         self.path = path
         self.max_batch = max_batch
         self.store = Store(path, busy_timeout=0, checkpoints=False)
-        self._jobs: deque = deque()
-        self._scheduled: asyncio.Handle | None = None
-        self._soon = False  # the scheduled run is the next turn of the loop
+        self._urgent: deque = deque()  # jobs somebody waits for, and audit entries
+        self._posted: deque = deque()  # completions: nobody waits for them
+        self._soon: asyncio.Handle | None = None  # the urgent jobs' run, next turn of the loop
+        self._later: asyncio.Handle | None = None  # the posted jobs' run, or a retry of both
         self._locked_since: float | None = None
 
     def submit(self, job: Callable[[Store], T]) -> "asyncio.Future[T]":
         """Queue `job` for the end of this turn of the loop; its future resolves after commit."""
         future = asyncio.get_running_loop().create_future()
-        self._jobs.append((job, future))
+        self._urgent.append((job, future))
         self._run_soon()
         return future
 
     def post(self, job: Callable[[Store], object], at_once: bool = False) -> None:
         """Queue `job` with nobody waiting for it (a failure is logged). Unless `at_once`, it
-        runs within POSTED_DELAY, with the next awaited job if one comes first: a completion
-        rides along with the next admission instead of costing a commit between two calls."""
-        self._jobs.append((job, None))
+        runs within POSTED_DELAY, in a batch of posted jobs only: a completion shares its commit
+        with the completions of other calls, and never makes an admission wait for it."""
         if at_once:
+            self._urgent.append((job, None))
             self._run_soon()
-        elif self._scheduled is None:
-            self._scheduled = asyncio.get_running_loop().call_later(POSTED_DELAY, self._run)
+            return
+        self._posted.append((job, None))
+        if self._later is None:
+            self._later = asyncio.get_running_loop().call_later(POSTED_DELAY, self._run)
 
     def _run_soon(self) -> None:
-        if not self._soon and self._locked_since is None:  # while locked, the retry is due anyway
-            if self._scheduled is not None:
-                self._scheduled.cancel()
-            self._scheduled, self._soon = asyncio.get_running_loop().call_soon(self._run), True
+        if self._soon is None and self._locked_since is None:  # while locked, the retry is due anyway
+            self._soon = asyncio.get_running_loop().call_soon(self._run_urgent)
 
     async def call(self, job: Callable[[Store], T]) -> T:
         return await self.submit(job)
 
     def stop(self) -> None:
         """Commit every queued job, then close the database."""
-        if self._scheduled is not None:
-            self._scheduled.cancel()
-            self._scheduled = None
-        while self._jobs:
-            if not self._flush():
-                time.sleep(FIRST_RETRY)
+        for handle in (self._soon, self._later):
+            if handle is not None:
+                handle.cancel()
+        self._soon = self._later = None
+        for jobs in (self._urgent, self._posted):
+            while jobs:
+                if not self._flush(jobs):
+                    time.sleep(FIRST_RETRY)
         self.store.close()
 
+    def _run_urgent(self) -> None:
+        self._soon = None
+        self._drain(self._urgent)
+
     def _run(self) -> None:
-        self._scheduled, self._soon = None, False
-        while self._jobs:
-            if not self._flush():
+        """The posted jobs' turn, or a retry after a lock: every queued job."""
+        self._later = None
+        if self._drain(self._urgent):
+            self._drain(self._posted)
+
+    def _drain(self, jobs: deque) -> bool:
+        """Run `jobs` in batches; False if the database was locked, and then retry later."""
+        while jobs:
+            if not self._flush(jobs):
+                if self._later is not None:
+                    self._later.cancel()
                 waited = time.monotonic() - self._locked_since
                 delay = min(MAX_RETRY, max(FIRST_RETRY, waited))
-                self._scheduled = asyncio.get_running_loop().call_later(delay, self._run)
-                return
+                self._later = asyncio.get_running_loop().call_later(delay, self._run)
+                return False
+        return True
 
-    def _flush(self) -> bool:
-        """Run the next batch; False if the database was locked and it should be tried again."""
-        batch = [self._jobs.popleft() for _ in range(min(self.max_batch, len(self._jobs)))]
+    def _flush(self, jobs: deque) -> bool:
+        """Run the next batch of `jobs`; False if the database was locked and it should be
+        tried again."""
+        batch = [jobs.popleft() for _ in range(min(self.max_batch, len(jobs)))]
         try:
             outcomes = self._transact(batch)
         except sqlite3.OperationalError as error:  # locked, busy or the disk: nothing happened
             if self._locked_since is None:
                 self._locked_since = time.monotonic()
             if time.monotonic() - self._locked_since < LOCKED_PATIENCE:
-                self._jobs.extendleft(reversed(batch))
+                jobs.extendleft(reversed(batch))
                 return False
             log.error("ledger batch not committed: %s", error)
             outcomes = [(False, error)] * len(batch)

@@ -384,7 +384,7 @@ def ledger_summary(db: Path) -> dict:
     store = Store(db)
     try:
         counts = dict(store.db.execute("SELECT status, count(*) FROM requests GROUP BY status").fetchall())
-        holds = store.db.execute("SELECT count(*) FROM holds").fetchone()[0]
+        holds = counts.get("pending", 0)
         errors = dict(
             store.db.execute(
                 "SELECT substr(error_message, 1, 60), count(*) FROM requests WHERE status = 'error' GROUP BY 1"

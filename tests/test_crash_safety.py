@@ -63,7 +63,8 @@ def read_state(db: Path) -> State:
     try:
         connection.execute("BEGIN")
         rows = {row["request_id"]: dict(row) for row in connection.execute("SELECT * FROM requests")}
-        holds = {row["request_id"]: row["amount"] for row in connection.execute("SELECT * FROM holds")}
+        pending = connection.execute("SELECT request_id, held FROM requests WHERE status = 'pending'")
+        holds = {row["request_id"]: row["held"] for row in pending}
         balances = {row["id"]: row["balance"] for row in connection.execute("SELECT id, balance FROM wallets")}
         connection.rollback()
     finally:

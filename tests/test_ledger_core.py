@@ -21,7 +21,7 @@ from meterproxy.providers import Registry
 from meterproxy.store import INTERRUPTED, Principal, Store, hash_secret
 from meterproxy.token import ForwardToken
 from meterproxy.usage import Reply, Usage
-from meterproxy.writer import LedgerWriter, StoreThread
+from meterproxy.writer import POSTED_DELAY, LedgerWriter, StoreThread
 from pricing.fees import Payer, ProductFees
 from pricing.prices import ModelPrice, PriceBook
 
@@ -315,10 +315,23 @@ def test_the_jobs_of_one_turn_of_the_loop_commit_together_and_a_failing_one_alon
     assert committed_reasons(writer.path) == ["a", "c"]
 
 
+def test_posted_jobs_commit_in_their_own_batch_without_delaying_awaited_ones(writer):
+    async def scenario():
+        writer.post(insert_audit("posted"))
+        awaited = await writer.call(insert_audit("awaited"))
+        seen_then = committed_reasons(writer.path)
+        await asyncio.sleep(POSTED_DELAY * 4)
+        return awaited, seen_then
+
+    assert asyncio.run(scenario()) == (1, ["awaited"])
+    assert committed_reasons(writer.path) == ["awaited", "posted"]
+
+
 def test_a_posted_job_that_fails_is_logged(writer, caplog):
     async def scenario():
         writer.post(lambda store: 1 / 0)
-        await writer.call(insert_audit("after"))
+        writer.post(insert_audit("after"))
+        await asyncio.sleep(POSTED_DELAY * 4)
 
     asyncio.run(scenario())
     assert "ledger job failed: ZeroDivisionError" in caplog.text
@@ -684,3 +697,24 @@ def test_remembered_wallet_figures_match_the_database_through_holds_and_debits(s
                 store.open_request(opening_row(call, STARTED), Decimal(draw.randrange(1, 10**8)) / 10**9)
                 open_ids.append(call.request_id)
             assert remembered_figures_are_the_databases(store, principal.wallet_id)
+
+
+def test_a_database_of_an_earlier_version_loses_its_holds_table_and_gains_the_held_column(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE requests (request_id TEXT PRIMARY KEY, status TEXT, wallet_id TEXT);"
+        "CREATE INDEX idx_requests_status ON requests (status);"
+        "CREATE TABLE holds (request_id TEXT PRIMARY KEY, wallet_id TEXT, amount TEXT, created_at TEXT);"
+    )
+    old.close()
+    store = Store(path)
+    try:
+        assert "holds" not in store.db.table_names()
+        assert "held" in store.db["requests"].columns_dict
+        indexes = {index.name for index in store.db["requests"].indexes}
+        assert "requests_pending" in indexes and "idx_requests_status" not in indexes
+        query = "EXPLAIN QUERY PLAN SELECT held FROM requests WHERE wallet_id = 'w' AND status = 'pending'"
+        assert "requests_pending" in str(store.db.execute(query).fetchall())
+    finally:
+        store.close()

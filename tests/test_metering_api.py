@@ -340,12 +340,13 @@ def test_a_wallet_that_cannot_cover_the_cost_is_refused_with_402_and_no_row(gate
 def test_money_held_for_requests_in_flight_is_not_available(gateway):
     _, wallet_cost, _ = expected_costs("gpt-4o-mini", 1200, 340)
     account = make_account(gateway.store, FEES, balance=wallet_cost)
-    with gateway.store.transaction():
-        gateway.store.db["holds"].insert(
+    with gateway.store.transaction():  # a call in flight (of no merchant's ledger here)
+        gateway.store.db["requests"].insert(
             {
                 "request_id": new_id("req"),
+                "status": "pending",
                 "wallet_id": account.wallet_id,
-                "amount": "0.0000000001",
+                "held": "0.0000000001",
                 "created_at": utc_now(),
             }
         )

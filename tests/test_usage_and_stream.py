@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from meterproxy.dialects import OpenAIChat
+from meterproxy.estimate import TextCounter, text_tokens
 from meterproxy.stream import StreamMeter, make_decoder
 from meterproxy.usage import Reply, Usage, UsageSource, openai_usage
 
@@ -279,6 +280,43 @@ def test_one_chunk(stream, usage_event, drop):
     out = feed(meter, [stream])
     assert out == (without(stream, usage_event) if drop else stream)
     assert_metered(meter)
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["passthrough", "drop-usage"])
+@pytest.mark.parametrize("stream, usage_event", [(PLAIN, USAGE_EVENT), (CRLF, CRLF_USAGE_EVENT)], ids=["lf", "crlf"])
+def test_one_event_per_chunk_as_providers_send_them(stream, usage_event, drop):
+    newline = b"\r\n\r\n" if stream is CRLF else b"\n\n"
+    events = [event + newline for event in stream.split(newline)[:-1]]
+    assert b"".join(events) == stream
+    meter = new_meter(drop)
+    assert feed(meter, events) == (without(stream, usage_event) if drop else stream)
+    assert_metered(meter)
+
+
+def test_the_text_of_a_cut_stream_is_decoded_from_its_json_strings_for_the_estimate():
+    """Streamed text is kept as it came, escapes and all, and decoded only for an estimate."""
+    words = ["caf\u00e9", ' "quoted"', "\n", " \\ back", " 日本"]
+    cut_before_usage = openai_stream(words)[0].split(b'"choices":[]')[0]
+    meter = new_meter(drop=True)
+    feed(meter, [cut_before_usage])
+    assert meter.dialect.usage is None
+    assert meter.dialect.text.total() == text_tokens('café "quoted"\n \\ back 日本', MODEL)
+
+
+def test_malformed_escapes_in_streamed_text_count_as_no_text():
+    counter = TextCounter(MODEL)
+    for piece in (b"one", b"bad \\x escape", b"two"):
+        counter.add(piece)
+    assert counter.total() == text_tokens("onetwo", MODEL)
+
+
+def test_text_kept_past_the_limit_is_counted_as_it_goes_with_the_same_total():
+    pieces = [f"word{i} \\u00e9t\\u00e9, ".encode() for i in range(400)]
+    counter = TextCounter(MODEL, limit=1000)
+    for piece in pieces:
+        counter.add(piece)
+    assert counter.counted_tokens > 0 and counter._size <= 1000 + len(pieces[0])
+    assert counter.total() == text_tokens("".join(f"word{i} été, " for i in range(400)), MODEL)
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["passthrough", "drop-usage"])

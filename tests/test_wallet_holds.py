@@ -101,7 +101,6 @@ def test_a_restart_after_sigkill_leaves_no_hold_open_and_no_row_pending(fake, tm
         ] * 3
         wallet = restarted.store.wallet(account.wallet_id)
         assert (wallet["held"], Decimal(wallet["balance"])) == ("0.0000000000", balance)
-        assert restarted.store.db["holds"].count == 0
         assert any("3 requests were interrupted" in line for line in restarted.output)
     finally:
         restarted.stop()
