@@ -5,6 +5,10 @@ token for the provider key, metering reads usage, and the ledger records and cha
 metering API answers `/v1/requests` and `/v1/usage` itself.
 """
 
+import gc
+
+from genai_prices.data_snapshot import get_snapshot
+
 from addons.api import MeteringApi
 from addons.auth import Auth
 from addons.cache import ResponseCache
@@ -13,6 +17,17 @@ from addons.limits import Limits
 from addons.metering import Metering
 from addons.resilience import Retries, UpstreamWatch
 from addons.routing import Routing
+
+
+class Settled:
+    """Once the proxy runs, what start-up loaded (mitmproxy, the price database, the addons)
+    lives as long as the process: frozen out of the garbage collector's sight, so that its
+    full collections stop walking it again and again."""
+
+    def running(self):
+        get_snapshot()  # the price database, loaded now rather than by the first call
+        gc.freeze()
+
 
 ledger = Ledger()
 routing = Routing()
@@ -30,4 +45,5 @@ addons = [
     ResponseCache(ledger),
     UpstreamWatch(),
     MeteringApi(ledger, routing),
+    Settled(),
 ]

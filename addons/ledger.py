@@ -93,7 +93,7 @@ class Ledger:
             store.open_request(opening_row(call, started), worst_case_hold(call, body_size, prices, started))
 
         try:
-            await self.writer.call(admit)
+            await self.writer.call(admit, atomic=True)
         except GatewayError as error:
             refuse(flow, call, error)
             return
@@ -143,9 +143,11 @@ class Ledger:
             return fields
 
         if not self.keeps_flows:
-            self.writer.post(complete)  # nobody to show the outcome to
+            self.writer.post(complete, atomic=True)  # nobody to show the outcome to
             return
-        self.writer.submit(complete).add_done_callback(lambda completion: self._settled(flow, call, completion))
+        self.writer.submit(complete, atomic=True).add_done_callback(
+            lambda completion: self._settled(flow, call, completion)
+        )
 
     def _settled(self, flow: http.HTTPFlow, call: Call, completion: asyncio.Future) -> None:
         if completion.exception() is not None:
@@ -165,4 +167,4 @@ class Ledger:
             "client_address": flow.client_conn.peername[0] if flow.client_conn.peername else None,
             "target_host": target_host,
         }
-        self.writer.post(lambda store: store.record_audit(entry), at_once=True)
+        self.writer.post(lambda store: store.record_audit(entry), at_once=True, atomic=True)

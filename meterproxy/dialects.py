@@ -106,7 +106,7 @@ class OpenAIChat(Dialect):
     """Chat completions, legacy completions and embeddings, of OpenAI and the compatible
     providers. Stream chunks are only parsed when they can carry usage (or identity)."""
 
-    _TEXT = re.compile(rb'"(?:content|text|arguments|refusal)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+    _TEXT = re.compile(rb'"(?:content|text|arguments|refusal)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
     _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
     def read_event(self, data: bytes) -> bool:

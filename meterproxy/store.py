@@ -211,6 +211,9 @@ class Store:
         self._data_version: int | None = None
         self._principals: dict[str, Principal] = {}
         self._wallets: dict[str, list[Decimal]] = {}
+        # Wallets debited in memory and not yet written: written once each, before a commit
+        # (or a savepoint), however many calls of the batch they paid for.
+        self._unsettled: set[str] = set()
 
     def close(self) -> None:
         self.db.close()
@@ -228,6 +231,7 @@ class Store:
             self.forget()
         try:
             yield self
+            self._settle()
         except BaseException:
             conn.rollback()
             self.forget()
@@ -238,6 +242,7 @@ class Store:
     def savepoint(self):
         """A nested transaction: an exception undoes only what ran inside it."""
         conn = self.db.conn
+        self._settle()  # what ran before it stays, whatever happens inside
         conn.execute("SAVEPOINT job")
         try:
             yield self
@@ -252,6 +257,7 @@ class Store:
         """Drop what is remembered of accounts and wallets: read them again when next needed."""
         self._principals.clear()
         self._wallets.clear()
+        self._unsettled.clear()
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file as far as readers allow, without blocking writers."""
@@ -345,6 +351,9 @@ class Store:
             raise KeyError(f"no {table[:-1]} {row_id}") from None
 
     # --- the gateway's side (called in the writer's transactions) -------------------------------
+    # `open_request`, `complete_request` and `record_usage` each write with one statement, after
+    # every check that can refuse (debits are written at commit): the writer runs them without
+    # savepoints, since one that fails has written nothing.
 
     def authorize(self, token: ForwardToken) -> Principal:
         """The principal a token's secrets name (401 if none); remembered by a hash of them."""
@@ -431,10 +440,16 @@ class Store:
         self.db.conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
 
     def _debit(self, wallet_id: str, amount: Decimal) -> None:
+        """In memory; written by `_settle`, within the same transaction."""
         figures = self._wallet_figures(wallet_id)
-        balance = money_text(figures[0] - amount)
-        self.db.conn.execute("UPDATE wallets SET balance = ? WHERE id = ?", [balance, wallet_id])
-        figures[0] = Decimal(balance)
+        figures[0] = Decimal(money_text(figures[0] - amount))
+        self._unsettled.add(wallet_id)
+
+    def _settle(self) -> None:
+        for wallet_id in self._unsettled:
+            balance = money_text(self._wallets[wallet_id][0])
+            self.db.conn.execute("UPDATE wallets SET balance = ? WHERE id = ?", [balance, wallet_id])
+        self._unsettled.clear()
 
     def record_usage(self, row: dict, wallet_id: str | None, wallet_cost: Decimal) -> tuple[dict, bool]:
         """A finished row for usage metered elsewhere, charged at once; idempotent on its
@@ -491,7 +506,7 @@ class Store:
         return cursor.rowcount
 
     def record_audit(self, entry: dict) -> None:
-        self.db["audit"].insert(entry)
+        self._insert("audit", entry)
 
     # --- reading -----------------------------------------------------------------------------
 

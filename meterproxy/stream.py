@@ -69,11 +69,11 @@ class StreamMeter:
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         self.last_chunk_at = time.monotonic()
-        events = self._read(chunk) if self.readable else []
-        if not self._drop_usage_event or not self.readable:
-            out = chunk
-        else:
-            out = b"".join(event for event, drop in events if not drop)
+        out = chunk
+        if self.readable:
+            kept = self._read(chunk)
+            if self._drop_usage_event and self.readable:
+                out = kept[0] if len(kept) == 1 else b"".join(kept)
         if self.tap is not None:
             self._keep(out)
         # Never return b"" for a non-empty chunk: mitmproxy would end the response there.
@@ -86,7 +86,9 @@ class StreamMeter:
         else:
             self.tap.append(out)
 
-    def _read(self, chunk: bytes) -> list[tuple[bytes, bool]]:
+    def _read(self, chunk: bytes) -> list[bytes]:
+        """Meter the chunk's complete events; returns those the client gets (all but the usage
+        event the gateway asked for)."""
         try:
             decoded = self._decode(chunk) if chunk else b""
         except (zlib.error, brotli.error, zstandard.ZstdError) as error:
@@ -97,8 +99,9 @@ class StreamMeter:
         if not chunk and self._pending:  # end of stream: an unterminated last event counts too
             events.append(self._pending)
             self._pending = b""
-        return [(event, self._meter(event)) for event in events]
-
-    def _meter(self, event: bytes) -> bool:
-        data = event_data(event)
-        return bool(data) and data != b"[DONE]" and self.dialect.read_event(data)
+        kept = []
+        for event in events:
+            data = event_data(event)
+            if not data or data == b"[DONE]" or not self.dialect.read_event(data):
+                kept.append(event)
+        return kept

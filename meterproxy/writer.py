@@ -1,8 +1,9 @@
 """The gateway's database work, kept from ever blocking mitmproxy's event loop for long.
 
 `LedgerWriter` runs the ledger's writes on the event loop itself. Jobs (functions of a `Store`)
-submitted during one turn of the loop run together right after it: one transaction, each job in
-its own savepoint so that a failing job takes nothing else with it. A job's future resolves only
+submitted during one turn of the loop run together right after it: one transaction, in which a
+failing job takes nothing else with it: a job either writes with one statement, its last (the
+ledger's hot jobs, `atomic`), or runs in a savepoint of its own. A job's future resolves only
 once its batch has committed, so an awaited `pending` row is on disk before the call goes out.
 Completions, which nobody waits for, are posted: they gather for a few milliseconds and commit in
 batches of their own, so that an admission never waits for another call's completion.
@@ -51,22 +52,24 @@ class LedgerWriter:
         self._later: asyncio.Handle | None = None  # the posted jobs' run, or a retry of both
         self._locked_since: float | None = None
 
-    def submit(self, job: Callable[[Store], T]) -> "asyncio.Future[T]":
-        """Queue `job` for the end of this turn of the loop; its future resolves after commit."""
+    def submit(self, job: Callable[[Store], T], atomic: bool = False) -> "asyncio.Future[T]":
+        """Queue `job` for the end of this turn of the loop; its future resolves after commit.
+        `atomic`: the job writes with one statement, its last, so that if it fails it has
+        written nothing, and it needs no savepoint."""
         future = asyncio.get_running_loop().create_future()
-        self._urgent.append((job, future))
+        self._urgent.append((job, future, atomic))
         self._run_soon()
         return future
 
-    def post(self, job: Callable[[Store], object], at_once: bool = False) -> None:
+    def post(self, job: Callable[[Store], object], at_once: bool = False, atomic: bool = False) -> None:
         """Queue `job` with nobody waiting for it (a failure is logged). Unless `at_once`, it
         runs within POSTED_DELAY, in a batch of posted jobs only: a completion shares its commit
         with the completions of other calls, and never makes an admission wait for it."""
         if at_once:
-            self._urgent.append((job, None))
+            self._urgent.append((job, None, atomic))
             self._run_soon()
             return
-        self._posted.append((job, None))
+        self._posted.append((job, None, atomic))
         if self._later is None:
             self._later = asyncio.get_running_loop().call_later(POSTED_DELAY, self._run)
 
@@ -74,8 +77,8 @@ class LedgerWriter:
         if self._soon is None and self._locked_since is None:  # while locked, the retry is due anyway
             self._soon = asyncio.get_running_loop().call_soon(self._run_urgent)
 
-    async def call(self, job: Callable[[Store], T]) -> T:
-        return await self.submit(job)
+    async def call(self, job: Callable[[Store], T], atomic: bool = False) -> T:
+        return await self.submit(job, atomic)
 
     def stop(self) -> None:
         """Commit every queued job, then close the database."""
@@ -129,7 +132,7 @@ class LedgerWriter:
             log.exception("ledger batch failed")
             outcomes = [(False, error)] * len(batch)
         self._locked_since = None
-        for (_, future), (ok, value) in zip(batch, outcomes):
+        for (_, future, _), (ok, value) in zip(batch, outcomes):
             if future is None:
                 if not ok:
                     log.error("ledger job failed: %r", value)
@@ -142,24 +145,18 @@ class LedgerWriter:
         return True
 
     def _transact(self, batch: list) -> list[tuple[bool, object]]:
-        """Run the batch in one transaction, each job in its own savepoint (but a lone job,
-        whose transaction is its own)."""
+        """Run the batch in one transaction, each job that is not atomic in a savepoint of its
+        own: a job that fails takes nothing else with it."""
         store = self.store
-        if len(batch) == 1:
-            job = batch[0][0]
-            try:
-                with store.transaction():
-                    return [(True, job(store))]
-            except sqlite3.OperationalError:
-                raise
-            except Exception as error:
-                return [(False, error)]
         outcomes = []
         with store.transaction():
-            for job, _ in batch:
+            for job, _, atomic in batch:
                 try:
-                    with store.savepoint():
+                    if atomic:
                         outcomes.append((True, job(store)))
+                    else:
+                        with store.savepoint():
+                            outcomes.append((True, job(store)))
                 except sqlite3.OperationalError:
                     raise  # the database itself: retry the whole batch
                 except Exception as error:

@@ -315,6 +315,46 @@ def test_the_jobs_of_one_turn_of_the_loop_commit_together_and_a_failing_one_alon
     assert committed_reasons(writer.path) == ["a", "c"]
 
 
+def test_atomic_jobs_run_without_savepoints_and_one_refused_before_writing_leaves_nothing(writer):
+    """The ledger's hot jobs: a refusal comes before their one write, so no savepoint is needed."""
+    statements = []
+    writer.store.db.conn.set_trace_callback(statements.append)
+
+    def refused(store):
+        raise GatewayError(402, "wallet balance cannot cover this request", "insufficient_balance")
+
+    async def scenario():
+        jobs = [insert_audit("a"), refused, insert_audit("c")]
+        return await asyncio.gather(*(writer.submit(job, atomic=True) for job in jobs), return_exceptions=True)
+
+    a, failed, c = asyncio.run(scenario())
+    assert (a, c, failed.code) == (1, 2, "insufficient_balance")
+    assert committed_reasons(writer.path) == ["a", "c"]
+    assert not [statement for statement in statements if "SAVEPOINT" in statement]
+
+
+def test_debits_of_a_batch_are_written_once_per_wallet_and_survive_a_failed_savepoint(store):
+    principal = funded_principal(store)
+    wallet_id, balance = principal.wallet_id, store.wallet_balance(principal.wallet_id)
+    calls = [make_call(principal=principal, request_id=f"req_{i}") for i in range(3)]
+    with store.transaction():
+        for call in calls:
+            store.open_request(opening_row(call, STARTED), Decimal("0.1"))
+    statements = []
+    store.db.conn.set_trace_callback(statements.append)
+    with store.transaction():
+        store.complete_request("req_0", {"status": "completed"}, wallet_id, Decimal("0.25"))
+        with pytest.raises(RuntimeError), store.savepoint():
+            store.complete_request("req_1", {"status": "completed"}, wallet_id, Decimal("1"))
+            raise RuntimeError("the job failed after its debit")
+        store.complete_request("req_2", {"status": "completed"}, wallet_id, Decimal("0.5"))
+    store.db.conn.set_trace_callback(None)
+    assert [statement.startswith("UPDATE wallets") for statement in statements].count(True) == 2
+    assert store.wallet_balance(wallet_id) == balance - Decimal("0.75")
+    assert store.held(wallet_id) == Decimal("0.1")  # req_1, rolled back, is still pending
+    assert remembered_figures_are_the_databases(store, wallet_id)
+
+
 def test_posted_jobs_commit_in_their_own_batch_without_delaying_awaited_ones(writer):
     async def scenario():
         writer.post(insert_audit("posted"))
@@ -686,17 +726,18 @@ def test_remembered_wallet_figures_match_the_database_through_holds_and_debits(s
     principal = funded_principal(store)
     draw = random.Random(3)
     open_ids = []
-    for i in range(60):
-        with store.transaction():
-            if open_ids and draw.random() < 0.5:
-                request_id = open_ids.pop(draw.randrange(len(open_ids)))
-                cost = Decimal(draw.randrange(0, 10**6)) / 10**11
-                store.complete_request(request_id, {"status": "completed"}, principal.wallet_id, cost)
-            else:
-                call = make_call(principal=principal, request_id=f"req_{i}")
-                store.open_request(opening_row(call, STARTED), Decimal(draw.randrange(1, 10**8)) / 10**9)
-                open_ids.append(call.request_id)
-            assert remembered_figures_are_the_databases(store, principal.wallet_id)
+    for i in range(40):
+        with store.transaction():  # a batch of the writer: debits are written at its commit
+            for j in range(draw.randint(1, 4)):
+                if open_ids and draw.random() < 0.5:
+                    request_id = open_ids.pop(draw.randrange(len(open_ids)))
+                    cost = Decimal(draw.randrange(0, 10**6)) / 10**11
+                    store.complete_request(request_id, {"status": "completed"}, principal.wallet_id, cost)
+                else:
+                    call = make_call(principal=principal, request_id=f"req_{i}_{j}")
+                    store.open_request(opening_row(call, STARTED), Decimal(draw.randrange(1, 10**8)) / 10**9)
+                    open_ids.append(call.request_id)
+        assert remembered_figures_are_the_databases(store, principal.wallet_id)
 
 
 def test_a_database_of_an_earlier_version_loses_its_holds_table_and_gains_the_held_column(tmp_path):

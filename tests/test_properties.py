@@ -551,7 +551,7 @@ class StubStore:
 class StubWriter:
     """The ledger writer's `call`, run at once against the stub store."""
 
-    async def call(self, job):
+    async def call(self, job, atomic: bool = False):
         return job(StubStore())
 
 
