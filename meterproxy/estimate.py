@@ -11,7 +11,6 @@ import functools
 import gzip
 import hashlib
 import json
-import re
 from importlib import resources
 
 import tiktoken
@@ -91,44 +90,33 @@ def chat_prompt_tokens(messages: list, model: str | None, system: object = None)
     return total
 
 
-# A space between a letter or digit and a non-space ends a pre-tokenizer piece in tiktoken's
-# patterns, and BPE never merges across pieces: counting the text on either side separately
-# gives the same total as counting it whole.
-_PIECE_BOUNDARY = re.compile(r"(?<=[^\W_]) (?=\S)")
-
-
 class TextCounter:
-    """Collects streamed output text for an estimate, holding at most about `limit` characters:
-    past that, the text up to a piece boundary is counted and let go. Text may come as the
-    contents of a JSON string as it was on the wire, escapes and all: it is only decoded if it
-    is ever counted, which for most calls it never is."""
+    """Collects streamed output text for an estimate, keeping at most about `limit` characters:
+    past that, only the amount of text is noted and the estimate extrapolates from the text kept.
+    Nothing is counted while the stream passes, only if an estimate is ever needed (which for
+    most calls it never is), so that no tokenizer runs on the event loop. Text may come as the
+    contents of a JSON string as it was on the wire, escapes and all, and is then decoded only
+    for the count."""
 
     def __init__(self, model: str | None, limit: int = 256 * 1024):
         self.model = model
         self.limit = limit
-        self.counted_tokens = 0
         self._parts: list[str | bytes] = []
-        self._size = 0
+        self._size = 0  # of the parts kept
+        self._beyond = 0  # the size of the text past the limit, not kept
 
     def add(self, text: str | bytes) -> None:
         """`text`, or the bytes between the quotes of a JSON string."""
+        if self._size >= self.limit:
+            self._beyond += len(text)
+            return
         self._parts.append(text)
         self._size += len(text)
-        if self._size > self.limit:
-            self._count_settled_text()
 
     def total(self) -> int:
-        return self.counted_tokens + text_tokens(self._text(), self.model)
-
-    def _text(self) -> str:
-        return "".join(part if isinstance(part, str) else _json_string(part) for part in self._parts)
-
-    def _count_settled_text(self) -> None:
-        text = self._text()
-        cut = max((match.start() for match in _PIECE_BOUNDARY.finditer(text, len(text) // 2)), default=0)
-        self.counted_tokens += text_tokens(text[:cut], self.model)
-        self._parts = [text[cut:]]
-        self._size = len(text) - cut
+        text = "".join(part if isinstance(part, str) else _json_string(part) for part in self._parts)
+        tokens = text_tokens(text, self.model)
+        return tokens + round(tokens * self._beyond / self._size) if self._beyond else tokens
 
 
 def _json_string(contents: bytes) -> str:
