@@ -351,9 +351,9 @@ class Store:
             raise KeyError(f"no {table[:-1]} {row_id}") from None
 
     # --- the gateway's side (called in the writer's transactions) -------------------------------
-    # `open_request`, `complete_request` and `record_usage` each write with one statement, after
-    # every check that can refuse (debits are written at commit): the writer runs them without
-    # savepoints, since one that fails has written nothing.
+    # `open_request` and `complete_request` each write with one statement, after every check
+    # that can refuse (debits are written at commit): the writer runs the ledger's jobs, which
+    # call them, without savepoints, since one that fails has written nothing.
 
     def authorize(self, token: ForwardToken) -> Principal:
         """The principal a token's secrets name (401 if none); remembered by a hash of them."""

@@ -177,6 +177,14 @@ class Gateway:
     def audit(self) -> list[dict]:
         return list(self.store.db["audit"].rows)
 
+    def audit_since(self, start: int, count: int = 1, timeout: float = 10) -> list[dict]:
+        """The audit entries after the first `start`, once there are `count` of them (a refusal's
+        entry is committed right after the client got its answer)."""
+        deadline = time.monotonic() + timeout
+        while len(entries := self.audit()[start:]) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return entries
+
     def stop(self) -> None:
         _stop(self.process)
         self.store.close()
