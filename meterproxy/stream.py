@@ -73,7 +73,7 @@ class StreamMeter:
         if self.readable:
             kept = self._read(chunk)
             if self._drop_usage_event and self.readable:
-                out = kept[0] if len(kept) == 1 else b"".join(kept)
+                out = b"".join(kept)
         if self.tap is not None:
             self._keep(out)
         # Never return b"" for a non-empty chunk: mitmproxy would end the response there.

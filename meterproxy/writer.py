@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TypeVar
 
@@ -152,11 +153,8 @@ class LedgerWriter:
         with store.transaction():
             for job, _, atomic in batch:
                 try:
-                    if atomic:
+                    with nullcontext() if atomic else store.savepoint():
                         outcomes.append((True, job(store)))
-                    else:
-                        with store.savepoint():
-                            outcomes.append((True, job(store)))
                 except sqlite3.OperationalError:
                     raise  # the database itself: retry the whole batch
                 except Exception as error:
