@@ -5,12 +5,14 @@ import json
 
 import pytest
 from mitmproxy import exceptions, http
+from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
 from addons.auth import REDACTED, Auth, ManagedKeys
 from addons.calls import call_of
 from addons.ledger import Ledger
 from addons.metering import Metering
+from addons.pipeline import Pipeline
 from addons.routing import REQUEST_ID_HEADER, Routing, retarget
 from meterproxy.providers import Registry
 from meterproxy.store import Store
@@ -547,3 +549,49 @@ def test_an_event_stream_response_is_teed_through_the_meter(drop, encoding, hand
     assert call.drop_usage_event is drop
     assert isinstance(flow.response.stream, StreamMeter) and flow.response.stream.dialect is call.dialect
     assert flow.response.headers.get("content-encoding") == handed_on
+
+
+# --- the pipeline that runs the concerns as one addon ---------------------------------------------
+
+
+class Concern:
+    """Records its hooks' calls; `waits` makes its `request` hook a coroutine that yields once."""
+
+    def __init__(self, name: str, seen: list, waits: bool = False) -> None:
+        self.name, self.seen, self.waits = name, seen, waits
+
+    def load(self, loader):
+        loader.add_option(f"pipeline_{self.name}", bool, False, "An option of a concern.")
+
+    def request(self, flow: http.HTTPFlow):
+        if self.waits:
+            return self._wait()
+        self.seen.append(self.name)
+        return None
+
+    async def _wait(self) -> None:
+        await asyncio.sleep(0)
+        self.seen.append(self.name)
+
+
+def test_the_pipeline_calls_the_concerns_in_turn_and_waits_where_one_waits():
+    seen: list = []
+    pipeline = Pipeline(Concern("first", seen), Concern("waits", seen, waits=True), Concern("last", seen))
+    with taddons.context(pipeline) as tctx:
+        assert "pipeline_first" in tctx.options and "pipeline_last" in tctx.options  # load reached each
+        flow = tflow.tflow()
+        pending = pipeline.request(flow)
+        assert seen == ["first"]  # the concern after the one that waits has not run yet
+        tctx.master.event_loop.run_until_complete(pending)
+        assert seen == ["first", "waits", "last"]
+        seen.clear()
+        tctx.master.event_loop.run_until_complete(tctx.master.addons.handle_lifecycle(HttpRequestHook(flow)))
+        assert seen == ["first", "waits", "last"]  # and mitmproxy awaits it
+    assert not hasattr(pipeline, "response")  # no concern has it: mitmproxy skips the pipeline
+
+
+def test_the_pipeline_does_not_make_a_coroutine_when_no_concern_waits():
+    seen: list = []
+    pipeline = Pipeline(Concern("one", seen), Concern("two", seen))
+    assert pipeline.request(tflow.tflow()) is None
+    assert seen == ["one", "two"]
