@@ -12,6 +12,7 @@ record on its writer.
 """
 
 import json
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 import pydantic
@@ -37,10 +38,14 @@ class MeteringApi:
         self.ledger = ledger
         self.routing = routing
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Waits (returns the answer to await) only for a request to the metering API."""
         path = flow.request.path.partition("?")[0].rstrip("/")
         if flow.response or flow.server_conn.address is not None or not path.startswith(PREFIXES):
-            return
+            return None
+        return self._serve(flow, path)
+
+    async def _serve(self, flow: http.HTTPFlow, path: str) -> None:
         request_id = new_id("req")
         try:
             status, body = await self._answer(flow.request, path)

@@ -9,6 +9,7 @@ received (replayed whole, a valid stream of the same events). Every response in 
 """
 
 import json
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -30,35 +31,40 @@ class ResponseCache:
     def load(self, loader):
         loader.add_option("meterproxy_cache_max_bytes", int, 256 * 1024 * 1024, "Size cap of the response cache.")
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Waits (returns the lookup to await) only where the cache is read."""
         call = call_of(flow)
         if call is None or call.refusal or not call.opened or call.request_body is None:
-            return
+            return None
         rule = directive(call.principal.cache_ttl, flow.request.headers, call.fresh)
         if rule is None:
-            return
+            return None
         call.cache_status = "bypass"
         if not (rule.read or rule.write):
-            return
+            return None
         key = cache_key(call.principal.merchant_id or "", call.target.provider.name, call.endpoint, call.request_body)
         if rule.read:
-            now = iso(datetime.now(UTC))
-            entry = await self.ledger.store_thread.call(lambda store: store.cached(key, now), writes=True)
-            if entry is not None:
-                call.cache_hit, call.cache_status = True, "hit"
-                usage = entry["usage"]
-                call.dialect.usage = Usage(
-                    **{
-                        **usage,
-                        "input_seconds": Decimal(usage["input_seconds"]),
-                        "output_seconds": Decimal(usage["output_seconds"]),
-                    }
-                )
-                call.dialect.final = True
-                flow.response = http.Response.make(200, entry["body"], {"content-type": entry["content_type"]})
-                return
-        call.cache_status = "miss"
-        call.cache_entry = {"key": key, "ttl": rule.ttl}
+            return self._look_up(flow, call, key, rule.ttl)
+        _missed(call, key, rule.ttl)
+        return None
+
+    async def _look_up(self, flow: http.HTTPFlow, call, key: str, ttl: int) -> None:
+        now = iso(datetime.now(UTC))
+        entry = await self.ledger.store_thread.call(lambda store: store.cached(key, now), writes=True)
+        if entry is None:
+            _missed(call, key, ttl)
+            return
+        call.cache_hit, call.cache_status = True, "hit"
+        usage = entry["usage"]
+        call.dialect.usage = Usage(
+            **{
+                **usage,
+                "input_seconds": Decimal(usage["input_seconds"]),
+                "output_seconds": Decimal(usage["output_seconds"]),
+            }
+        )
+        call.dialect.final = True
+        flow.response = http.Response.make(200, entry["body"], {"content-type": entry["content_type"]})
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
@@ -105,3 +111,9 @@ class ResponseCache:
             store.keep({**entry, "provider_cost": money_text(cost)}, limit)
 
         self.ledger.store_thread.submit(keep, writes=True)
+
+
+def _missed(call, key: str, ttl: int) -> None:
+    """Not answered from the cache: the answer is to be kept under `key`, if it ends well."""
+    call.cache_status = "miss"
+    call.cache_entry = {"key": key, "ttl": ttl}

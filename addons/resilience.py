@@ -17,6 +17,7 @@ response from anywhere but the upstream connection. So:
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 
 import httpx2
 from mitmproxy import ctx, http
@@ -59,12 +60,16 @@ class Retries:
         if self._client is not None:
             await self._client.aclose()
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Waits (returns the retries to await) only for an answer worth trying again."""
         call = call_of(flow)
         if call is None or call.refusal or call.upstream_failure or call.stream:
-            return
+            return None
         if flow.response.status_code not in RETRYABLE_STATUSES:
-            return  # the usual case: no policy to build
+            return None  # the usual case
+        return self._retry(flow, call)
+
+    async def _retry(self, flow: http.HTTPFlow, call) -> None:
         retry_policy = policy()
         while flow.response.status_code in RETRYABLE_STATUSES:
             wait = retry_policy.wait_before(call.attempts + 1, flow.response.headers.get("retry-after"))
@@ -127,17 +132,26 @@ class UpstreamWatch:
         if "meterproxy_first_byte_timeout" in updated:
             self.first_byte_timeout = ctx.options.meterproxy_first_byte_timeout
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Waits (returns the check to await) only for a provider not heard from lately."""
         call = call_of(flow)
         if call is None or call.refusal or not call.opened or flow.response is not None:
-            return  # flow.response: answered already (from the cache)
+            return None  # flow.response: answered already (from the cache)
         address = (flow.request.host, flow.request.port)
         if time.monotonic() - self.heard_from.get(address, -1e9) > self.health_window:
-            failure = await self._reach(address, call)
-            if failure is not None:
-                call.upstream_failure = failure
-                flow.response = http.Response.make(failure.status, failure.body(), {"content-type": "application/json"})
-                return
+            return self._check_then_watch(flow, call, address)
+        self._watch_first_byte(flow, call)
+        return None
+
+    async def _check_then_watch(self, flow: http.HTTPFlow, call, address: tuple[str, int]) -> None:
+        failure = await self._reach(address, call)
+        if failure is not None:
+            call.upstream_failure = failure
+            flow.response = http.Response.make(failure.status, failure.body(), {"content-type": "application/json"})
+            return
+        self._watch_first_byte(flow, call)
+
+    def _watch_first_byte(self, flow: http.HTTPFlow, call) -> None:
         timeout = self.first_byte_timeout
         call.watchdog = asyncio.get_running_loop().call_later(
             timeout, cut_upstream, flow, f"the provider sent nothing for {timeout} s"
