@@ -135,6 +135,7 @@ PENDING_INDEX = "CREATE INDEX IF NOT EXISTS requests_pending ON requests (wallet
 # What earlier versions had: a table of holds and an index of every row's status.
 OBSOLETE = ("DROP TABLE IF EXISTS holds", "DROP INDEX IF EXISTS idx_requests_status")
 MAX_REMEMBERED = 10_000  # principals kept in memory; all are forgotten when there are more
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file keeps when it starts over
 INTERRUPTED = "interrupted: the gateway stopped before the call completed"
 
 
@@ -200,6 +201,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # in WAL: durable across process crashes
         self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")  # the WAL shrinks back when it starts over
         if not checkpoints:
             self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.ensure_schema()
@@ -260,8 +262,15 @@ class Store:
         self._unsettled.clear()
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database file as far as readers allow, without blocking writers."""
+        """Copy the WAL into the database file, and let the next write start the WAL over.
+
+        A passive checkpoint alone never catches up with a steady stream of writes (frames keep
+        coming while it copies), and then the WAL grows without end, and every read with it. So
+        the passive copy, which never blocks a writer, is followed by a RESTART, which copies the
+        few frames written meanwhile and holds writers off for that moment only (the gateway's
+        writer tries again a few milliseconds later)."""
         self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.db.execute("PRAGMA wal_checkpoint(RESTART)")
 
     def ensure_schema(self) -> None:
         """Create the tables, or bring an older database's tables up to this schema."""

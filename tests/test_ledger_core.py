@@ -440,6 +440,35 @@ def test_the_store_thread_commits_a_writing_job_and_reads_without_holding_the_wr
         thread.stop()
 
 
+def test_the_wal_starts_over_at_each_checkpoint_while_writes_keep_coming(tmp_path):
+    """A passive checkpoint alone never catches up with a steady stream of writes: the WAL would
+    grow as long as they go on."""
+    path = tmp_path / "ledger.sqlite"
+    writing, checkpointing = Store(path, checkpoints=False), Store(path)
+    stop, written = threading.Event(), []
+
+    def write() -> None:
+        while not stop.is_set():
+            with writing.transaction():
+                writing.record_audit({"created_at": "t", "status": 200, "code": "c", "reason": "x" * 2000})
+            written.append(1)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for _ in range(20):
+            time.sleep(0.02)
+            checkpointing.checkpoint()
+    finally:
+        stop.set()
+        writer.join()
+    frames_now = writing.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+    assert len(written) > 200  # the writes went on throughout
+    assert frames_now < len(written) / 4  # the WAL holds the last checkpoint's writes, not all of them
+    writing.close()
+    checkpointing.close()
+
+
 def test_a_database_that_cannot_be_opened_fails_the_constructor(tmp_path):
     with pytest.raises(sqlite3.OperationalError):
         LedgerWriter(tmp_path / "no-such-directory" / "ledger.sqlite")
