@@ -2,9 +2,11 @@
 """Benchmark meterproxy against bare mitmdump on loopback, with the local fake provider.
 
 One command: `python3 scripts/bench.py` (it re-runs itself in the project's `.venv`, made by
-`scripts/bootstrap.sh` if needed). It starts the fake provider and then, one target at a time
-(start, measure, stop), each target alone on one CPU where `taskset` allows it (the fake
-provider, `wrk` and this script's own clients share the other CPU):
+`scripts/bootstrap.sh` if needed). It starts the fake provider and the targets, and measures one
+target at a time, each alone on one CPU where `taskset` allows it (the fake provider, `wrk` and
+this script's own clients share the other CPU). The wrk figures are measured in rounds (default
+3) that take the targets in turn, so that a slow spell of the machine falls on every target, and
+each is reported as its median round:
 
   a  direct      the fake provider itself
   b  mitmdump    bare `mitmdump` in regular mode with `scripts/bench_forward.py` (forwarding only)
@@ -815,36 +817,68 @@ def big_stream(target: Target, megabytes: int, timeout: float) -> dict:
     }
 
 
-def measure(target: Target, fake: Fake, settings: argparse.Namespace, max_tokens: int, work: Path) -> dict:
-    result: dict = {"label": target.label, "notes": target.notes}
+# The figures measured with wrk in every round, and which of a round's runs stands for them:
+# the median by the figure the targets are checked on.
+ROUND_RUNS = {"throughput": "per_s", "concurrency_1": "p50_ms", "streams": "per_s"}
+
+
+def step(target: Target, what: str) -> None:
+    print(f"  {target.key} {target.label}: {what}", flush=True)
+
+
+def prepare(target: Target, fake: Fake, max_tokens: int, work: Path) -> dict:
+    """Check that the target answers, streamed too, and warm it up."""
+    result: dict = {"label": target.label, "notes": target.notes, "rounds": {run: [] for run in ROUND_RUNS}}
     result["smoke"] = smoke(target, max_tokens)
-    plain, streamed = chat_body(max_tokens), chat_body(STREAM_CHUNKS, stream=True)
-    step = lambda what: print(f"  {target.key} {target.label}: {what}", flush=True)  # noqa: E731
-    step("warm-up")
-    wrk(target, fake, plain, settings.connections, 1, work)
-    step(f"non-streamed, {settings.connections} connections, {settings.duration} s")
-    result["throughput"] = wrk(target, fake, plain, settings.connections, settings.duration, work)
-    step(f"non-streamed, 1 connection, {settings.duration} s")
-    result["concurrency_1"] = wrk(target, fake, plain, 1, settings.duration, work)
     stream_error = smoke_stream(target)
     if stream_error is not None:
         if target.key in "abcd":
             raise RuntimeError(stream_error)
-        print(f"  {target.key} {target.label}: streamed figures UNAVAILABLE: {stream_error}", flush=True)
+        step(target, f"streamed figures UNAVAILABLE: {stream_error}")
         result["stream_error"] = stream_error
         target.notes.append(f"streaming unavailable: {stream_error}")
-        return result
-    step(f"streams of {STREAM_CHUNKS} chunks, {settings.connections} connections, {settings.duration} s")
-    result["streams"] = wrk(target, fake, streamed, settings.connections, settings.duration, work)
-    step(f"paced TTFB, {settings.ttfb_streams} streams")
+    step(target, "warm-up")
+    wrk(target, fake, chat_body(max_tokens), 16, 1, work)
+    return result
+
+
+def measure_round(
+    target: Target, result: dict, fake: Fake, settings: argparse.Namespace, max_tokens: int, work: Path
+) -> None:
+    """One run of each wrk figure, added to the target's rounds."""
+    plain, streamed = chat_body(max_tokens), chat_body(STREAM_CHUNKS, stream=True)
+    runs = {
+        "throughput": (plain, settings.connections, f"non-streamed, {settings.connections} connections"),
+        "concurrency_1": (plain, 1, "non-streamed, 1 connection"),
+        "streams": (streamed, settings.connections, f"streams of {STREAM_CHUNKS} chunks, {settings.connections} conns"),
+    }
+    for run, (body, connections, what) in runs.items():
+        if run == "streams" and "stream_error" in result:
+            continue
+        step(target, f"{what}, {settings.duration} s")
+        result["rounds"][run].append(wrk(target, fake, body, connections, settings.duration, work))
+
+
+def settle_rounds(result: dict) -> None:
+    """Each wrk figure as its median round (the whole run, so that its figures belong together)."""
+    for run, figure in ROUND_RUNS.items():
+        rounds = sorted(result["rounds"][run], key=lambda measured: measured[figure])
+        if rounds:
+            result[run] = rounds[(len(rounds) - 1) // 2] if figure == "p50_ms" else rounds[len(rounds) // 2]
+
+
+def measure_once(target: Target, result: dict, settings: argparse.Namespace) -> None:
+    """The figures measured once: paced time to first byte and the big stream."""
+    if "stream_error" in result:
+        return
+    step(target, f"paced TTFB, {settings.ttfb_streams} streams")
     result["ttfb"] = attempt(target, lambda: paced_ttfb(target, settings.ttfb_streams))
     if target.buffers_streams:
         result["big_stream"] = {"skipped": "bodies are buffered, not streamed"}
     else:
-        step(f"one {settings.big_mb} MB stream, sampling RSS")
+        step(target, f"one {settings.big_mb} MB stream, sampling RSS")
         limit = settings.big_timeout if target.key in "abcd" else min(settings.big_timeout, 60)
         result["big_stream"] = attempt(target, lambda: big_stream(target, settings.big_mb, limit))
-    return result
 
 
 def attempt(target: Target, measurement) -> dict:
@@ -1068,6 +1102,15 @@ def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> s
         for row in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
+    if settings.rounds > 1:
+        lines.append(f"each wrk figure: the median of {settings.rounds} rounds, interleaved across targets:")
+        for run, figure in ROUND_RUNS.items():
+            spread = [
+                f"{k} " + "/".join(f"{measured[figure]:,.{2 if figure == 'p50_ms' else 0}f}" for measured in rounds)
+                for k in keys
+                if (rounds := get(results.get(k), "rounds", run))
+            ]
+            lines.append(f"  {run} {figure}: " + ", ".join(spread))
     w = verdicts["ledger writer rows/s"]
     if writer:
         lines.append(
@@ -1264,7 +1307,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run (default 4)")
+    parser.add_argument(
+        "--rounds", type=int, help="rounds of the wrk figures, interleaved across targets (default 3; --quick: 1)"
+    )
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     parser.add_argument("--ttfb-streams", type=int, default=50, help="paced streams for TTFB (default 50)")
     parser.add_argument("--big-mb", type=int, default=100, help="content size of the big stream (default 100)")
@@ -1284,7 +1330,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.ttfb_streams, args.writer_rows = 2, 15, 5000
-    args.duration = max(1, args.duration)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    args.duration, args.rounds = max(1, args.duration), max(1, args.rounds)
     return args
 
 
@@ -1308,6 +1356,7 @@ def main(argv: list[str]) -> int:
         "python": sys.version.split()[0],
         "connections": settings.connections,
         "duration_s": settings.duration,
+        "rounds": settings.rounds,
         "stream_chunks": STREAM_CHUNKS,
         "pace_s": PACE,
         "ttfb_streams": settings.ttfb_streams,
@@ -1338,22 +1387,33 @@ def main(argv: list[str]) -> int:
                 "f": lambda: start_portkey(fake, settings.out),
             }
             keys = [k for k in "abcd" if k in settings.targets] + (["e", "f"] if settings.peers else [])
+            targets: dict[str, Target] = {}
             with tempfile.TemporaryDirectory(prefix="bench-wrk-") as work:
-                for key in keys:
-                    print(f"[{key}] starting", flush=True)
-                    target = None
-                    try:
-                        target = starters[key]()
-                        results[key] = measure(target, fake, settings, max_tokens, Path(work))
-                    except (Exception, subprocess.SubprocessError) as error:
-                        print(f"[{key}] UNAVAILABLE: {error}", flush=True)
-                        results[key] = {"label": {"e": "litellm", "f": "portkey"}.get(key, key), "error": str(error)}
-                    finally:
-                        if target is not None:
-                            target.stop()
-                    if target is not None and target.ledger is not None:
-                        results[key]["ledger"] = target.ledger
-                        print(f"  d meterproxy ledger: {results[key]['ledger']}", flush=True)
+                try:
+                    for key in keys:
+                        print(f"[{key}] starting", flush=True)
+                        try:
+                            targets[key] = starters[key]()
+                            results[key] = prepare(targets[key], fake, max_tokens, Path(work))
+                        except (Exception, subprocess.SubprocessError) as error:
+                            print(f"[{key}] UNAVAILABLE: {error}", flush=True)
+                            label = {"e": "litellm", "f": "portkey"}.get(key, key)
+                            results[key] = {"label": label, "error": str(error)}
+                            if key in targets:
+                                targets.pop(key).stop()
+                    for turn in range(settings.rounds):  # interleaved, so that a slow spell hits every target
+                        print(f"[round {turn + 1} of {settings.rounds}]", flush=True)
+                        for key, target in targets.items():
+                            measure_round(target, results[key], fake, settings, max_tokens, Path(work))
+                    for key, target in targets.items():
+                        settle_rounds(results[key])
+                        measure_once(target, results[key], settings)
+                finally:
+                    for key, target in targets.items():
+                        target.stop()
+                        if target.ledger is not None:
+                            results[key]["ledger"] = target.ledger
+                            print(f"  d meterproxy ledger: {target.ledger}", flush=True)
             fake.stop()
         print(f"[writer] {settings.writer_rows:,} rows from {settings.writer_calls} concurrent calls", flush=True)
         writer = bench_writer(settings.writer_rows, settings.writer_calls)
