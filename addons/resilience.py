@@ -165,7 +165,7 @@ class UpstreamWatch:
         if call.watchdog is not None:
             call.watchdog.cancel()
         if call.meter is not None:
-            self._watch_idle(flow, call.meter)
+            self._watch_idle(flow, call, call.meter)
 
     def error(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
@@ -207,7 +207,9 @@ class UpstreamWatch:
             )
         return GatewayError(502, f"provider unreachable after {call.attempts} attempts", "upstream_unreachable")
 
-    def _watch_idle(self, flow: http.HTTPFlow, meter: StreamMeter) -> None:
+    def _watch_idle(self, flow: http.HTTPFlow, call, meter: StreamMeter) -> None:
+        """Cut a stream that stalls; the timer goes when the stream ends (`response`, `error`),
+        so that an ended flow is not kept for the length of the timeout."""
         idle = ctx.options.meterproxy_idle_timeout
         loop = asyncio.get_running_loop()
 
@@ -218,9 +220,9 @@ class UpstreamWatch:
             if quiet >= idle:
                 cut_upstream(flow, f"the stream stalled for {idle} s")
             else:
-                loop.call_later(idle - quiet, check)
+                call.watchdog = loop.call_later(idle - quiet, check)
 
-        loop.call_later(idle, check)
+        call.watchdog = loop.call_later(idle, check)
 
 
 def cut_upstream(flow: http.HTTPFlow, reason: str) -> None:

@@ -9,11 +9,14 @@ from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
 from addons.auth import REDACTED, Auth, ManagedKeys
-from addons.calls import call_of
+from addons.calls import CALL, call_of
 from addons.ledger import Ledger
 from addons.metering import Metering
 from addons.pipeline import Pipeline
+from addons.resilience import Retries, UpstreamWatch
 from addons.routing import REQUEST_ID_HEADER, Routing, retarget
+from meterproxy.call import Call
+from meterproxy.dialects import OpenAIChat
 from meterproxy.providers import Registry
 from meterproxy.store import Store
 from meterproxy.stream import StreamMeter
@@ -595,3 +598,21 @@ def test_the_pipeline_does_not_make_a_coroutine_when_no_concern_waits():
     pipeline = Pipeline(Concern("one", seen), Concern("two", seen))
     assert pipeline.request(tflow.tflow()) is None
     assert seen == ["one", "two"]
+
+
+def test_a_streams_stall_timer_goes_when_the_stream_ends():
+    """Otherwise each ended stream's flow would be kept until its stall timeout (a minute)."""
+    watch = UpstreamWatch()
+    with taddons.context(Retries(Auth()), watch) as tctx:
+        flow = tflow.tflow(resp=True)
+        call = Call("req_stream", meter=StreamMeter(OpenAIChat("gpt-4o-mini"), bytes, drop_usage_event=False))
+        flow.metadata[CALL] = call
+
+        async def stream_then_end():
+            watch.responseheaders(flow)
+            stall_timer = call.watchdog
+            assert stall_timer is not None and not stall_timer.cancelled()
+            watch.response(flow)
+            return stall_timer
+
+        assert tctx.master.event_loop.run_until_complete(stream_then_end()).cancelled()
