@@ -51,6 +51,19 @@ def test_tokens_per_minute_count_each_requests_tokens():
     assert not limiter.admit("con", ProductLimits(tokens_per_minute=100), 101).allowed
 
 
+def test_tokens_leave_the_window_with_their_requests_and_quiet_connections_are_forgotten():
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    limits = ProductLimits(tokens_per_minute=100)
+    for _ in range(6):
+        assert limiter.admit("busy", limits, 10).allowed
+    assert limiter.admit("quiet", limits, 1).allowed
+    clock.now += 61  # all of it left the window
+    verdict = limiter.admit("busy", limits, 90)
+    assert verdict.allowed and verdict.headers["x-ratelimit-remaining-tokens"] == "10"
+    assert "quiet" not in limiter._windows  # swept: a connection that stops is not kept forever
+
+
 def test_no_limits_admit_everything():
     limiter = RateLimiter(Clock())
     assert all(limiter.admit("con", ProductLimits(), 10**9).allowed for _ in range(1000))
