@@ -136,6 +136,7 @@ PENDING_INDEX = "CREATE INDEX IF NOT EXISTS requests_pending ON requests (wallet
 OBSOLETE = ("DROP TABLE IF EXISTS holds", "DROP INDEX IF EXISTS idx_requests_status")
 MAX_REMEMBERED = 10_000  # principals kept in memory; all are forgotten when there are more
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file keeps when it starts over
+RESTART_PATIENCE_MS = 20  # the longest a checkpoint holds writers off, waiting for a reader
 INTERRUPTED = "interrupted: the gateway stopped before the call completed"
 
 
@@ -200,7 +201,8 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # in WAL: durable across process crashes
-        self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        self._busy_timeout_ms = int(busy_timeout * 1000)
+        self.db.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
         self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")  # the WAL shrinks back when it starts over
         if not checkpoints:
             self.db.execute("PRAGMA wal_autocheckpoint=0")
@@ -268,9 +270,17 @@ class Store:
         coming while it copies), and then the WAL grows without end, and every read with it. So
         the passive copy, which never blocks a writer, is followed by a RESTART, which copies the
         few frames written meanwhile and holds writers off for that moment only (the gateway's
-        writer tries again a few milliseconds later)."""
-        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        self.db.execute("PRAGMA wal_checkpoint(RESTART)")
+        writer tries again a few milliseconds later). A RESTART also waits for readers of older
+        snapshots, and holds writers off while it waits: it is tried only when no reader kept the
+        passive copy from finishing, and it gives up after RESTART_PATIENCE_MS."""
+        _, frames, copied = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if copied < frames:
+            return  # a reader still needs part of the WAL: the next checkpoint tries again
+        self.db.execute(f"PRAGMA busy_timeout={RESTART_PATIENCE_MS}")
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(RESTART)")
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
 
     def ensure_schema(self) -> None:
         """Create the tables, or bring an older database's tables up to this schema."""

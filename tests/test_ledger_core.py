@@ -469,6 +469,32 @@ def test_the_wal_starts_over_at_each_checkpoint_while_writes_keep_coming(tmp_pat
     checkpointing.close()
 
 
+def test_a_checkpoint_does_not_hold_writers_off_while_a_reader_keeps_an_old_snapshot(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    writing, checkpointing = Store(path, busy_timeout=0, checkpoints=False), Store(path)
+    entry = {"created_at": "t", "status": 200, "code": "c", "reason": "r"}
+    with writing.transaction():
+        writing.record_audit(entry)
+    reader = sqlite3.connect(path)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM audit").fetchone() == (1,)  # its snapshot
+    with writing.transaction():
+        writing.record_audit(entry)  # past the reader's snapshot
+    started = time.monotonic()
+    checkpointing.checkpoint()
+    assert time.monotonic() - started < 1  # did not wait for the reader (it never leaves here)
+    with writing.transaction():  # and a writer that does not wait at all gets in
+        writing.record_audit(entry)
+    for _ in range(2):  # even while the checkpoint tries again, with the reader still there
+        checkpointing.checkpoint()
+        with writing.transaction():
+            writing.record_audit(entry)
+    reader.rollback()
+    reader.close()
+    writing.close()
+    checkpointing.close()
+
+
 def test_a_database_that_cannot_be_opened_fails_the_constructor(tmp_path):
     with pytest.raises(sqlite3.OperationalError):
         LedgerWriter(tmp_path / "no-such-directory" / "ledger.sqlite")
