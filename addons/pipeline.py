@@ -2,6 +2,7 @@
 
 import inspect
 
+import mitmproxy.addons  # noqa: F401  (with what it imports, defines every hook: all_hooks is whole)
 from mitmproxy import hooks
 
 

@@ -2,6 +2,9 @@
 
 import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from mitmproxy import exceptions, http
@@ -24,6 +27,7 @@ from meterproxy.token import encode_token
 from meterproxy.writer import LedgerWriter
 from pricing.fees import ProductFees
 
+ROOT = Path(__file__).resolve().parents[1]
 CHAT = "https://api.openai.com/v1/chat/completions"
 TOKEN = encode_token(secret_key="msk_addon_secret", provider_key="sk-addon-byok")
 
@@ -616,3 +620,18 @@ def test_a_streams_stall_timer_goes_when_the_stream_ends():
             return stall_timer
 
         assert tctx.master.event_loop.run_until_complete(stream_then_end()).cancelled()
+
+
+def test_the_pipeline_knows_every_hook_whatever_was_imported_before_it():
+    """mitmproxy registers a hook when the module defining it is imported: in a fresh
+    interpreter, importing the pipeline alone must be enough."""
+    probe = (
+        "from addons.pipeline import Pipeline\n"
+        "class Concern:\n"
+        "    def request(self, flow): pass\n"
+        "    def tls_clienthello(self, data): pass\n"
+        "pipeline = Pipeline(Concern())\n"
+        "print(hasattr(pipeline, 'request'), hasattr(pipeline, 'tls_clienthello'))\n"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert found.stdout.split() == ["True", "True"]
