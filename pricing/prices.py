@@ -121,7 +121,8 @@ class OverridesFile(BaseModel):
 class PriceBook:
     def __init__(self, overrides: list[ModelPrice] = ()):
         self.overrides = {(price.provider, price.model): price for price in overrides}
-        self._rates: dict[tuple, tuple[Decimal, Decimal, Decimal]] = {}
+        self._rates: dict[tuple, tuple[Decimal, Decimal, Decimal]] = {}  # this hour's, by provider and model
+        self._rates_hour: datetime | None = None
         self._linear: dict[int, tuple[object, LinearPrice | None]] = {}  # id of a genai-prices price
 
     @classmethod
@@ -139,7 +140,10 @@ class PriceBook:
         cache writes where those cost more, the top tier of tiered prices), from rates worked out
         once per model and hour. For holds, on every call's path, where exactness is not needed."""
         hour = at.replace(minute=0, second=0, microsecond=0)
-        key = (provider, model, hour)
+        if hour != self._rates_hour:  # a new hour: the last one's rates are not needed again
+            self._rates.clear()
+            self._rates_hour = hour
+        key = (provider, model)
         if key not in self._rates:
             self._rates[key] = self._highest_rates(provider, model, hour)
         per_input, per_output, per_character = self._rates[key]

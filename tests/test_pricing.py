@@ -362,3 +362,13 @@ def test_the_hold_bound_is_never_below_the_price(provider, model, usage):
     book = PriceBook()
     assert book.upper_bound(provider, model, usage, AT) >= book.provider_cost(provider, model, usage, AT)
     assert book.upper_bound(provider, model, usage, AT) == book.upper_bound(provider, model, usage, AT)
+
+
+def test_the_hold_bound_follows_prices_that_change_with_the_hour_and_keeps_only_this_hours_rates():
+    """DeepSeek's off-peak hours (from 16:30 UTC) cost half."""
+    book, usage = PriceBook(), Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    peak, off_peak = datetime(2025, 6, 1, 12, 0, tzinfo=UTC), datetime(2025, 6, 1, 17, 0, tzinfo=UTC)
+    assert book.upper_bound("deepseek", "deepseek-chat", usage, peak) == Decimal("1.37")
+    assert book.upper_bound("openai", "gpt-4o-mini", usage, peak) > 0
+    assert book.upper_bound("deepseek", "deepseek-chat", usage, off_peak) == Decimal("0.685")
+    assert list(book._rates) == [("deepseek", "deepseek-chat")]  # the earlier hour's rates are gone
