@@ -826,7 +826,7 @@ def step(target: Target, what: str) -> None:
     print(f"  {target.key} {target.label}: {what}", flush=True)
 
 
-def prepare(target: Target, fake: Fake, max_tokens: int, work: Path) -> dict:
+def prepare(target: Target, fake: Fake, settings: argparse.Namespace, max_tokens: int, work: Path) -> dict:
     """Check that the target answers, streamed too, and warm it up."""
     result: dict = {"label": target.label, "notes": target.notes, "rounds": {run: [] for run in ROUND_RUNS}}
     result["smoke"] = smoke(target, max_tokens)
@@ -838,7 +838,7 @@ def prepare(target: Target, fake: Fake, max_tokens: int, work: Path) -> dict:
         result["stream_error"] = stream_error
         target.notes.append(f"streaming unavailable: {stream_error}")
     step(target, "warm-up")
-    wrk(target, fake, chat_body(max_tokens), 16, 1, work)
+    wrk(target, fake, chat_body(max_tokens), settings.connections, 1, work)
     return result
 
 
@@ -860,7 +860,8 @@ def measure_round(
 
 
 def settle_rounds(result: dict) -> None:
-    """Each wrk figure as its median round (the whole run, so that its figures belong together)."""
+    """Each wrk figure as its median round (the whole run, so that its figures belong together);
+    of an even number of rounds, the better of the two in the middle."""
     for run, figure in ROUND_RUNS.items():
         rounds = sorted(result["rounds"][run], key=lambda measured: measured[figure])
         if rounds:
@@ -1394,7 +1395,7 @@ def main(argv: list[str]) -> int:
                         print(f"[{key}] starting", flush=True)
                         try:
                             targets[key] = starters[key]()
-                            results[key] = prepare(targets[key], fake, max_tokens, Path(work))
+                            results[key] = prepare(targets[key], fake, settings, max_tokens, Path(work))
                         except (Exception, subprocess.SubprocessError) as error:
                             print(f"[{key}] UNAVAILABLE: {error}", flush=True)
                             label = {"e": "litellm", "f": "portkey"}.get(key, key)
