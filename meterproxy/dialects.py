@@ -44,12 +44,14 @@ def _strings(values: object) -> list[str]:
 
 
 class Dialect:
+    RAW_TEXT: re.Pattern[bytes] | None = None  # finds the text in stream events kept raw
+
     def __init__(self, model: str | None):
         self.model = model
         self.usage: Usage | None = None
         self.final = False  # the usage is the provider's last word, not a partial figure
         self.reply = Reply()
-        self.text = TextCounter(model)
+        self.text = TextCounter(model, strings=self.RAW_TEXT)
         self._estimate: Usage | None = None
 
     def read_event(self, data: bytes) -> bool:
@@ -104,16 +106,18 @@ class Dialect:
 
 class OpenAIChat(Dialect):
     """Chat completions, legacy completions and embeddings, of OpenAI and the compatible
-    providers. Stream chunks are only parsed when they can carry usage (or identity)."""
+    providers. Stream chunks are only parsed when they can carry usage (or identity); their text
+    is kept raw, and only looked for if an estimate is ever needed."""
 
-    _TEXT = re.compile(rb'"(?:content|text|arguments|refusal)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+    RAW_TEXT = re.compile(rb'"(?:content|text|arguments|refusal)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
     _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
     def read_event(self, data: bytes) -> bool:
-        for match in self._TEXT.finditer(data):
-            self.text.add(match[1])
-        if self.reply.response_id is not None and (b'"usage"' not in data or not self._USAGE.search(data)):
-            return False
+        self.text.add(data)
+        if self.reply.response_id is not None:
+            usage_at = data.find(b'"usage"')  # in every chunk once usage is asked for, mostly `null`
+            if usage_at < 0 or not self._USAGE.search(data, usage_at):
+                return False
         return super().read_event(data)
 
     def event(self, event: dict) -> bool:

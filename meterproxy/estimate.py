@@ -11,6 +11,7 @@ import functools
 import gzip
 import hashlib
 import json
+import re
 from importlib import resources
 
 import tiktoken
@@ -94,19 +95,22 @@ class TextCounter:
     """Collects streamed output text for an estimate, keeping at most about `limit` characters:
     past that, only the amount of text is noted and the estimate extrapolates from the text kept.
     Nothing is counted while the stream passes, only if an estimate is ever needed (which for
-    most calls it never is), so that no tokenizer runs on the event loop. Text may come as the
-    contents of a JSON string as it was on the wire, escapes and all, and is then decoded only
-    for the count."""
+    most calls it never is), so that no tokenizer runs on the event loop. Text may also come as
+    raw JSON bytes, a stream event as it was on the wire: `strings` (a pattern whose first group
+    is what is between the quotes of each JSON string of text) finds it there, and it is
+    decoded, only for the count. Without `strings`, bytes are what is between the quotes of one
+    JSON string."""
 
-    def __init__(self, model: str | None, limit: int = 256 * 1024):
+    def __init__(self, model: str | None, limit: int = 256 * 1024, strings: re.Pattern[bytes] | None = None):
         self.model = model
         self.limit = limit
+        self.strings = strings
         self._parts: list[str | bytes] = []
         self._size = 0  # of the parts kept
         self._beyond = 0  # the size of the text past the limit, not kept
 
     def add(self, text: str | bytes) -> None:
-        """`text`, or the bytes between the quotes of a JSON string."""
+        """`text`, or bytes of JSON (see `strings`)."""
         if self._size >= self.limit:
             self._beyond += len(text)
             return
@@ -114,9 +118,14 @@ class TextCounter:
         self._size += len(text)
 
     def total(self) -> int:
-        text = "".join(part if isinstance(part, str) else _json_string(part) for part in self._parts)
+        text = "".join(part if isinstance(part, str) else self._decoded(part) for part in self._parts)
         tokens = text_tokens(text, self.model)
         return tokens + round(tokens * self._beyond / self._size) if self._beyond else tokens
+
+    def _decoded(self, raw: bytes) -> str:
+        if self.strings is None:
+            return _json_string(raw)
+        return "".join(_json_string(match[1]) for match in self.strings.finditer(raw))
 
 
 def _json_string(contents: bytes) -> str:

@@ -73,7 +73,7 @@ class StreamMeter:
         if self.readable:
             kept = self._read(chunk)
             if self._drop_usage_event and self.readable:
-                out = b"".join(kept)
+                out = kept
         if self.tap is not None:
             self._keep(out)
         # Never return b"" for a non-empty chunk: mitmproxy would end the response there.
@@ -86,22 +86,27 @@ class StreamMeter:
         else:
             self.tap.append(out)
 
-    def _read(self, chunk: bytes) -> list[bytes]:
+    def _read(self, chunk: bytes) -> bytes:
         """Meter the chunk's complete events; returns those the client gets (all but the usage
-        event the gateway asked for)."""
+        event the gateway asked for), decoded."""
         try:
             decoded = self._decode(chunk) if chunk else b""
         except (zlib.error, brotli.error, zstandard.ZstdError) as error:
             log.warning("stream stopped decoding (%s); passing it on unmetered", error)
             self.readable = False
-            return []
-        events, self._pending = split_events(self._pending + decoded)
+            return b""
+        complete = self._pending + decoded if self._pending else decoded
+        events, self._pending = split_events(complete)
         if not chunk and self._pending:  # end of stream: an unterminated last event counts too
             events.append(self._pending)
             self._pending = b""
-        kept = []
-        for event in events:
+        kept = None  # the events kept, once one is dropped
+        for at, event in enumerate(events):
             data = event_data(event)
-            if not data or data == b"[DONE]" or not self.dialect.read_event(data):
+            if data and data != b"[DONE]" and self.dialect.read_event(data):
+                kept = events[:at] if kept is None else kept
+            elif kept is not None:
                 kept.append(event)
-        return kept
+        if kept is None and not self._pending:
+            return complete  # the usual chunk: whole events, all kept
+        return b"".join(events if kept is None else kept)

@@ -320,6 +320,18 @@ def test_text_past_the_limit_is_not_kept_and_is_estimated_from_the_text_kept():
     assert counter.total() == pytest.approx(whole, rel=0.01)
 
 
+def test_stream_events_past_the_limit_are_not_kept_and_their_text_is_estimated_from_the_events_kept():
+    """A cut OpenAI stream keeps its events raw; past the limit, only their size is noted."""
+    words = [f" word{i % 10} \u00e9t\u00e9," for i in range(2000)]
+    stream, _ = openai_stream(words)
+    meter = new_meter(drop=True)
+    meter.dialect.text.limit = 20_000
+    feed(meter, [stream.split(b'"choices":[]')[0]])  # cut before the usage event
+    assert meter.dialect.usage is None
+    assert sum(len(part) for part in meter.dialect.text._parts) < 20_000 + len(stream) / len(words)
+    assert meter.dialect.text.total() == pytest.approx(text_tokens("".join(words), MODEL), rel=0.02)
+
+
 def test_text_within_the_limit_is_counted_exactly():
     counter = TextCounter(MODEL, limit=1000)
     for piece in ("Hello", b" w\\u00f6rld", "!"):
