@@ -44,7 +44,12 @@ def _strings(values: object) -> list[str]:
 
 
 class Dialect:
-    RAW_TEXT: re.Pattern[bytes] | None = None  # finds the text in stream events kept raw
+    """A wire format. Where `RAW_TEXT` is set, stream events are kept raw for an estimate (the
+    pattern finds their text only if one is needed), and once the reply is identified only the
+    events that hold one of `PARSED` (those that can carry usage or an error) are parsed."""
+
+    RAW_TEXT: re.Pattern[bytes] | None = None
+    PARSED: tuple[bytes, ...] = (b'"usage"', b'"error"')
 
     def __init__(self, model: str | None):
         self.model = model
@@ -56,6 +61,10 @@ class Dialect:
 
     def read_event(self, data: bytes) -> bool:
         """Meter one stream event's data; True for the usage-only event of OpenAI streams."""
+        if self.RAW_TEXT is not None:
+            self.text.add(data)
+            if self.reply.response_id is not None and not any(marker in data for marker in self.PARSED):
+                return False
         event = _json(data)
         return self.event(event) if isinstance(event, dict) else False
 
@@ -113,10 +122,10 @@ class OpenAIChat(Dialect):
     _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
     def read_event(self, data: bytes) -> bool:
-        self.text.add(data)
         if self.reply.response_id is not None:
             usage_at = data.find(b'"usage"')  # in every chunk once usage is asked for, mostly `null`
             if usage_at < 0 or not self._USAGE.search(data, usage_at):
+                self.text.add(data)
                 return False
         return super().read_event(data)
 
@@ -161,9 +170,9 @@ class OpenAIChat(Dialect):
 class OpenAIResponses(Dialect):
     """The Responses API: text arrives in `*.delta` events, usage in `response.completed`."""
 
+    RAW_TEXT = re.compile(rb'"delta"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+
     def event(self, event: dict) -> bool:
-        if str(event.get("type", "")).endswith(".delta") and isinstance(event.get("delta"), str):
-            self.text.add(event["delta"])
         response = event.get("response")
         if isinstance(response, dict):
             self._identify(response)
@@ -197,7 +206,7 @@ class Anthropic(Dialect):
     """Messages: `message_start` has the input figures, `message_delta` the cumulative output;
     only the latter makes the usage final."""
 
-    _DELTA_TEXT = ("text", "partial_json", "thinking")
+    RAW_TEXT = re.compile(rb'"(?:text|partial_json|thinking)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 
     def event(self, event: dict) -> bool:
         kind = event.get("type")
@@ -206,9 +215,6 @@ class Anthropic(Dialect):
             self.reply = Reply(text(message.get("id")), text(message.get("model")))
             if isinstance(message.get("usage"), dict):
                 self._set_usage(anthropic_usage(message["usage"]), final=False)
-        elif kind == "content_block_delta" and isinstance(event.get("delta"), dict):
-            for key in self._DELTA_TEXT:
-                self.text.add(text(event["delta"].get(key)) or "")
         elif kind == "message_delta" and isinstance(event.get("usage"), dict):
             self._set_usage(anthropic_usage(event["usage"], self.usage))
         elif kind == "error":

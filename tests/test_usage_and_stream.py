@@ -11,7 +11,8 @@ import brotli
 import pytest
 import zstandard
 
-from meterproxy.dialects import OpenAIChat
+from meterproxy import dialects
+from meterproxy.dialects import Anthropic, OpenAIChat, OpenAIResponses
 from meterproxy.estimate import TextCounter, text_tokens
 from meterproxy.stream import StreamMeter, make_decoder
 from meterproxy.usage import Reply, Usage, UsageSource, openai_usage
@@ -330,6 +331,53 @@ def test_stream_events_past_the_limit_are_not_kept_and_their_text_is_estimated_f
     assert meter.dialect.usage is None
     assert sum(len(part) for part in meter.dialect.text._parts) < 20_000 + len(stream) / len(words)
     assert meter.dialect.text.total() == pytest.approx(text_tokens("".join(words), MODEL), rel=0.02)
+
+
+def anthropic_events(words: list[str]) -> list[dict]:
+    start = {"id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": []}
+    start["usage"] = {"input_tokens": 25, "output_tokens": 1}
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        *[{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}} for w in words],
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}},
+        {"type": "message_stop"},
+    ]
+
+
+def responses_events(words: list[str]) -> list[dict]:
+    response = {"id": "resp_01", "object": "response", "model": MODEL, "error": None, "usage": None}
+    done = {**response, "usage": {"input_tokens": 12, "output_tokens": 9, "total_tokens": 21}}
+    return [
+        {"type": "response.created", "response": response},
+        *[{"type": "response.output_text.delta", "item_id": "msg_1", "delta": w} for w in words],
+        {"type": "response.output_text.done", "item_id": "msg_1", "text": "".join(words)},
+        {"type": "response.completed", "response": done},
+    ]
+
+
+@pytest.mark.parametrize(
+    "dialect, events, parsed",
+    [
+        (Anthropic("claude-sonnet-4-5"), anthropic_events(WORDS), ["message_start", "message_delta"]),
+        (OpenAIResponses(MODEL), responses_events(WORDS), ["response.created", "response.completed"]),
+        (OpenAIChat(MODEL), [json.loads(e[6:]) for e in PLAIN.split(b"\n\n")[:-2]], ["first chunk", "usage"]),
+    ],
+    ids=["anthropic", "responses", "chat"],
+)
+def test_only_stream_events_that_can_carry_usage_are_parsed_and_the_text_of_the_others_is_kept_raw(
+    dialect, events, parsed, monkeypatch
+):
+    seen = []
+    monkeypatch.setattr(dialects, "_json", lambda data: seen.append(json.loads(data)) or seen[-1])
+    meter = StreamMeter(dialect, make_decoder("identity"), drop_usage_event=False)
+    feed(meter, [sse(event) for event in events])
+    names = [event.get("type") or ("usage" if event["usage"] else "first chunk") for event in seen]
+    assert names == parsed
+    assert meter.dialect.reported
+    assert meter.dialect.text.total() == text_tokens("".join(WORDS), dialect.model)
 
 
 def test_text_within_the_limit_is_counted_exactly():
