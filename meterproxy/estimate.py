@@ -92,8 +92,9 @@ def chat_prompt_tokens(messages: list, model: str | None, system: object = None)
 
 
 class TextCounter:
-    """Collects streamed output text for an estimate, keeping at most about `limit` characters:
-    past that, only the amount of text is noted and the estimate extrapolates from the text kept.
+    """Collects streamed output text for an estimate, keeping at most about `limit` characters
+    (or bytes of raw events): past that, only their amount is noted and the estimate extrapolates
+    from what was kept.
     Nothing is counted while the stream passes, only if an estimate is ever needed (which for
     most calls it never is), so that no tokenizer runs on the event loop. Text may also come as
     raw JSON bytes, a stream event as it was on the wire: `strings` (a pattern whose first group

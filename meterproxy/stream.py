@@ -95,8 +95,8 @@ class StreamMeter:
             log.warning("stream stopped decoding (%s); passing it on unmetered", error)
             self.readable = False
             return b""
-        complete = self._pending + decoded if self._pending else decoded
-        events, self._pending = split_events(complete)
+        buffered = self._pending + decoded if self._pending else decoded
+        events, self._pending = split_events(buffered)
         if not chunk and self._pending:  # end of stream: an unterminated last event counts too
             events.append(self._pending)
             self._pending = b""
@@ -108,5 +108,5 @@ class StreamMeter:
             elif kept is not None:
                 kept.append(event)
         if kept is None and not self._pending:
-            return complete  # the usual chunk: whole events, all kept
+            return buffered  # the usual chunk: whole events, all kept
         return b"".join(events if kept is None else kept)
