@@ -44,9 +44,10 @@ def _strings(values: object) -> list[str]:
 
 
 class Dialect:
-    """A wire format. Where `RAW_TEXT` is set, stream events are kept raw for an estimate (the
-    pattern finds their text only if one is needed), and once the reply is identified only the
-    events that hold one of `PARSED` (those that can carry usage or an error) are parsed."""
+    """A wire format. Where `RAW_TEXT` is set, stream events go to the text counter as they came
+    (the pattern finds their text, a batch of events at a time), and once the reply is
+    identified only the events that hold one of `PARSED` (those that can carry usage or an
+    error) are parsed."""
 
     RAW_TEXT: re.Pattern[bytes] | None = None
     PARSED: tuple[bytes, ...] = (b'"usage"', b'"error"')
@@ -115,8 +116,7 @@ class Dialect:
 
 class OpenAIChat(Dialect):
     """Chat completions, legacy completions and embeddings, of OpenAI and the compatible
-    providers. Stream chunks are only parsed when they can carry usage (or identity); their text
-    is kept raw, and only looked for if an estimate is ever needed."""
+    providers. Stream chunks are only parsed when they can carry usage (or identity)."""
 
     RAW_TEXT = re.compile(rb'"(?:content|text|arguments|refusal)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
     _USAGE = re.compile(rb'"usage"\s*:\s*\{')

@@ -91,42 +91,58 @@ def chat_prompt_tokens(messages: list, model: str | None, system: object = None)
     return total
 
 
+RAW_BATCH = 16 * 1024  # bytes of raw stream events held before the text in them is looked for
+
+
 class TextCounter:
-    """Collects streamed output text for an estimate, keeping at most about `limit` characters
-    (or bytes of raw events): past that, only their amount is noted and the estimate extrapolates
-    from what was kept.
-    Nothing is counted while the stream passes, only if an estimate is ever needed (which for
-    most calls it never is), so that no tokenizer runs on the event loop. Text may also come as
-    raw JSON bytes, a stream event as it was on the wire: `strings` (a pattern whose first group
-    is what is between the quotes of each JSON string of text) finds it there, and it is
-    decoded, only for the count. Without `strings`, bytes are what is between the quotes of one
-    JSON string."""
+    """Collects streamed output text for an estimate, keeping at most about `limit` characters:
+    past that, only the amount that came is noted and the estimate extrapolates from the text
+    kept. Nothing is counted while the stream passes, only if an estimate is ever needed (which
+    for most calls it never is), so that no tokenizer runs on the event loop.
+
+    Bytes are what was between the quotes of a JSON string, decoded only for the count. With
+    `strings` (a pattern whose first group is that, for each JSON string of text), bytes are
+    whole stream events as they came: the strings are looked for in RAW_BATCH bytes of them at
+    a time, so that few are held."""
 
     def __init__(self, model: str | None, limit: int = 256 * 1024, strings: re.Pattern[bytes] | None = None):
         self.model = model
         self.limit = limit
         self.strings = strings
-        self._parts: list[str | bytes] = []
-        self._size = 0  # of the parts kept
-        self._beyond = 0  # the size of the text past the limit, not kept
+        self._parts: list[str | bytes] = []  # text, or the contents of JSON strings
+        self._kept = 0  # the size of the parts
+        self._raw: list[bytes] = []  # events whose text is not looked for yet
+        self._raw_size = 0
+        self._size = 0  # of what was added and kept (text or events)
+        self._beyond = 0  # of what was added past the limit, not kept
 
     def add(self, text: str | bytes) -> None:
-        """`text`, or bytes of JSON (see `strings`)."""
-        if self._size >= self.limit:
+        """`text`, or bytes (see the class)."""
+        if self._kept >= self.limit:
             self._beyond += len(text)
             return
-        self._parts.append(text)
         self._size += len(text)
+        if self.strings is None or isinstance(text, str):
+            self._parts.append(text)
+            self._kept += len(text)
+            return
+        self._raw.append(text)
+        self._raw_size += len(text)
+        if self._raw_size >= RAW_BATCH:
+            self._find_text()
 
     def total(self) -> int:
-        text = "".join(part if isinstance(part, str) else self._decoded(part) for part in self._parts)
+        self._find_text()
+        text = "".join(part if isinstance(part, str) else _json_string(part) for part in self._parts)
         tokens = text_tokens(text, self.model)
         return tokens + round(tokens * self._beyond / self._size) if self._beyond else tokens
 
-    def _decoded(self, raw: bytes) -> str:
-        if self.strings is None:
-            return _json_string(raw)
-        return "".join(_json_string(match[1]) for match in self.strings.finditer(raw))
+    def _find_text(self) -> None:
+        if self._raw:
+            found = [match[1] for match in self.strings.finditer(b"\n".join(self._raw))]
+            self._parts.extend(found)
+            self._kept += sum(map(len, found))
+            self._raw, self._raw_size = [], 0
 
 
 def _json_string(contents: bytes) -> str:

@@ -13,7 +13,7 @@ import zstandard
 
 from meterproxy import dialects
 from meterproxy.dialects import Anthropic, OpenAIChat, OpenAIResponses
-from meterproxy.estimate import TextCounter, text_tokens
+from meterproxy.estimate import RAW_BATCH, TextCounter, text_tokens
 from meterproxy.stream import StreamMeter, make_decoder
 from meterproxy.usage import Reply, Usage, UsageSource, openai_usage
 
@@ -321,15 +321,30 @@ def test_text_past_the_limit_is_not_kept_and_is_estimated_from_the_text_kept():
     assert counter.total() == pytest.approx(whole, rel=0.01)
 
 
-def test_stream_events_past_the_limit_are_not_kept_and_their_text_is_estimated_from_the_events_kept():
-    """A cut OpenAI stream keeps its events raw; past the limit, only their size is noted."""
+def test_stream_events_are_held_raw_only_a_batch_at_a_time_and_their_text_is_counted_exactly():
+    """A stream's events are kept as they came until RAW_BATCH bytes of them have gathered;
+    then only the text in them is kept."""
     words = [f" word{i % 10} \u00e9t\u00e9," for i in range(2000)]
     stream, _ = openai_stream(words)
     meter = new_meter(drop=True)
-    meter.dialect.text.limit = 20_000
+    counter = meter.dialect.text
+    for event in stream.split(b'"choices":[]')[0].split(b"\n\n")[:-1]:  # cut before the usage event
+        meter(event + b"\n\n")
+        assert sum(map(len, counter._raw)) < RAW_BATCH + len(event)
+    assert sum(map(len, counter._parts)) <= len(json.dumps("".join(words)))  # the text alone, not the events
+    assert meter.dialect.usage is None
+    assert counter.total() == text_tokens("".join(words), MODEL)
+
+
+def test_stream_events_past_the_limit_are_not_kept_and_their_text_is_estimated_from_the_text_kept():
+    """Past the limit, only the size of the events is noted."""
+    words = [f" word{i % 10} \u00e9t\u00e9," for i in range(5000)]
+    stream, _ = openai_stream(words)
+    meter = new_meter(drop=True)
+    meter.dialect.text.limit = 5_000
     feed(meter, [stream.split(b'"choices":[]')[0]])  # cut before the usage event
     assert meter.dialect.usage is None
-    assert sum(len(part) for part in meter.dialect.text._parts) < 20_000 + len(stream) / len(words)
+    assert 5_000 <= meter.dialect.text._kept < 5_000 + RAW_BATCH / 10  # one batch of events holds little text
     assert meter.dialect.text.total() == pytest.approx(text_tokens("".join(words), MODEL), rel=0.02)
 
 
