@@ -116,7 +116,7 @@ class Retries:
 class UpstreamWatch:
     def __init__(self) -> None:
         self.heard_from: dict[tuple[str, int], float] = {}  # upstream address → last answer
-        self.health_window = self.first_byte_timeout = 0  # read in `configure`, not per call
+        self.health_window = self.first_byte_timeout = self.idle_timeout = 0  # read in `configure`, not per call
 
     def load(self, loader):
         loader.add_option(
@@ -131,6 +131,8 @@ class UpstreamWatch:
             self.health_window = ctx.options.meterproxy_health_window
         if "meterproxy_first_byte_timeout" in updated:
             self.first_byte_timeout = ctx.options.meterproxy_first_byte_timeout
+        if "meterproxy_idle_timeout" in updated:
+            self.idle_timeout = ctx.options.meterproxy_idle_timeout
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """Waits (returns the check to await) only for a provider not heard from lately."""
@@ -210,7 +212,7 @@ class UpstreamWatch:
     def _watch_idle(self, flow: http.HTTPFlow, call, meter: StreamMeter) -> None:
         """Cut a stream that stalls; the timer goes when the stream ends (`response`, `error`),
         so that an ended flow is not kept for the length of the timeout."""
-        idle = ctx.options.meterproxy_idle_timeout
+        idle = self.idle_timeout
         loop = asyncio.get_running_loop()
 
         def check() -> None:

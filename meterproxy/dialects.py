@@ -46,11 +46,9 @@ def _strings(values: object) -> list[str]:
 class Dialect:
     """A wire format. Where `RAW_TEXT` is set, stream events go to the text counter as they came
     (the pattern finds their text, a batch of events at a time), and once the reply is
-    identified only the events that hold one of `PARSED` (those that can carry usage or an
-    error) are parsed."""
+    identified only the events `worth_parsing` are parsed."""
 
     RAW_TEXT: re.Pattern[bytes] | None = None
-    PARSED: tuple[bytes, ...] = (b'"usage"', b'"error"')
 
     def __init__(self, model: str | None):
         self.model = model
@@ -64,10 +62,14 @@ class Dialect:
         """Meter one stream event's data; True for the usage-only event of OpenAI streams."""
         if self.RAW_TEXT is not None:
             self.text.add(data)
-            if self.reply.response_id is not None and not any(marker in data for marker in self.PARSED):
+            if self.reply.response_id is not None and not self.worth_parsing(data):
                 return False
         event = _json(data)
         return self.event(event) if isinstance(event, dict) else False
+
+    def worth_parsing(self, data: bytes) -> bool:
+        """Whether a stream event can carry usage or an error."""
+        return b'"usage"' in data or b'"error"' in data
 
     def event(self, event: dict) -> bool:
         raise NotImplementedError
@@ -121,13 +123,10 @@ class OpenAIChat(Dialect):
     RAW_TEXT = re.compile(rb'"(?:content|text|arguments|refusal)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
     _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
-    def read_event(self, data: bytes) -> bool:
-        if self.reply.response_id is not None:
-            usage_at = data.find(b'"usage"')  # in every chunk once usage is asked for, mostly `null`
-            if usage_at < 0 or not self._USAGE.search(data, usage_at):
-                self.text.add(data)
-                return False
-        return super().read_event(data)
+    def worth_parsing(self, data: bytes) -> bool:
+        """Only a usage object: `"usage"` is in every chunk once usage is asked for, mostly `null`."""
+        usage_at = data.find(b'"usage"')
+        return usage_at >= 0 and self._USAGE.search(data, usage_at) is not None
 
     def event(self, event: dict) -> bool:
         if self.reply.response_id is None:

@@ -213,7 +213,7 @@ class Store:
         # SQLite's data_version tells when another connection has committed, and then all of it
         # is forgotten, as it is when a transaction or savepoint rolls back.
         self._data_version: int | None = None
-        self._principals: dict[str, Principal] = {}
+        self._principals: dict[tuple, Principal] = {}
         self._wallets: dict[str, list[Decimal]] = {}
         # Wallets debited in memory and not yet written: written once each, before a commit
         # (or a savepoint), however many calls of the batch they paid for.
@@ -375,8 +375,9 @@ class Store:
     # call them, without savepoints, since one that fails has written nothing.
 
     def authorize(self, token: ForwardToken) -> Principal:
-        """The principal a token's secrets name (401 if none); remembered by a hash of them."""
-        key = hash_secret(repr((token.secret_key, token.connection_secret, token.product_secret)))
+        """The principal a token's secrets name (401 if none), remembered by them (the decoded
+        tokens themselves are kept too, by `decode_token`)."""
+        key = (token.secret_key, token.connection_secret, token.product_secret)
         principal = self._principals.get(key)
         if principal is None:
             merchant = self.merchant(token.secret_key)
