@@ -9,8 +9,11 @@ this script's own clients share the other CPU). The wrk figures are measured in 
 each is reported as its median round:
 
   a  direct      the fake provider itself
-  b  mitmdump    bare `mitmdump` in regular mode with `scripts/bench_forward.py` (forwarding only)
-  c  +stream     the same with `--set stream_large_bodies=1` (every body streamed)
+  b  mitmdump    bare `mitmdump` in regular mode, no addon: the clients use it as their HTTP proxy
+                 (absolute-form requests for the fake provider's URLs)
+  w  +forward    `mitmdump -s scripts/bench_forward.py`: a forward-URL addon and nothing else, for
+                 reference (the request line names the gateway's path, as meterproxy's clients do)
+  c  +stream     b with `--set stream_large_bodies=1` (every body streamed)
   d  meterproxy  `mitmdump -s addons/gateway.py`: full metering, pricing, wallet holds, ledger
   e  litellm     LiteLLM's proxy (`--peers`, installed into bench-results/peers/litellm)
   f  portkey     Portkey's gateway (`--peers`, installed into bench-results/peers/portkey)
@@ -49,6 +52,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "gpt-4o-mini"
@@ -312,23 +316,21 @@ def start_direct(fake: Fake) -> Target:
     return target
 
 
-def start_mitmdump(fake: Fake, streaming: bool) -> Target:
+def start_mitmdump(fake: Fake, streaming: bool = False, forward_addon: bool = False) -> Target:
+    """Bare mitmdump as its clients' HTTP proxy (b, c: absolute-form requests, nothing loaded),
+    or with the forward-URL addon (w: the request names a path of the gateway's own)."""
     work = tempfile.TemporaryDirectory(prefix="bench-mitmdump-")
-    args = ["-s", str(ROOT / "scripts" / "bench_forward.py"), "--set", f"bench_upstream={fake.url}"]
+    args = ["-s", str(ROOT / "scripts" / "bench_forward.py"), "--set", f"bench_upstream={fake.url}"] * forward_addon
     if streaming:
         args += ["--set", "stream_large_bodies=1"]
-    proc = Proc(
-        "mitmdump" + (" (streaming)" if streaming else ""),
-        mitmdump_cmd(work.name, *args),
-        pattern=PROXY_LISTENING,
-        on_target_cpu=True,
-    )
-    key, label = ("c", "+stream") if streaming else ("b", "mitmdump")
+    key, label = ("w", "+forward") if forward_addon else ("c", "+stream") if streaming else ("b", "mitmdump")
+    proc = Proc(f"mitmdump ({key})", mitmdump_cmd(work.name, *args), pattern=PROXY_LISTENING, on_target_cpu=True)
     return Target(
         key,
         label,
         proc,
         int(proc.match.group(1)),
+        path=Target.path if forward_addon else fake.url + Target.path,
         upstream=fake,
         buffers_streams=not streaming,
         headers={"Authorization": f"Bearer {UPSTREAM_KEY}"},
@@ -580,7 +582,9 @@ def pick_max_tokens(fake: Fake) -> tuple[int, int]:
 
 
 def request_headers(target: Target) -> dict:
-    return {"Content-Type": "application/json", **target.headers}
+    """With the Host header an HTTP client sends: the URL's for a request through a proxy."""
+    url = urlsplit(target.path)
+    return {"Host": url.netloc or f"127.0.0.1:{target.port}", "Content-Type": "application/json", **target.headers}
 
 
 def smoke(target: Target, max_tokens: int) -> dict:
@@ -766,8 +770,7 @@ def big_stream(target: Target, megabytes: int, timeout: float) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     head = "".join(f"{k}: {v}\r\n" for k, v in request_headers(target).items())
     request = (
-        f"POST {target.path} HTTP/1.1\r\nHost: 127.0.0.1:{target.port}\r\n{head}"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"POST {target.path} HTTP/1.1\r\n{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
     received, tail, first, complete = 0, b"", b"", True
     buffer = bytearray(1 << 20)
@@ -832,7 +835,7 @@ def prepare(target: Target, fake: Fake, settings: argparse.Namespace, max_tokens
     result["smoke"] = smoke(target, max_tokens)
     stream_error = smoke_stream(target)
     if stream_error is not None:
-        if target.key in "abcd":
+        if target.key in "abwcd":
             raise RuntimeError(stream_error)
         step(target, f"streamed figures UNAVAILABLE: {stream_error}")
         result["stream_error"] = stream_error
@@ -878,7 +881,7 @@ def measure_once(target: Target, result: dict, settings: argparse.Namespace) -> 
         result["big_stream"] = {"skipped": "bodies are buffered, not streamed"}
     else:
         step(target, f"one {settings.big_mb} MB stream, sampling RSS")
-        limit = settings.big_timeout if target.key in "abcd" else min(settings.big_timeout, 60)
+        limit = settings.big_timeout if target.key in "abwcd" else min(settings.big_timeout, 60)
         result["big_stream"] = attempt(target, lambda: big_stream(target, settings.big_mb, limit))
 
 
@@ -1064,7 +1067,7 @@ def checks(results: dict, writer: dict | None) -> list[dict]:
 
 
 def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> str:
-    keys = [k for k in "abcdef" if k in results]
+    keys = [k for k in "abwcdef" if k in results]
     verdicts = {c["check"]: c for c in checks(results, writer)}
     by_figure = {
         "rps": "non-streamed throughput d/b",
@@ -1185,6 +1188,7 @@ FONT = {  # 5x7 glyphs, rows top to bottom
 COLOURS = {
     "a": (150, 150, 150),
     "b": (70, 110, 190),
+    "w": (40, 60, 120),
     "c": (110, 170, 230),
     "d": (220, 110, 40),
     "e": (90, 170, 90),
@@ -1231,7 +1235,7 @@ class Canvas:
 
 
 def chart(results: dict, settings: argparse.Namespace, path: Path) -> None:
-    keys = [k for k in "abcdef" if k in results]
+    keys = [k for k in "abwcdef" if k in results]
     figures = [f for f in FIGURES if f[0] in CHART_FIGURES]
     names = {
         "rps": "REQ/S",
@@ -1323,7 +1327,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--writer-rows", type=int, default=20000, help="rows for the writer benchmark")
     parser.add_argument("--writer-calls", type=int, default=16, help="concurrent calls in the writer benchmark")
-    parser.add_argument("--targets", default="abcd", help="which of a, b, c, d to run (default abcd)")
+    parser.add_argument("--targets", default="abwcd", help="which of a, b, w, c, d to run (default abwcd)")
     parser.add_argument("--peers", action="store_true", help="add LiteLLM's proxy (e) and Portkey's gateway (f)")
     parser.add_argument("--writer-only", action="store_true", help="only the ledger writer micro-benchmark")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (2 s runs, fewer streams)")
@@ -1381,13 +1385,14 @@ def main(argv: list[str]) -> int:
             )
             starters = {
                 "a": lambda: start_direct(fake),
-                "b": lambda: start_mitmdump(fake, streaming=False),
+                "b": lambda: start_mitmdump(fake),
+                "w": lambda: start_mitmdump(fake, forward_addon=True),
                 "c": lambda: start_mitmdump(fake, streaming=True),
                 "d": lambda: start_meterproxy(fake),
                 "e": lambda: start_litellm(fake, settings.out),
                 "f": lambda: start_portkey(fake, settings.out),
             }
-            keys = [k for k in "abcd" if k in settings.targets] + (["e", "f"] if settings.peers else [])
+            keys = [k for k in "abwcd" if k in settings.targets] + (["e", "f"] if settings.peers else [])
             targets: dict[str, Target] = {}
             with tempfile.TemporaryDirectory(prefix="bench-wrk-") as work:
                 try:

@@ -1,4 +1,7 @@
-"""The bare baseline of scripts/bench.py: forward every request, nothing else.
+"""Target w of scripts/bench.py, for reference: a forward-URL addon and nothing else.
+
+Bare mitmdump (targets b and c) forwards only requests sent to it as to a proxy; this addon
+lets a client name the gateway's own path instead, as meterproxy's clients do.
 
 `mitmdump -s scripts/bench_forward.py --set bench_upstream=http://127.0.0.1:PORT` in regular
 mode sends a direct request for `/openai/v1/chat/completions` (or `/v1/forward?u=<url>`) to
