@@ -63,6 +63,8 @@ BIG_WORD_BYTES = 1000
 UPSTREAM_KEY = "sk-bench-upstream-key"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+OWN_TARGETS = "abwcd"  # in the order they are measured and shown; then the peers
+ALL_TARGETS = OWN_TARGETS + "ef"
 
 
 def ensure_venv() -> None:
@@ -320,7 +322,9 @@ def start_mitmdump(fake: Fake, streaming: bool = False, forward_addon: bool = Fa
     """Bare mitmdump as its clients' HTTP proxy (b, c: absolute-form requests, nothing loaded),
     or with the forward-URL addon (w: the request names a path of the gateway's own)."""
     work = tempfile.TemporaryDirectory(prefix="bench-mitmdump-")
-    args = ["-s", str(ROOT / "scripts" / "bench_forward.py"), "--set", f"bench_upstream={fake.url}"] * forward_addon
+    args = []
+    if forward_addon:
+        args += ["-s", str(ROOT / "scripts" / "bench_forward.py"), "--set", f"bench_upstream={fake.url}"]
     if streaming:
         args += ["--set", "stream_large_bodies=1"]
     key, label = ("w", "+forward") if forward_addon else ("c", "+stream") if streaming else ("b", "mitmdump")
@@ -835,7 +839,7 @@ def prepare(target: Target, fake: Fake, settings: argparse.Namespace, max_tokens
     result["smoke"] = smoke(target, max_tokens)
     stream_error = smoke_stream(target)
     if stream_error is not None:
-        if target.key in "abwcd":
+        if target.key in OWN_TARGETS:
             raise RuntimeError(stream_error)
         step(target, f"streamed figures UNAVAILABLE: {stream_error}")
         result["stream_error"] = stream_error
@@ -881,7 +885,7 @@ def measure_once(target: Target, result: dict, settings: argparse.Namespace) -> 
         result["big_stream"] = {"skipped": "bodies are buffered, not streamed"}
     else:
         step(target, f"one {settings.big_mb} MB stream, sampling RSS")
-        limit = settings.big_timeout if target.key in "abwcd" else min(settings.big_timeout, 60)
+        limit = settings.big_timeout if target.key in OWN_TARGETS else min(settings.big_timeout, 60)
         result["big_stream"] = attempt(target, lambda: big_stream(target, settings.big_mb, limit))
 
 
@@ -1067,7 +1071,7 @@ def checks(results: dict, writer: dict | None) -> list[dict]:
 
 
 def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> str:
-    keys = [k for k in "abwcdef" if k in results]
+    keys = [k for k in ALL_TARGETS if k in results]
     verdicts = {c["check"]: c for c in checks(results, writer)}
     by_figure = {
         "rps": "non-streamed throughput d/b",
@@ -1235,7 +1239,7 @@ class Canvas:
 
 
 def chart(results: dict, settings: argparse.Namespace, path: Path) -> None:
-    keys = [k for k in "abwcdef" if k in results]
+    keys = [k for k in ALL_TARGETS if k in results]
     figures = [f for f in FIGURES if f[0] in CHART_FIGURES]
     names = {
         "rps": "REQ/S",
@@ -1327,7 +1331,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--writer-rows", type=int, default=20000, help="rows for the writer benchmark")
     parser.add_argument("--writer-calls", type=int, default=16, help="concurrent calls in the writer benchmark")
-    parser.add_argument("--targets", default="abwcd", help="which of a, b, w, c, d to run (default abwcd)")
+    parser.add_argument("--targets", default=OWN_TARGETS, help="which of a, b, w, c, d to run (default abwcd)")
     parser.add_argument("--peers", action="store_true", help="add LiteLLM's proxy (e) and Portkey's gateway (f)")
     parser.add_argument("--writer-only", action="store_true", help="only the ledger writer micro-benchmark")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (2 s runs, fewer streams)")
@@ -1392,7 +1396,7 @@ def main(argv: list[str]) -> int:
                 "e": lambda: start_litellm(fake, settings.out),
                 "f": lambda: start_portkey(fake, settings.out),
             }
-            keys = [k for k in "abwcd" if k in settings.targets] + (["e", "f"] if settings.peers else [])
+            keys = [k for k in OWN_TARGETS if k in settings.targets] + (["e", "f"] if settings.peers else [])
             targets: dict[str, Target] = {}
             with tempfile.TemporaryDirectory(prefix="bench-wrk-") as work:
                 try:
