@@ -27,7 +27,6 @@ from addons.calls import call_of
 from addons.routing import REQUEST_ID_HEADER
 from meterproxy.errors import GatewayError
 from meterproxy.retry import RETRYABLE_STATUSES, RetryPolicy
-from meterproxy.stream import StreamMeter
 from meterproxy.token import KeyMode
 
 HOP_BY_HOP = ("host", "content-length", "connection", "transfer-encoding", "keep-alive")
@@ -167,7 +166,7 @@ class UpstreamWatch:
         if call.watchdog is not None:
             call.watchdog.cancel()
         if call.meter is not None:
-            self._watch_idle(flow, call, call.meter)
+            self._watch_idle(flow, call)
 
     def error(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
@@ -209,10 +208,10 @@ class UpstreamWatch:
             )
         return GatewayError(502, f"provider unreachable after {call.attempts} attempts", "upstream_unreachable")
 
-    def _watch_idle(self, flow: http.HTTPFlow, call, meter: StreamMeter) -> None:
+    def _watch_idle(self, flow: http.HTTPFlow, call) -> None:
         """Cut a stream that stalls; the timer goes when the stream ends (`response`, `error`),
         so that an ended flow is not kept for the length of the timeout."""
-        idle = self.idle_timeout
+        idle, meter = self.idle_timeout, call.meter
         loop = asyncio.get_running_loop()
 
         def check() -> None:
