@@ -118,9 +118,13 @@ class Dialect:
 
 class OpenAIChat(Dialect):
     """Chat completions, legacy completions and embeddings, of OpenAI and the compatible
-    providers. Stream chunks are only parsed when they can carry usage (or identity)."""
+    providers. Stream chunks are only parsed when they can carry usage (or identity). The
+    reasoning that DeepSeek and xAI (`reasoning_content`) or vLLM-style servers (`reasoning`)
+    send before the answer is output the provider bills: an estimate counts it."""
 
-    RAW_TEXT = re.compile(rb'"(?:content|text|arguments|refusal)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+    RAW_TEXT = re.compile(
+        rb'"(?:content|text|arguments|refusal|reasoning_content|reasoning)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
+    )
     _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
     def worth_parsing(self, data: bytes) -> bool:
@@ -148,6 +152,7 @@ class OpenAIChat(Dialect):
             message = choice.get("message") or {} if isinstance(choice, dict) else {}
             calls = message.get("tool_calls") or []
             for piece in (
+                message.get("reasoning_content", message.get("reasoning")),
                 message.get("content"),
                 choice.get("text"),
                 *[(call.get("function") or {}).get("arguments") for call in calls],
@@ -182,8 +187,9 @@ class OpenAIResponses(Dialect):
             return
         self._identify(body)
         if self.usage is None:
-            for item in body.get("output") or []:
-                for part in (item.get("content") or []) if isinstance(item, dict) else []:
+            for item in body.get("output") or []:  # messages' content, reasoning items' summary
+                parts = [*(item.get("summary") or []), *(item.get("content") or [])] if isinstance(item, dict) else []
+                for part in parts:
                     self.text.add(text(part.get("text")) or "" if isinstance(part, dict) else "")
 
     def _identify(self, response: dict) -> None:

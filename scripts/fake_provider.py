@@ -33,7 +33,10 @@ Deterministic output (words and token counts):
 * chat formula over a message list = 3 + sum over messages of
   (3 + words(content)).
 * K = behaviour ``cached_tokens``, W = ``cache_write_tokens``,
-  R = ``reasoning_tokens`` (all default 0).
+  R = ``reasoning_tokens`` (all default 0).  DeepSeek and xAI chat completions
+  show their reasoning: R pieces ``"r0"``, ``" r1"``, ... in
+  ``delta.reasoning_content`` before the text (one stream event each), or
+  ``message.reasoning_content`` = ``"r0 r1 ..."``.
 
 Per format (P = prompt tokens, C = n_out + R):
 
@@ -83,6 +86,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import itertools
 import json
 import re
@@ -272,7 +276,14 @@ def _deepseek_usage(prompt: int, n_out: int, behaviour: dict) -> dict:
     return usage
 
 
-def _chat_chunks(rid: str, created: int, model: str, n_out: int, width: int, usage: dict | None) -> Iterator[bytes]:
+def _thought(i: int) -> str:
+    """The i-th piece of reasoning shown before the text: ``"r0"``, ``" r1"``, ..."""
+    return f" r{i}" if i else "r0"
+
+
+def _chat_chunks(
+    rid: str, created: int, model: str, n_out: int, width: int, usage: dict | None, shown_reasoning: int
+) -> Iterator[bytes]:
     """SSE events of a streamed completion; usage is None unless the usage chunk is wanted."""
     head = (
         'data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"service_tier":"default",'
@@ -284,6 +295,8 @@ def _chat_chunks(rid: str, created: int, model: str, n_out: int, width: int, usa
         return f'{head}[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}]{tail}'.encode()
 
     yield event('{"role":"assistant","content":"","refusal":null}')
+    for i in range(shown_reasoning):
+        yield event('{"content":null,"reasoning_content":"%s"}' % _thought(i))
     for i in range(n_out):
         yield event('{"content":"%s%s"}' % (" " if i else "", _word(i, width)))
     yield event("{}", '"stop"')
@@ -297,8 +310,13 @@ def _wants_stream_usage(req: dict) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _chat_completion(state: FakeState, entry: dict, behaviour: dict, req: dict, usage_of: UsageFn) -> Reply:
+def _chat_completion(
+    state: FakeState, entry: dict, behaviour: dict, req: dict, usage_of: UsageFn, shows_reasoning: bool = False
+) -> Reply:
+    """`shows_reasoning`: the reasoning tokens come as text too (DeepSeek's and xAI's
+    ``reasoning_content``), before the answer."""
     n_out = _n_out(behaviour, req.get("max_tokens"), req.get("max_completion_tokens"))
+    shown_reasoning = behaviour.get("reasoning_tokens", 0) if shows_reasoning else 0
     width = behaviour.get("word_bytes", 0)
     usage = usage_of(_prompt_tokens(req.get("messages")), n_out, behaviour) if behaviour.get("usage", True) else None
     rid, created, model = "chatcmpl-fake%020d" % next(state.ids), int(time.time()), req["model"]
@@ -306,9 +324,12 @@ def _chat_completion(state: FakeState, entry: dict, behaviour: dict, req: dict, 
         if not _wants_stream_usage(req):
             usage = None
         entry["usage"] = usage
-        return Reply(200, SSE, events=_chat_chunks(rid, created, model, n_out, width, usage))
+        return Reply(200, SSE, events=_chat_chunks(rid, created, model, n_out, width, usage, shown_reasoning))
     entry["usage"] = usage
     text = " ".join(_word(i, width) for i in range(n_out))
+    message = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    if shown_reasoning:
+        message["reasoning_content"] = "".join(_thought(i) for i in range(shown_reasoning))
     body = {
         "id": rid,
         "object": "chat.completion",
@@ -317,7 +338,7 @@ def _chat_completion(state: FakeState, entry: dict, behaviour: dict, req: dict, 
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": "stop",
             }
@@ -534,11 +555,18 @@ OPENAI_ENDPOINTS: dict[str, Endpoint] = {
 
 
 def openai_compatible(
-    endpoints: Iterable[str], usage_of: UsageFn = _usage, aliases: dict[str, str] | None = None
+    endpoints: Iterable[str],
+    usage_of: UsageFn = _usage,
+    aliases: dict[str, str] | None = None,
+    shows_reasoning: bool = False,
 ) -> Handler:
-    """OpenAI wire format for the named endpoints, each served at ``/v1<endpoint>`` and ``<endpoint>``."""
-    routes = {path: OPENAI_ENDPOINTS[name] for name in endpoints for path in ("/v1" + name, name)}
-    routes.update({path: OPENAI_ENDPOINTS[name] for path, name in (aliases or {}).items()})
+    """OpenAI wire format for the named endpoints, each served at ``/v1<endpoint>`` and ``<endpoint>``;
+    `shows_reasoning`: chat completions send their reasoning as text (DeepSeek, xAI)."""
+    served = OPENAI_ENDPOINTS
+    if shows_reasoning:
+        served = {**served, "/chat/completions": functools.partial(_chat_completion, shows_reasoning=True)}
+    routes = {path: served[name] for name in endpoints for path in ("/v1" + name, name)}
+    routes.update({path: served[name] for path, name in (aliases or {}).items()})
 
     def handler(state: FakeState, entry: dict, behaviour: dict, subpath: str) -> Reply:
         endpoint = routes.get(subpath) if entry["method"] == "POST" else None
@@ -780,9 +808,14 @@ FORMATS: dict[str, Format] = {
     ),
     "mistral": Format(openai_compatible(("/chat/completions", "/embeddings"))),
     "deepseek": Format(
-        openai_compatible(("/chat/completions", "/completions"), _deepseek_usage, {"/beta/completions": "/completions"})
+        openai_compatible(
+            ("/chat/completions", "/completions"),
+            _deepseek_usage,
+            {"/beta/completions": "/completions"},
+            shows_reasoning=True,
+        )
     ),
-    "xai": Format(openai_compatible(("/chat/completions", "/responses", "/completions"))),
+    "xai": Format(openai_compatible(("/chat/completions", "/responses", "/completions"), shows_reasoning=True)),
     "anthropic": Format(anthropic_messages, _anthropic_error),
     "google": Format(google_generate, _google_error),
 }

@@ -232,17 +232,19 @@ def make_account(
     )
 
 
-def stream_until_cut(client, messages: list[dict]) -> tuple[str, str]:
-    """Read an OpenAI chat stream that the provider cuts: its request id and the text delivered.
-    The client must see the cut too (the SDK raises APIConnectionError)."""
+def stream_until_cut(client, messages: list[dict], model: str = "gpt-4o-mini") -> tuple[str, str]:
+    """Read an OpenAI chat stream that the provider cuts: its request id and the text delivered,
+    the reasoning shown (`reasoning_content`) included. The client must see the cut too (the SDK
+    raises APIConnectionError)."""
     delivered = []
     try:
         with client.chat.completions.with_streaming_response.create(
-            model="gpt-4o-mini", messages=messages, stream=True
+            model=model, messages=messages, stream=True
         ) as response:
             request_id = response.headers["x-lava-request-id"]
             for chunk in response.parse():
-                delivered.append(chunk.choices[0].delta.content or "")
+                delta = chunk.choices[0].delta
+                delivered += [delta.model_extra.get("reasoning_content") or "", delta.content or ""]
     except openai.APIConnectionError:
         return request_id, "".join(delivered)
     raise AssertionError("the stream was not cut")

@@ -272,6 +272,29 @@ def test_deepseek_usage(port):
         )
 
 
+@pytest.mark.usefixtures("fresh")
+@pytest.mark.parametrize("provider, model", [("deepseek", "deepseek-reasoner"), ("xai", "grok-3-mini")])
+def test_deepseek_and_xai_show_their_reasoning_before_the_answer(port, provider, model):
+    behave(port, {"reasoning_tokens": 3}, {"reasoning_tokens": 3}, {})
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/{provider}", api_key="sk-test", max_retries=0) as c:
+        message = c.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2).choices[0].message
+        deltas = [
+            chunk.choices[0].delta
+            for chunk in c.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2, stream=True)
+        ]
+        plain = c.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2).choices[0].message
+    assert (message.model_extra["reasoning_content"], message.content) == ("r0 r1 r2", "w0 w1")
+    shown = [(d.model_extra.get("reasoning_content"), d.content) for d in deltas]
+    assert shown == [(None, ""), ("r0", None), (" r1", None), (" r2", None), (None, "w0"), (None, " w1"), (None, None)]
+    assert "reasoning_content" not in plain.model_extra  # no reasoning tokens, none shown
+
+
+def test_openai_keeps_its_reasoning_to_itself(client, port):
+    behave(port, {"reasoning_tokens": 3})
+    message = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices[0].message
+    assert "reasoning_content" not in message.model_extra
+
+
 def test_endpoint_availability(port):
     body = {"model": "m", "input": "x", "prompt": "x", "messages": []}
     assert call(port, "POST", "/mistral/v1/embeddings", body)[0] == 200

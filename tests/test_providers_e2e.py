@@ -282,6 +282,20 @@ def test_an_openai_stream_cut_before_its_usage_event_is_estimated(gateway, fake,
     )
 
 
+def test_a_deepseek_reasoner_stream_cut_is_estimated_with_the_reasoning_it_showed(gateway, fake, account):
+    messages = [{"role": "user", "content": "Is it prime?"}]
+    fake.behave({"cut_after": 5, "words": 10, "reasoning_tokens": 3})  # role, r0 r1 r2, w0, cut
+    client = openai_client(gateway, account.token(), "deepseek")
+    request_id, text = stream_until_cut(client, messages, model="deepseek-reasoner")
+    assert text == "r0 r1 r2w0"
+    row = gateway.row(request_id)
+    prompt = 3 + sum(3 + len(O200K.encode(m["role"])) + len(O200K.encode(m["content"])) for m in messages)
+    output = len(O200K.encode(text))
+    assert (row["status"], row["usage_source"], row["model"]) == ("completed", "estimated", "deepseek-reasoner")
+    assert (row["input_tokens"], row["output_tokens"]) == (prompt, output)
+    assert row["total_cost"] == cost_text("deepseek", "deepseek-reasoner", input_tokens=prompt, output_tokens=output)
+
+
 def test_an_anthropic_stream_cut_before_message_delta_keeps_the_input_and_estimates_the_output(gateway, fake, account):
     fake.behave({"cut_after": 6, "words": 10})  # message_start, block start, ping, three deltas, cut
     rows_before = len(gateway.rows())

@@ -304,6 +304,35 @@ def test_the_text_of_a_cut_stream_is_decoded_from_its_json_strings_for_the_estim
     assert meter.dialect.text.total() == text_tokens('café "quoted"\n \\ back 日本', MODEL)
 
 
+def test_reasoning_shown_before_the_answer_counts_for_the_estimate():
+    """DeepSeek and xAI stream their reasoning in `reasoning_content`, vLLM-style servers in
+    `reasoning`: output the provider bills, so a cut stream's estimate counts it."""
+    thoughts = [
+        {"index": 0, "delta": {"content": None, key: piece}, "finish_reason": None}
+        for key, piece in (("reasoning_content", "Let me"), ("reasoning", " think."))
+    ]
+    events = [sse(chunk(delta(role="assistant"))), *(sse(chunk([t])) for t in thoughts), sse(chunk(delta("Yes.")))]
+    meter = new_meter(drop=True)
+    feed(meter, events)
+    assert meter.dialect.usage is None
+    assert meter.dialect.text.total() == text_tokens("Let me think.Yes.", MODEL)
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
+def test_reasoning_in_a_reply_without_usage_counts_for_the_estimate(key):
+    dialect = OpenAIChat(MODEL)
+    dialect.read_body({"choices": [{"message": {"role": "assistant", key: "Let me think.", "content": "Yes."}}]})
+    assert dialect.text.total() == text_tokens("Let me think.Yes.", MODEL)
+
+
+def test_a_responses_reasoning_summary_without_usage_counts_for_the_estimate():
+    dialect = OpenAIResponses(MODEL)
+    summary = {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Let me think."}]}
+    answer = {"type": "message", "content": [{"type": "output_text", "text": "Yes."}]}
+    dialect.read_body({"id": "resp_1", "output": [summary, answer]})
+    assert dialect.text.total() == text_tokens("Let me think.Yes.", MODEL)
+
+
 def test_malformed_escapes_in_streamed_text_count_as_no_text():
     counter = TextCounter(MODEL)
     for piece in (b"one", b"bad \\x escape", b"two"):
