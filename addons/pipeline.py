@@ -16,14 +16,23 @@ class Pipeline:
     it, building its arguments, awaiting it), some twenty times a call: called from here instead,
     meterproxy serves about 5% more requests per second (paired runs of `scripts/bench.py`'s load).
     As in mitmproxy, a hook may return an awaitable, and the next concern's hook waits for it;
-    an exception in one hook skips the concerns after it (mitmproxy logs it).
+    an exception in one hook skips the concerns after it (mitmproxy logs it). The events that
+    mitmproxy may call without awaiting (`SYNCHRONOUS`) must not wait: otherwise, on a script's
+    reload, the concerns after the one that waits would never see them.
     """
 
     def __init__(self, *concerns) -> None:
         for event in hooks.all_hooks:
             chain = tuple(hook for concern in concerns if callable(hook := getattr(concern, event, None)))
+            if event in SYNCHRONOUS and (waiting := [hook for hook in chain if inspect.iscoroutinefunction(hook)]):
+                raise TypeError(f"{waiting[0].__qualname__}: mitmproxy may call {event} without awaiting it")
             if chain:
                 setattr(self, event, _in_turn(chain))
+
+
+# A script's (re)load calls load, configure and running, and its unload calls done, with
+# mitmproxy's invoke_addon_sync; that refuses coroutine functions, but not a pipeline that makes one.
+SYNCHRONOUS = frozenset({"load", "configure", "running", "done"})
 
 
 def _in_turn(chain: tuple):

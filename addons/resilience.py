@@ -40,6 +40,7 @@ class Retries:
     def __init__(self, auth: Auth) -> None:
         self.auth = auth
         self._client: httpx2.AsyncClient | None = None
+        self._closing: asyncio.Task | None = None  # the client closing after done
 
     def load(self, loader):
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per retry is ours to log
@@ -53,11 +54,13 @@ class Retries:
 
     def configure(self, updated):
         if {"meterproxy_connect_timeout", "meterproxy_first_byte_timeout", "meterproxy_idle_timeout"} & updated:
-            self._client = None  # made again with the new timeouts when next needed
+            self._client = None  # made again with the new timeouts when next needed; calls in flight keep the old
 
-    async def done(self):
-        if self._client is not None:
-            await self._client.aclose()
+    def done(self):
+        """Closes the client in a task of its own: a script's unload calls done without awaiting it."""
+        client, self._client = self._client, None
+        if client is not None:
+            self._closing = asyncio.get_running_loop().create_task(client.aclose())
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """Waits (returns the retries to await) only for an answer worth trying again."""

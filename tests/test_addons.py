@@ -570,6 +570,9 @@ class Concern:
     def load(self, loader):
         loader.add_option(f"pipeline_{self.name}", bool, False, "An option of a concern.")
 
+    def done(self):
+        self.seen.append(f"{self.name} done")
+
     def request(self, flow: http.HTTPFlow):
         if self.waits:
             return self._wait()
@@ -602,6 +605,38 @@ def test_the_pipeline_does_not_make_a_coroutine_when_no_concern_waits():
     pipeline = Pipeline(Concern("one", seen), Concern("two", seen))
     assert pipeline.request(tflow.tflow()) is None
     assert seen == ["one", "two"]
+
+
+def test_a_scripts_unload_reaches_every_concern():
+    """mitmproxy unloads a script (on a reload) with a done event it does not await: the
+    concerns after the retries (the ledger's writer among them) must still stop."""
+    seen: list = []
+    pipeline = Pipeline(Concern("one", seen), Retries(Auth()), Concern("two", seen))
+    with taddons.context(pipeline) as tctx:
+        tctx.master.addons.remove(pipeline)
+    assert seen == ["one done", "two done"]
+
+
+def test_the_pipeline_refuses_a_concern_that_would_wait_where_mitmproxy_does_not():
+    class WaitsToStop:
+        async def done(self):
+            pass
+
+    with pytest.raises(TypeError, match="WaitsToStop.done: mitmproxy may call done without awaiting it"):
+        Pipeline(Concern("one", []), WaitsToStop())
+
+
+def test_retries_close_their_client_when_unloaded():
+    retries = Retries(Auth())
+    with taddons.context(Pipeline(retries)) as tctx:
+
+        async def use_then_unload():
+            client = retries.client
+            tctx.master.addons.remove(tctx.master.addons.chain[-1])  # as a script's reload does
+            await asyncio.sleep(0.01)
+            return client
+
+        assert tctx.master.event_loop.run_until_complete(use_then_unload()).is_closed
 
 
 def test_a_streams_stall_timer_goes_when_the_stream_ends():
