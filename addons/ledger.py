@@ -8,6 +8,7 @@ awaited. Reads that may take long (the metering API) and the response cache's bo
 
 import asyncio
 import logging
+import os
 import threading
 from datetime import UTC, datetime
 from typing import Optional
@@ -25,6 +26,11 @@ from meterproxy.limits import RateLimiter
 from meterproxy.store import Store, utc_now
 from meterproxy.writer import LedgerWriter, StoreThread
 from pricing.prices import DEFAULT_OVERRIDES, PriceBook
+
+# The databases this process has recovered. A script reload makes a new Ledger in the same
+# process (this module is not loaded again): the calls that the one before it admitted are still
+# in flight, not interrupted, and it must not recover them.
+RECOVERED: set[str] = set()
 
 
 class Ledger:
@@ -60,13 +66,21 @@ class Ledger:
             self.done()
             try:
                 self.store_thread = StoreThread(ctx.options.meterproxy_db)
-                # Before any admission: rows still pending were interrupted by the last stop.
-                interrupted = self.store_thread.submit(lambda store: store.recover(), writes=True).result()
+                interrupted = self._recover_once(ctx.options.meterproxy_db)
                 self.writer = LedgerWriter(ctx.options.meterproxy_db)
             except Exception as error:
                 raise exceptions.OptionsError(f"cannot open {ctx.options.meterproxy_db}: {error}") from None
             if interrupted:
                 self.log.warning("%d requests were interrupted by the last stop; marked as errors", interrupted)
+
+    def _recover_once(self, path: str) -> int:
+        """Before this process's first admission: rows still pending were interrupted by the last stop."""
+        database = os.path.realpath(path)
+        if database in RECOVERED:
+            return 0
+        interrupted = self.store_thread.submit(lambda store: store.recover(), writes=True).result()
+        RECOVERED.add(database)
+        return interrupted
 
     def done(self):
         if self.writer is not None:

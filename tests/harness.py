@@ -100,8 +100,8 @@ class FakeProvider:
 
 
 class Gateway:
-    """The real gateway: `mitmdump -s addons/gateway.py` (or mitmweb) with its own database and
-    confdir; `args` go to the program (another `--mode`, say)."""
+    """The real gateway: `mitmdump -s addons/gateway.py` (or mitmweb, or another copy of the
+    script) with its own database and confdir; `args` go to the program (another `--mode`, say)."""
 
     def __init__(
         self,
@@ -111,6 +111,7 @@ class Gateway:
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         more_providers: str = "",
+        script: Path = ROOT / "addons" / "gateway.py",
     ):
         self.db_path = tmp / "ledger.sqlite"
         self.ca_cert = tmp / "mitmproxy" / "mitmproxy-ca-cert.pem"  # what clients trust in proxy mode
@@ -137,7 +138,7 @@ class Gateway:
                 "--set",
                 f"confdir={tmp / 'mitmproxy'}",
                 "-s",
-                "addons/gateway.py",
+                str(script),
                 "-s",
                 "tests/leak_recorder.py",
                 "--set",

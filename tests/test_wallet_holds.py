@@ -1,16 +1,18 @@
 """Wallets under load and across crashes: holds keep the balance from going below zero, and a
 restart leaves no hold open and no row pending (SPEC §3.2, §3.6)."""
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import openai
+import pytest
 
 from meterproxy.store import INTERRUPTED
 from pricing.fees import ProductFees
-from tests.harness import Gateway, make_account
+from tests.harness import ROOT, Gateway, make_account
 
 MESSAGES = [{"role": "user", "content": "one more question"}]
 
@@ -104,3 +106,49 @@ def test_a_restart_after_sigkill_leaves_no_hold_open_and_no_row_pending(fake, tm
         assert any("3 requests were interrupted" in line for line in restarted.output)
     finally:
         restarted.stop()
+
+
+def test_a_script_reload_leaves_the_calls_in_flight_to_complete_with_their_holds(fake, tmp_path):
+    """mitmproxy reloads the script when it changes (mitmweb while developing). The new instance
+    must not take the calls the old one admitted, still in flight, for interrupted ones: they
+    complete as usual, and their holds count until then."""
+    script = tmp_path / "gateway.py"
+    script.write_bytes((ROOT / "addons" / "gateway.py").read_bytes())
+    gateway = Gateway(tmp_path, fake, script=script)
+    try:
+        fee = ProductFees(fixed_fee=Decimal("0.01"))
+        account = make_account(gateway.store, fee, balance=Decimal("0.025"))  # holds a little over 0.01 a call
+        client = client_for(gateway, account.token())
+
+        def one_call():
+            return client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=MESSAGES, max_tokens=5
+            )
+
+        fake.behave({"first_byte_delay": 3})
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            in_flight = pool.submit(one_call)
+            deadline = time.monotonic() + 10
+            while not fake.requests() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            reloaded = time.time() + 2
+            os.utime(script, (reloaded, reloaded))
+            while sum(f"Loading script {script}" in line for line in gateway.output) < 2:
+                assert time.monotonic() < deadline, "the script was not reloaded"
+                time.sleep(0.02)
+            after = one_call()  # admitted by the new instance while the first is in flight
+            with pytest.raises(openai.APIStatusError) as refused:  # the first call's hold still counts
+                one_call()
+            assert (refused.value.status_code, refused.value.code) == (402, "insufficient_balance")
+            first = in_flight.result()
+
+        rows = [gateway.row(raw.headers["x-lava-request-id"]) for raw in (first, after)]
+        assert [(row["status"], row["error_message"], row["usage_source"]) for row in rows] == [
+            ("completed", None, "provider")
+        ] * 2
+        wallet = gateway.store.wallet(account.wallet_id)
+        spent = sum(Decimal(row["wallet_cost"]) for row in rows)
+        assert (wallet["held"], Decimal(wallet["balance"])) == ("0.0000000000", Decimal("0.025") - spent)
+        assert not any("interrupted" in line for line in gateway.output)
+    finally:
+        gateway.stop()
