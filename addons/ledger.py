@@ -7,6 +7,7 @@ awaited. Reads that may take long (the metering API) and the response cache's bo
 """
 
 import asyncio
+import fcntl
 import logging
 import os
 import threading
@@ -27,10 +28,27 @@ from meterproxy.store import Store, utc_now
 from meterproxy.writer import LedgerWriter, StoreThread
 from pricing.prices import DEFAULT_OVERRIDES, PriceBook
 
-# The databases this process has recovered. A script reload makes a new Ledger in the same
-# process (this module is not loaded again): the calls that the one before it admitted are still
-# in flight, not interrupted, and it must not recover them.
-RECOVERED: set[str] = set()
+# The databases this process serves, each with the descriptor of its lock file: a lock held
+# until the process ends, so that no second gateway takes the database (its start would take
+# the calls this one has in flight for interrupted ones). A script reload makes a new Ledger in
+# the same process (this module is not loaded again), which finds its database held already.
+HELD: dict[str, int] = {}
+
+
+def hold_database(path: str) -> bool:
+    """Make this process the database's one gateway; True the first time, when rows still
+    pending are the last stop's."""
+    database = os.path.realpath(path)
+    if database in HELD:
+        return False
+    lock = os.open(database + ".gateway-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise RuntimeError("another gateway process serves it (one gateway per database)") from None
+    HELD[database] = lock
+    return True
 
 
 class Ledger:
@@ -65,22 +83,15 @@ class Ledger:
             threading.Thread(target=estimate.encoding, args=(estimate.DEFAULT,), daemon=True).start()
             self.done()
             try:
+                first = hold_database(ctx.options.meterproxy_db)
                 self.store_thread = StoreThread(ctx.options.meterproxy_db)
-                interrupted = self._recover_once(ctx.options.meterproxy_db)
+                # Before any admission: rows still pending were interrupted by the last stop.
+                interrupted = self.store_thread.submit(Store.recover, writes=True).result() if first else 0
                 self.writer = LedgerWriter(ctx.options.meterproxy_db)
             except Exception as error:
                 raise exceptions.OptionsError(f"cannot open {ctx.options.meterproxy_db}: {error}") from None
             if interrupted:
                 self.log.warning("%d requests were interrupted by the last stop; marked as errors", interrupted)
-
-    def _recover_once(self, path: str) -> int:
-        """Before this process's first admission: rows still pending were interrupted by the last stop."""
-        database = os.path.realpath(path)
-        if database in RECOVERED:
-            return 0
-        interrupted = self.store_thread.submit(lambda store: store.recover(), writes=True).result()
-        RECOVERED.add(database)
-        return interrupted
 
     def done(self):
         if self.writer is not None:
