@@ -5,6 +5,10 @@ import inspect
 import mitmproxy.addons  # noqa: F401  (with what it imports, defines every hook: all_hooks is whole)
 from mitmproxy import hooks
 
+# A script's (re)load calls load, configure and running, and its unload calls done, with
+# mitmproxy's invoke_addon_sync; that refuses coroutine functions, but not a pipeline that makes one.
+SYNCHRONOUS = frozenset({"load", "configure", "running", "done"})
+
 
 class Pipeline:
     """The gateway's concerns as one mitmproxy addon: every event calls their hooks in order,
@@ -28,11 +32,6 @@ class Pipeline:
                 raise TypeError(f"{waiting[0].__qualname__}: mitmproxy may call {event} without awaiting it")
             if chain:
                 setattr(self, event, _in_turn(chain))
-
-
-# A script's (re)load calls load, configure and running, and its unload calls done, with
-# mitmproxy's invoke_addon_sync; that refuses coroutine functions, but not a pipeline that makes one.
-SYNCHRONOUS = frozenset({"load", "configure", "running", "done"})
 
 
 def _in_turn(chain: tuple):

@@ -40,7 +40,7 @@ class Retries:
     def __init__(self, auth: Auth) -> None:
         self.auth = auth
         self._client: httpx2.AsyncClient | None = None
-        self._closing: asyncio.Task | None = None  # the client closing after done
+        self._closing: asyncio.Task | None = None  # the old client's closing: the loop keeps tasks only weakly
 
     def load(self, loader):
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per retry is ours to log
