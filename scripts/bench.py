@@ -14,6 +14,8 @@ each is reported as its median round:
   w  +forward    `mitmdump -s scripts/bench_forward.py`: a forward-URL addon and nothing else, for
                  reference (the request line names the gateway's path, as meterproxy's clients do)
   c  +stream     b with `--set stream_large_bodies=1` (every body streamed)
+  n  -ledger     `mitmdump -s scripts/bench_no_ledger.py`: meterproxy without its ledger, for
+                 reference (routing, keys, limits and usage, but no hold, no row, no price)
   d  meterproxy  `mitmdump -s addons/gateway.py`: full metering, pricing, wallet holds, ledger
   e  litellm     LiteLLM's proxy (`--peers`, installed into bench-results/peers/litellm)
   f  portkey     Portkey's gateway (`--peers`, installed into bench-results/peers/portkey)
@@ -63,7 +65,7 @@ BIG_WORD_BYTES = 1000
 UPSTREAM_KEY = "sk-bench-upstream-key"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-OWN_TARGETS = "abwcd"  # in the order they are measured and shown; then the peers
+OWN_TARGETS = "abwcnd"  # in the order they are measured and shown; then the peers
 ALL_TARGETS = OWN_TARGETS + "ef"
 
 
@@ -342,7 +344,8 @@ def start_mitmdump(fake: Fake, streaming: bool = False, forward_addon: bool = Fa
     )
 
 
-def start_meterproxy(fake: Fake) -> Target:
+def start_meterproxy(fake: Fake, ledger: bool = True) -> Target:
+    """meterproxy (d), or without its ledger (n), with an account whose token the clients send."""
     from meterproxy.store import Store
     from meterproxy.token import encode_token
     from pricing.fees import ProductFees
@@ -360,29 +363,25 @@ def start_meterproxy(fake: Fake) -> Target:
     providers.write_text(f'[providers.openai]\nupstream = "{fake.url}/openai"\n')
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     env["OPENAI_API_KEY"] = UPSTREAM_KEY
+    script, key, label = (
+        ("addons/gateway.py", "d", "meterproxy") if ledger else ("scripts/bench_no_ledger.py", "n", "-ledger")
+    )
+    options = ["--set", f"meterproxy_db={db}"] if ledger else []
     proc = Proc(
-        "meterproxy",
-        mitmdump_cmd(
-            work.name,
-            "-s",
-            str(ROOT / "addons" / "gateway.py"),
-            "--set",
-            f"meterproxy_db={db}",
-            "--set",
-            f"meterproxy_providers={providers}",
-        ),
+        label,
+        mitmdump_cmd(work.name, "-s", str(ROOT / script), *options, "--set", f"meterproxy_providers={providers}"),
         pattern=PROXY_LISTENING,
         env=env,
         on_target_cpu=True,
     )
     target = Target(
-        "d", "meterproxy", proc, int(proc.match.group(1)), upstream=fake, headers={"Authorization": f"Bearer {token}"}
+        key, label, proc, int(proc.match.group(1)), upstream=fake, headers={"Authorization": f"Bearer {token}"}
     )
 
     def summarize() -> None:  # once the gateway has stopped (its writer flushed), before cleanup
         target.ledger = ledger_summary(db)
 
-    target.cleanup = [summarize, work.cleanup]
+    target.cleanup = [summarize, work.cleanup] if ledger else [work.cleanup]
     return target
 
 
@@ -1194,6 +1193,7 @@ COLOURS = {
     "b": (70, 110, 190),
     "w": (40, 60, 120),
     "c": (110, 170, 230),
+    "n": (240, 180, 120),
     "d": (220, 110, 40),
     "e": (90, 170, 90),
     "f": (160, 90, 170),
@@ -1331,7 +1331,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--writer-rows", type=int, default=20000, help="rows for the writer benchmark")
     parser.add_argument("--writer-calls", type=int, default=16, help="concurrent calls in the writer benchmark")
-    parser.add_argument("--targets", default=OWN_TARGETS, help="which of a, b, w, c, d to run (default abwcd)")
+    parser.add_argument("--targets", default=OWN_TARGETS, help="which of a, b, w, c, n, d to run (default abwcnd)")
     parser.add_argument("--peers", action="store_true", help="add LiteLLM's proxy (e) and Portkey's gateway (f)")
     parser.add_argument("--writer-only", action="store_true", help="only the ledger writer micro-benchmark")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (2 s runs, fewer streams)")
@@ -1392,6 +1392,7 @@ def main(argv: list[str]) -> int:
                 "b": lambda: start_mitmdump(fake),
                 "w": lambda: start_mitmdump(fake, forward_addon=True),
                 "c": lambda: start_mitmdump(fake, streaming=True),
+                "n": lambda: start_meterproxy(fake, ledger=False),
                 "d": lambda: start_meterproxy(fake),
                 "e": lambda: start_litellm(fake, settings.out),
                 "f": lambda: start_portkey(fake, settings.out),
