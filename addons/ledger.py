@@ -79,19 +79,28 @@ class Ledger:
             except ValueError as error:
                 raise exceptions.OptionsError(str(error)) from None
         if "meterproxy_db" in updated:
-            # Load the tokenizer now, so that the first estimate does not wait for it.
-            threading.Thread(target=estimate.encoding, args=(estimate.DEFAULT,), daemon=True).start()
-            self.done()
-            try:
-                first = hold_database(ctx.options.meterproxy_db)
-                self.store_thread = StoreThread(ctx.options.meterproxy_db)
-                # Before any admission: rows still pending were interrupted by the last stop.
-                interrupted = self.store_thread.submit(Store.recover, writes=True).result() if first else 0
-                self.writer = LedgerWriter(ctx.options.meterproxy_db)
-            except Exception as error:
-                raise exceptions.OptionsError(f"cannot open {ctx.options.meterproxy_db}: {error}") from None
-            if interrupted:
-                self.log.warning("%d requests were interrupted by the last stop; marked as errors", interrupted)
+            self._open(ctx.options.meterproxy_db)
+
+    def _open(self, path: str) -> None:
+        """The database, once: a call completes in the database that admitted it, so another
+        one cannot take its place while calls may be in flight."""
+        if self.writer is not None:
+            if os.path.realpath(path) == os.path.realpath(self.writer.path):
+                return
+            raise exceptions.OptionsError("meterproxy_db cannot change while the gateway runs: restart it")
+        # Load the tokenizer now, so that the first estimate does not wait for it.
+        threading.Thread(target=estimate.encoding, args=(estimate.DEFAULT,), daemon=True).start()
+        self.done()  # what an open that failed had started
+        try:
+            first = hold_database(path)
+            self.store_thread = StoreThread(path)
+            # Before any admission: rows still pending were interrupted by the last stop.
+            interrupted = self.store_thread.submit(Store.recover, writes=True).result() if first else 0
+            self.writer = LedgerWriter(path)
+        except Exception as error:
+            raise exceptions.OptionsError(f"cannot open {path}: {error}") from None
+        if interrupted:
+            self.log.warning("%d requests were interrupted by the last stop; marked as errors", interrupted)
 
     def done(self):
         if self.writer is not None:

@@ -426,6 +426,21 @@ def test_admission_refuses_an_unknown_secret_with_401(accounts):
     assert ledger.writer.store.request(call_of(flow).request_id) is None
 
 
+def test_the_database_stays_while_the_gateway_runs(tmp_path):
+    """A call completes in the database that admitted it: switching databases under the calls in
+    flight would leave their rows pending in one and their completions lost in the other."""
+    ledger = Ledger()
+    with taddons.context(ledger) as tctx:
+        tctx.configure(ledger, meterproxy_db=str(tmp_path / "one.sqlite"))
+        writer = ledger.writer
+        tctx.configure(ledger, meterproxy_db=str(tmp_path / "." / "one.sqlite"))  # the same database
+        with pytest.raises(exceptions.OptionsError, match="meterproxy_db cannot change while the gateway runs"):
+            tctx.configure(ledger, meterproxy_db=str(tmp_path / "two.sqlite"))
+        assert (ledger.writer, tctx.options.meterproxy_db) == (writer, str(tmp_path / "one.sqlite"))
+    ledger.done()
+    assert not (tmp_path / "two.sqlite").exists()
+
+
 # --- Metering -----------------------------------------------------------------------------------
 
 
