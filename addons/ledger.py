@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Optional
 
@@ -51,6 +52,12 @@ def hold_database(path: str) -> bool:
     return True
 
 
+# The calls admitted and not completed in this process, by request id: a reload's new Ledger
+# completes the calls of the one before it (see HELD), and completes them all when the process stops.
+IN_FLIGHT: dict[str, http.HTTPFlow] = {}
+STOPPED = "the gateway stopped during the call"
+
+
 class Ledger:
     log = logging.getLogger("meterproxy")
 
@@ -60,6 +67,9 @@ class Ledger:
         self.prices = PriceBook()
         self.limiter = RateLimiter()
         self.keeps_flows = False  # a UI or a save file keeps flows: show each its outcome
+        # The tokenizer, off the event loop; the completions that wait for it, by its future.
+        self.estimator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="meterproxy-estimate")
+        self.estimating: dict[Future, tuple[http.HTTPFlow, Call, Outcome]] = {}
 
     def load(self, loader):
         loader.add_option("meterproxy_db", str, "meterproxy.sqlite", "SQLite database of the ledger and accounts.")
@@ -103,6 +113,16 @@ class Ledger:
             self.log.warning("%d requests were interrupted by the last stop; marked as errors", interrupted)
 
     def done(self):
+        """Stop, for good or for a reload. A process that stops ends the calls in flight, and
+        mitmproxy tells of their end only after this: they are completed first, charged for what
+        they delivered. A reload leaves them to the next Ledger. Either way, the calls whose
+        estimates are being worked out are completed before the writer stops."""
+        if ctx.master.should_exit.is_set():
+            for flow in list(IN_FLIGHT.values()):
+                self._close(flow, call_of(flow), error=STOPPED, stopping=True)
+        wait(list(self.estimating))
+        for working_out in list(self.estimating):
+            self._estimated(working_out)
         if self.writer is not None:
             self.writer.stop()
             self.writer = None
@@ -132,6 +152,7 @@ class Ledger:
             refuse(flow, call, error)
             return
         call.opened = True
+        IN_FLIGHT[call.request_id] = flow
 
     def response(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
@@ -150,8 +171,9 @@ class Ledger:
         if call is not None and call.opened:
             self._close(flow, call, error=call.timeout or (flow.error.msg if flow.error else "request failed"))
 
-    def _close(self, flow: http.HTTPFlow, call: Call, error: str | None) -> None:
-        """Hand the completion to the writer; the client's stream ends without waiting for it."""
+    def _close(self, flow: http.HTTPFlow, call: Call, error: str | None, stopping: bool = False) -> None:
+        """Hand the completion to the writer; the client's stream ends without waiting for it.
+        `stopping`: the gateway stops, and an estimate is worked out here and now."""
         response = flow.response
         outcome = Outcome(
             started=from_timestamp(flow.request.timestamp_start),
@@ -162,11 +184,18 @@ class Ledger:
             error=error,
         )
         call.opened = False  # one completion per call, whichever hook comes first
-        if needs_estimate(call, outcome):  # the tokenizer runs off the event loop first
-            estimating = asyncio.get_running_loop().run_in_executor(None, call.dialect.metered_usage, call.request_body)
-            estimating.add_done_callback(lambda _: self._complete(flow, call, outcome))
+        del IN_FLIGHT[call.request_id]
+        if needs_estimate(call, outcome) and not stopping:  # the tokenizer runs off the event loop first
+            working_out = self.estimator.submit(call.dialect.metered_usage, call.request_body)
+            self.estimating[working_out] = (flow, call, outcome)
+            asyncio.wrap_future(working_out).add_done_callback(lambda _: self._estimated(working_out))
         else:
             self._complete(flow, call, outcome)
+
+    def _estimated(self, working_out: Future) -> None:
+        waiting = self.estimating.pop(working_out, None)
+        if waiting is not None:  # else `done` has completed it
+            self._complete(*waiting)
 
     def _complete(self, flow: http.HTTPFlow, call: Call, outcome: Outcome) -> None:
         prices = self.prices

