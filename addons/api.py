@@ -12,6 +12,7 @@ record on its writer.
 """
 
 import json
+import sqlite3
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 
@@ -22,7 +23,7 @@ from addons.ledger import Ledger
 from addons.routing import Routing
 from meterproxy import queries
 from meterproxy.api_models import CreateRequest, DailyUsage, ListQuery, RequestPage, RequestRecord, UsageReport
-from meterproxy.errors import GatewayError
+from meterproxy.errors import GatewayError, ledger_unavailable
 from meterproxy.ids import new_id
 from meterproxy.ledger import priced
 from meterproxy.queries import LedgerFilter
@@ -46,16 +47,17 @@ class MeteringApi:
         return self._serve(flow, path)
 
     async def _serve(self, flow: http.HTTPFlow, path: str) -> None:
-        request_id = new_id("req")
+        request_id, headers = new_id("req"), {"content-type": "application/json"}
         try:
             status, body = await self._answer(flow.request, path)
         except GatewayError as error:
             status, body = error.status, json.loads(error.body())
+            headers.update(error.headers)
             self.ledger.audit(flow, request_id, error, target_host=None)
         except Exception:
             self.ledger.log.exception("metering API failed")
             status, body = 500, json.loads(GatewayError(500, "internal gateway error", "internal_error").body())
-        flow.response = http.Response.make(status, json.dumps(body), {"content-type": "application/json"})
+        flow.response = http.Response.make(status, json.dumps(body), headers)
 
     async def _answer(self, request: http.Request, path: str) -> tuple[int, dict]:
         secret_key = bearer(request.headers.get("authorization"))
@@ -129,7 +131,10 @@ class MeteringApi:
             }
             return store.record_usage(row, principal.wallet_id, wallet_cost)
 
-        row, created = await self.ledger.writer.call(create)
+        try:
+            row, created = await self.ledger.writer.call(create)
+        except sqlite3.OperationalError:  # the writer has said why in the log
+            raise ledger_unavailable() from None
         return (201 if created else 200), RequestRecord.from_row(row).model_dump(mode="json")
 
 

