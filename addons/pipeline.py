@@ -1,9 +1,13 @@
 """One mitmproxy addon that runs several in turn."""
 
 import inspect
+import logging
 
 import mitmproxy.addons  # noqa: F401  (with what it imports, defines every hook: all_hooks is whole)
-from mitmproxy import hooks
+from mitmproxy import exceptions, hooks
+
+log = logging.getLogger(__name__)
+SIGNALS = (exceptions.AddonHalt, exceptions.OptionsError)  # mitmproxy's, passed on as its safecall does
 
 # A script's (re)load calls load, configure and running, and its unload calls done, with
 # mitmproxy's invoke_addon_sync; that refuses coroutine functions, but not a pipeline that makes one.
@@ -20,7 +24,9 @@ class Pipeline:
     it, building its arguments, awaiting it), some twenty times a call: called from here instead,
     meterproxy serves about 5% more requests per second (paired runs of `scripts/bench.py`'s load).
     As in mitmproxy, a hook may return an awaitable, and the next concern's hook waits for it;
-    an exception in one hook skips the concerns after it (mitmproxy logs it). The events that
+    an exception in one hook is logged and the next concern's hook still runs (the ledger
+    completes a call whatever an earlier concern did), but for mitmproxy's own signals
+    (`OptionsError` refuses an option, `AddonHalt` stops the event). The events that
     mitmproxy may call without awaiting (`SYNCHRONOUS`) must not wait: otherwise, on a script's
     reload, the concerns after the one that waits would never see them.
     """
@@ -40,17 +46,36 @@ def _in_turn(chain: tuple):
 
     def run(*args):
         for position, hook in enumerate(chain):
-            pending = hook(*args)
+            pending = _call(hook, args)
             if pending is not None and inspect.isawaitable(pending):
-                return _after(pending, chain[position + 1 :], args)
+                return _after(pending, hook, chain[position + 1 :], args)
         return None
 
     return run
 
 
-async def _after(pending, chain: tuple, args: tuple) -> None:
-    await pending
+async def _after(pending, waited_for, chain: tuple, args: tuple) -> None:
+    await _wait(pending, waited_for)
     for hook in chain:
-        pending = hook(*args)
+        pending = _call(hook, args)
         if pending is not None and inspect.isawaitable(pending):
-            await pending
+            await _wait(pending, hook)
+
+
+def _call(hook, args: tuple):
+    try:
+        return hook(*args)
+    except SIGNALS:
+        raise
+    except Exception:
+        log.exception("addon error in %s", hook.__qualname__)
+        return None
+
+
+async def _wait(pending, hook) -> None:
+    try:
+        await pending
+    except SIGNALS:
+        raise
+    except Exception:
+        log.exception("addon error in %s", hook.__qualname__)

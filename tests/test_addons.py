@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
@@ -662,6 +662,51 @@ def test_the_pipeline_does_not_make_a_coroutine_when_no_concern_waits():
     pipeline = Pipeline(Concern("one", seen), Concern("two", seen))
     assert pipeline.request(tflow.tflow()) is None
     assert seen == ["one", "two"]
+
+
+def test_an_error_in_one_concern_leaves_the_next_ones_their_hooks(caplog):
+    """As mitmproxy does for its addons: whatever an earlier concern did, the ledger still
+    completes the call."""
+    seen: list = []
+
+    class Breaks:
+        def response(self, flow):
+            raise RuntimeError("broken")
+
+    class BreaksAfterWaiting:
+        def response(self, flow):
+            return self._break()
+
+        async def _break(self):
+            await asyncio.sleep(0)
+            raise RuntimeError("broken later")
+
+    class Records:
+        def response(self, flow):
+            seen.append("completed")
+
+    pipeline = Pipeline(Breaks(), Records(), BreaksAfterWaiting(), Records())
+    with taddons.context(pipeline) as tctx:
+        tctx.master.event_loop.run_until_complete(pipeline.response(tflow.tflow(resp=True)))
+    assert seen == ["completed", "completed"]
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert [error.rpartition(".<locals>.")[2] for error in errors] == ["Breaks.response", "BreaksAfterWaiting.response"]
+
+
+def test_an_option_a_concern_refuses_stays_refused():
+    class Refuses:
+        def load(self, loader):
+            loader.add_option("pipeline_limit", int, 1, "A limit a concern checks.")
+
+        def configure(self, updated):
+            if "pipeline_limit" in updated and ctx.options.pipeline_limit < 1:
+                raise exceptions.OptionsError("pipeline_limit must be at least 1")
+
+    pipeline = Pipeline(Refuses())
+    with taddons.context(pipeline) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="at least 1"):
+            tctx.configure(pipeline, pipeline_limit=0)
+        assert tctx.options.pipeline_limit == 1
 
 
 def test_a_scripts_unload_reaches_every_concern():
