@@ -205,6 +205,8 @@ class Ledger:
             self._complete(*waiting)
 
     def _complete(self, flow: http.HTTPFlow, call: Call, outcome: Outcome) -> None:
+        if self._stopped(f"the completion of {call.request_id} (its row stays pending until the next start)"):
+            return
         prices = self.prices
 
         def complete(store: Store) -> dict:
@@ -237,4 +239,12 @@ class Ledger:
             "client_address": flow.client_conn.peername[0] if flow.client_conn.peername else None,
             "target_host": target_host,
         }
-        self.writer.post(lambda store: store.record_audit(entry), at_once=True, atomic=True)
+        if not self._stopped(f"the refusal of {request_id}"):
+            self.writer.post(lambda store: store.record_audit(entry), at_once=True, atomic=True)
+
+    def _stopped(self, what: str) -> bool:
+        """Whether the ledger has stopped: what ends after it (a call that mitmproxy lets finish
+        during the stop) is not recorded, and says so."""
+        if self.writer is None:
+            self.log.warning("the ledger has stopped: %s is not recorded", what)
+        return self.writer is None

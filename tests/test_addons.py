@@ -444,6 +444,21 @@ def test_the_database_stays_while_the_gateway_runs(tmp_path):
     assert not (tmp_path / "two.sqlite").exists()
 
 
+def test_a_call_that_ends_after_the_ledger_stopped_is_left_to_the_next_start(accounts, caplog):
+    """mitmproxy may let an admission finish during a stop, after the ledger's `done`."""
+    auth, ledger, secrets = accounts
+    flow = admitted(ledger, keyed(auth, "/openai/v1/chat/completions", encode_token(**secrets)))
+    writer, ledger.writer = ledger.writer, None  # as `done` leaves it
+    try:
+        with taddons.context(ledger):
+            ledger.error(flow)
+    finally:
+        ledger.writer = writer
+    request_id = call_of(flow).request_id
+    assert f"the completion of {request_id} (its row stays pending until the next start) is not recorded" in caplog.text
+    assert writer.store.request(request_id)["status"] == "pending"
+
+
 def test_admission_refuses_with_503_when_the_ledger_cannot_record_the_call(accounts, monkeypatch):
     """Never forwarded unrecorded: a database locked past the writer's patience (or full) is a
     503 that SDKs try again, not a 500."""
