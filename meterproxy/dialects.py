@@ -9,7 +9,7 @@ stream, a client gone, a provider that sends none).
 import json
 import re
 
-from meterproxy.estimate import TextCounter, chat_prompt_tokens, message_text, text_tokens
+from meterproxy.estimate import TextCounter, chat_prompt_tokens, message_text, text_tokens, tools_tokens
 from meterproxy.providers import Wire
 from meterproxy.usage import (
     Reply,
@@ -83,6 +83,10 @@ class Dialect:
     def max_output_tokens(self, request: dict) -> int | None:
         """The most output the request allows, or None when it sets no limit."""
         raise NotImplementedError
+
+    def _chat_prompt(self, messages: list, request: dict, system: object = None) -> int:
+        """A prompt of messages, with the tools the request offers."""
+        return chat_prompt_tokens(messages, self.model, system) + tools_tokens(request.get("tools"), self.model)
 
     def worst_case(self, request: dict, body_size: int) -> Usage | None:
         """The largest usage the request can have: its prompt is at most one token per byte of
@@ -161,7 +165,7 @@ class OpenAIChat(Dialect):
 
     def prompt_tokens(self, request: dict) -> int:
         if isinstance(request.get("messages"), list):
-            return chat_prompt_tokens(request["messages"], self.model)
+            return self._chat_prompt(request["messages"], request)
         pieces = _strings(request.get("prompt")) + _strings(request.get("input"))
         return sum(text_tokens(piece, self.model) for piece in pieces)
 
@@ -200,8 +204,9 @@ class OpenAIResponses(Dialect):
     def prompt_tokens(self, request: dict) -> int:
         prompt = request.get("input")
         if isinstance(prompt, list):
-            return chat_prompt_tokens(prompt, self.model, system=request.get("instructions"))
-        return sum(text_tokens(piece, self.model) for piece in _strings(prompt) + _strings(request.get("instructions")))
+            return self._chat_prompt(prompt, request, request.get("instructions"))
+        pieces = _strings(prompt) + _strings(request.get("instructions"))
+        return sum(text_tokens(piece, self.model) for piece in pieces) + tools_tokens(request.get("tools"), self.model)
 
     def max_output_tokens(self, request: dict) -> int | None:
         return _limit(request.get("max_output_tokens"))
@@ -238,7 +243,7 @@ class Anthropic(Dialect):
                 self.text.add(text(block.get("text")) or text(block.get("thinking")) or "")
 
     def prompt_tokens(self, request: dict) -> int:
-        return chat_prompt_tokens(request.get("messages") or [], self.model, system=request.get("system"))
+        return self._chat_prompt(request.get("messages") or [], request, request.get("system"))
 
     def max_output_tokens(self, request: dict) -> int | None:
         return _limit(request.get("max_tokens"))
@@ -269,7 +274,7 @@ class Google(Dialect):
             self.text.add(message_text(content))
 
     def prompt_tokens(self, request: dict) -> int:
-        return chat_prompt_tokens(request.get("contents") or [], self.model, system=request.get("systemInstruction"))
+        return self._chat_prompt(request.get("contents") or [], request, request.get("systemInstruction"))
 
     def max_output_tokens(self, request: dict) -> int | None:
         config = request.get("generationConfig") if isinstance(request.get("generationConfig"), dict) else {}

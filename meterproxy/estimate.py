@@ -75,7 +75,8 @@ def message_text(content: object) -> str:
 
 def chat_prompt_tokens(messages: list, model: str | None, system: object = None) -> int:
     """OpenAI's count for chat messages: 3 tokens per message, the tokens of each field, 1 more
-    for a `name`, and 3 priming the reply. Other formats' messages are counted the same way."""
+    for a `name`, and 3 priming the reply. Other formats' messages are counted the same way;
+    tool calls in them as their compact JSON (see `tools_tokens`)."""
     enc = encoding_for(model)
     total = 3
     if system is not None:
@@ -85,10 +86,24 @@ def chat_prompt_tokens(messages: list, model: str | None, system: object = None)
             continue
         total += 3
         for key, value in message.items():
-            text = message_text(value) if key in ("content", "parts") else value if isinstance(value, str) else ""
+            if key in ("content", "parts"):
+                text = message_text(value)
+            else:
+                text = value if isinstance(value, str) else _compact(value) if isinstance(value, list | dict) else ""
             total += len(enc.encode_ordinary(text))
             total += key == "name"
     return total
+
+
+def tools_tokens(tools: object, model: str | None) -> int:
+    """The tools a request offers, as their compact JSON. Each provider renders them its own
+    way, which is not published; but they are prompt it bills, and an estimate without them
+    would leave out what can be thousands of tokens."""
+    return text_tokens(_compact(tools), model) if isinstance(tools, list) and tools else 0
+
+
+def _compact(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 RAW_BATCH = 16 * 1024  # bytes of raw stream events held before the text in them is looked for

@@ -233,14 +233,14 @@ def make_account(
     )
 
 
-def stream_until_cut(client, messages: list[dict], model: str = "gpt-4o-mini") -> tuple[str, str]:
+def stream_until_cut(client, messages: list[dict], model: str = "gpt-4o-mini", **options) -> tuple[str, str]:
     """Read an OpenAI chat stream that the provider cuts: its request id and the text delivered,
     the reasoning shown (`reasoning_content`) included. The client must see the cut too (the SDK
-    raises APIConnectionError)."""
+    raises APIConnectionError). `options` go to the request (`tools`, say)."""
     delivered = []
     try:
         with client.chat.completions.with_streaming_response.create(
-            model=model, messages=messages, stream=True
+            model=model, messages=messages, stream=True, **options
         ) as response:
             request_id = response.headers["x-lava-request-id"]
             for chunk in response.parse():

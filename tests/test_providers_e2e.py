@@ -282,6 +282,22 @@ def test_an_openai_stream_cut_before_its_usage_event_is_estimated(gateway, fake,
     )
 
 
+def test_a_cut_streams_estimated_prompt_counts_the_tools_the_request_offered(gateway, fake, account):
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = [
+        {"type": "function", "function": {"name": "weather", "description": "Today's weather", "parameters": weather}}
+    ]
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    fake.behave({"cut_after": 3, "words": 10})
+    request_id, _ = stream_until_cut(openai_client(gateway, account.token()), messages, tools=tools)
+    row = gateway.row(request_id)
+    [seen] = fake.requests()
+    offered = json.dumps(seen["body"]["tools"], separators=(",", ":"), ensure_ascii=False)
+    assert seen["body"]["tools"] == tools
+    prompt = 3 + len(O200K.encode(offered)) + 3 + len(O200K.encode("user")) + len(O200K.encode(messages[0]["content"]))
+    assert (row["usage_source"], row["input_tokens"]) == ("estimated", prompt)
+
+
 def test_a_deepseek_reasoner_stream_cut_is_estimated_with_the_reasoning_it_showed(gateway, fake, account):
     messages = [{"role": "user", "content": "Is it prime?"}]
     fake.behave({"cut_after": 5, "words": 10, "reasoning_tokens": 3})  # role, r0 r1 r2, w0, cut
