@@ -152,7 +152,7 @@ class LedgerWriter:
         now = time.monotonic()
         if self._locked_since is None:
             self._locked_since = now
-        busy = error.sqlite_errorcode & 0xFF in BUSY
+        busy = (error.sqlite_errorcode or 0) & 0xFF in BUSY  # the primary code of an extended one
         if (busy or self._stopping) and now - self._locked_since < LOCKED_PATIENCE:
             jobs.extendleft(reversed(batch))
             return False
