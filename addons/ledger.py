@@ -23,7 +23,7 @@ from addons.inspection import show_refusal, show_settled
 from addons.limits import limit_rate
 from meterproxy import estimate
 from meterproxy.call import Call
-from meterproxy.errors import GatewayError
+from meterproxy.errors import GatewayError, ledger_unavailable
 from meterproxy.ledger import Outcome, closing_fields, from_timestamp, needs_estimate, opening_row, worst_case_hold
 from meterproxy.limits import RateLimiter
 from meterproxy.store import Store, utc_now
@@ -101,7 +101,7 @@ class Ledger:
             raise exceptions.OptionsError("meterproxy_db cannot change while the gateway runs: restart it")
         # Load the tokenizer now, so that the first estimate does not wait for it.
         threading.Thread(target=estimate.encoding, args=(estimate.DEFAULT,), daemon=True).start()
-        self.done()  # what an open that failed had started
+        self._close_database()  # what an open that failed had started
         try:
             first = hold_database(path)
             self.store_thread = StoreThread(path)
@@ -124,6 +124,10 @@ class Ledger:
         wait(list(self.estimating))
         for working_out in list(self.estimating):
             self._estimated(working_out)
+        self.estimator.shutdown()
+        self._close_database()
+
+    def _close_database(self) -> None:
         if self.writer is not None:
             self.writer.stop()
             self.writer = None
@@ -153,10 +157,7 @@ class Ledger:
             refuse(flow, call, error)
             return
         except sqlite3.OperationalError:  # not forwarded unrecorded; the writer has said why in the log
-            unavailable = GatewayError(
-                503, "the ledger cannot record calls now", "ledger_unavailable", {"retry-after": "1"}
-            )
-            refuse(flow, call, unavailable)
+            refuse(flow, call, ledger_unavailable())
             return
         call.opened = True
         IN_FLIGHT[call.request_id] = flow
@@ -192,6 +193,8 @@ class Ledger:
         )
         call.opened = False  # one completion per call, whichever hook comes first
         del IN_FLIGHT[call.request_id]
+        if self._stopped(f"the completion of {call.request_id} (its row stays pending until the next start)"):
+            return
         if needs_estimate(call, outcome) and not stopping:  # the tokenizer runs off the event loop first
             working_out = self.estimator.submit(call.dialect.metered_usage, call.request_body)
             self.estimating[working_out] = (flow, call, outcome)
@@ -205,8 +208,6 @@ class Ledger:
             self._complete(*waiting)
 
     def _complete(self, flow: http.HTTPFlow, call: Call, outcome: Outcome) -> None:
-        if self._stopped(f"the completion of {call.request_id} (its row stays pending until the next start)"):
-            return
         prices = self.prices
 
         def complete(store: Store) -> dict:
