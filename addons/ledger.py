@@ -193,7 +193,7 @@ class Ledger:
         )
         call.opened = False  # one completion per call, whichever hook comes first
         del IN_FLIGHT[call.request_id]
-        if self._stopped(f"the completion of {call.request_id} (its row stays pending until the next start)"):
+        if self._stopped("the completion of %s (its row stays pending until the next start)", call.request_id):
             return
         if needs_estimate(call, outcome) and not stopping:  # the tokenizer runs off the event loop first
             working_out = self.estimator.submit(call.dialect.metered_usage, call.request_body)
@@ -240,12 +240,12 @@ class Ledger:
             "client_address": flow.client_conn.peername[0] if flow.client_conn.peername else None,
             "target_host": target_host,
         }
-        if not self._stopped(f"the refusal of {request_id}"):
+        if not self._stopped("the refusal of %s", request_id):
             self.writer.post(lambda store: store.record_audit(entry), at_once=True, atomic=True)
 
-    def _stopped(self, what: str) -> bool:
+    def _stopped(self, what: str, *args) -> bool:
         """Whether the ledger has stopped: what ends after it (a call that mitmproxy lets finish
-        during the stop) is not recorded, and says so."""
+        during the stop) is not recorded, and says so (`what % args`, formatted only then)."""
         if self.writer is None:
-            self.log.warning("the ledger has stopped: %s is not recorded", what)
+            self.log.warning("the ledger has stopped: " + what + " is not recorded", *args)
         return self.writer is None

@@ -43,6 +43,12 @@ def _strings(values: object) -> list[str]:
     return [value for value in values if isinstance(value, str)] if isinstance(values, list) else []
 
 
+def json_strings(*keys: str) -> re.Pattern[bytes]:
+    """Finds the JSON strings under `keys`; the first group is what is between the quotes."""
+    names = "|".join(keys).encode()
+    return re.compile(rb'"(?:' + names + rb')"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+
+
 class Dialect:
     """A wire format. Where `RAW_TEXT` is set, stream events go to the text counter as they came
     (the pattern finds their text, a batch of events at a time), and once the reply is
@@ -126,9 +132,7 @@ class OpenAIChat(Dialect):
     reasoning that DeepSeek and xAI (`reasoning_content`) or vLLM-style servers (`reasoning`)
     send before the answer is output the provider bills: an estimate counts it."""
 
-    RAW_TEXT = re.compile(
-        rb'"(?:content|text|arguments|refusal|reasoning_content|reasoning)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
-    )
+    RAW_TEXT = json_strings("content", "text", "arguments", "refusal", "reasoning_content", "reasoning")
     _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
     def worth_parsing(self, data: bytes) -> bool:
@@ -178,7 +182,7 @@ class OpenAIChat(Dialect):
 class OpenAIResponses(Dialect):
     """The Responses API: text arrives in `*.delta` events, usage in `response.completed`."""
 
-    RAW_TEXT = re.compile(rb'"delta"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+    RAW_TEXT = json_strings("delta")
 
     def event(self, event: dict) -> bool:
         response = event.get("response")
@@ -216,7 +220,7 @@ class Anthropic(Dialect):
     """Messages: `message_start` has the input figures, `message_delta` the cumulative output;
     only the latter makes the usage final."""
 
-    RAW_TEXT = re.compile(rb'"(?:text|partial_json|thinking)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+    RAW_TEXT = json_strings("text", "partial_json", "thinking")
 
     def event(self, event: dict) -> bool:
         kind = event.get("type")

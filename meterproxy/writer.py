@@ -161,7 +161,8 @@ class LedgerWriter:
             self._outage_told = True
         kept, failed = [], []
         for item in batch:
-            (kept if item[3] and not self._stopping else failed).append(item)
+            _, _, _, keep = item
+            (kept if keep and not self._stopping else failed).append(item)
         jobs.extendleft(reversed(kept))
         self._resolve(failed, [(False, error)] * len(failed))
         return not kept
