@@ -35,7 +35,8 @@ class Metering:
             body and body.get("stream") is True
         )
         call.dialect = dialect_for(wire, path, call.model)
-        if call.stream and isinstance(call.dialect, OpenAIChat) and not _asks_usage(body):
+        asks = call.target.provider.stream_options
+        if call.stream and asks and isinstance(call.dialect, OpenAIChat) and not _asks_usage(body):
             call.drop_usage_event = True
             # Dropping an event needs the plain bytes of the stream.
             flow.request.headers["accept-encoding"] = "identity"

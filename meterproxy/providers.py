@@ -45,6 +45,9 @@ class Provider:
     wire: Wire
     price_provider: str  # the provider id in genai-prices
     upstream: str | None = None  # where calls really go, when overridden
+    # OpenAI-compatible streams carry usage only when asked (`stream_options.include_usage`);
+    # False for a provider that sends it unasked and refuses the option (Mistral, with a 422).
+    stream_options: bool = True
 
     @property
     def origin(self) -> tuple[str, str, int]:
@@ -74,7 +77,9 @@ BUILT_IN = (
         Wire.GOOGLE,
         "google",
     ),
-    Provider("mistral", "https://api.mistral.ai", "MISTRAL_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "mistral"),
+    Provider(
+        "mistral", "https://api.mistral.ai", "MISTRAL_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "mistral", stream_options=False
+    ),
     Provider("deepseek", "https://api.deepseek.com", "DEEPSEEK_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "deepseek"),
     Provider("xai", "https://api.x.ai", "XAI_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "x-ai"),
 )
@@ -96,6 +101,7 @@ class ProviderEntry(BaseModel):
     auth: AuthStyle = AuthStyle.BEARER
     wire: Wire = Wire.OPENAI
     price_provider: str | None = None
+    stream_options: bool = True
 
 
 class ProvidersFile(BaseModel):

@@ -68,14 +68,21 @@ def _object(value: object) -> dict:
 
 def openai_usage(usage: dict) -> Usage:
     """Chat completions, completions, embeddings and the Responses API, plus the
-    OpenAI-compatible providers' variants (DeepSeek's `prompt_cache_hit_tokens`)."""
+    OpenAI-compatible providers' variants: DeepSeek's `prompt_cache_hit_tokens`, and xAI's
+    reasoning tokens, which it counts apart from the completion tokens (its total has both)
+    where OpenAI counts them within."""
     details = _object(usage.get("prompt_tokens_details") or usage.get("input_tokens_details"))
     output_details = _object(usage.get("completion_tokens_details") or usage.get("output_tokens_details"))
+    prompt = count(usage.get("prompt_tokens", usage.get("input_tokens")))
+    output = count(usage.get("completion_tokens", usage.get("output_tokens")))
+    reasoning = count(output_details.get("reasoning_tokens"))
+    if reasoning and count(usage.get("total_tokens")) == prompt + output + reasoning:
+        output += reasoning
     return Usage(
-        input_tokens=count(usage.get("prompt_tokens", usage.get("input_tokens"))),
-        output_tokens=count(usage.get("completion_tokens", usage.get("output_tokens"))),
+        input_tokens=prompt,
+        output_tokens=output,
         cached_input_tokens=count(details.get("cached_tokens")) or count(usage.get("prompt_cache_hit_tokens")),
-        reasoning_tokens=count(output_details.get("reasoning_tokens")),
+        reasoning_tokens=reasoning,
     )
 
 

@@ -42,6 +42,9 @@ Per format (P = prompt tokens, C = n_out + R):
 
 * chat: P = chat formula over ``messages``; usage prompt_tokens P,
   completion_tokens C, total P + C, cached_tokens K, reasoning_tokens R.
+  xAI: completion_tokens n_out (its reasoning is apart), total P + C.
+  Mistral: a stream's usage comes unasked in its last text chunk (the one
+  with finish_reason), and ``stream_options`` is refused with a 422.
   DeepSeek: usage is DeepSeek's (prompt_tokens_details.cached_tokens K,
   prompt_cache_hit_tokens K, prompt_cache_miss_tokens max(P - K, 0)).
 * completions: P = words(``prompt``, a string or list of strings) + 3; usage as chat.
@@ -243,13 +246,15 @@ def _chunked(content_type: bytes) -> list[tuple[bytes, bytes]]:
 UsageFn = Callable[[int, int, dict], dict]
 
 
-def _usage(prompt: int, n_out: int, behaviour: dict) -> dict:
+def _usage(prompt: int, n_out: int, behaviour: dict, reasoning_apart: bool = False) -> dict:
+    """`reasoning_apart`: xAI's convention, reasoning tokens outside ``completion_tokens`` but
+    in ``total_tokens``; OpenAI's counts them in both."""
     reasoning = behaviour.get("reasoning_tokens", 0)
-    completion = n_out + reasoning
+    completion = n_out if reasoning_apart else n_out + reasoning
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "total_tokens": prompt + n_out + reasoning,
         "prompt_tokens_details": {"cached_tokens": behaviour.get("cached_tokens", 0), "audio_tokens": 0},
         "completion_tokens_details": {
             "reasoning_tokens": reasoning,
@@ -282,27 +287,46 @@ def _thought(i: int) -> str:
 
 
 def _chat_chunks(
-    rid: str, created: int, model: str, n_out: int, width: int, usage: dict | None, shown_reasoning: int
+    rid: str,
+    created: int,
+    model: str,
+    n_out: int,
+    width: int,
+    usage: dict | None,
+    shown_reasoning: int,
+    usage_in_last: bool = False,
 ) -> Iterator[bytes]:
-    """SSE events of a streamed completion; usage is None unless the usage chunk is wanted."""
+    """SSE events of a streamed completion; usage is None unless the usage chunk is wanted.
+    `usage_in_last`: Mistral's way, usage in the last chunk of the text, sent unasked."""
     head = (
         'data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"service_tier":"default",'
         '"system_fingerprint":"fp_fake","choices":' % (rid, created, _dumps(model))
     )
-    tail = "}\n\n" if usage is None else ',"usage":null}\n\n'
+    tail = "}\n\n" if usage is None or usage_in_last else ',"usage":null}\n\n'
 
-    def event(delta: str, finish: str = "null") -> bytes:
-        return f'{head}[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}]{tail}'.encode()
+    def event(delta: str, finish: str = "null", end: str = tail) -> bytes:
+        return f'{head}[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}]{end}'.encode()
 
     yield event('{"role":"assistant","content":"","refusal":null}')
     for i in range(shown_reasoning):
         yield event('{"content":null,"reasoning_content":"%s"}' % _thought(i))
     for i in range(n_out):
         yield event('{"content":"%s%s"}' % (" " if i else "", _word(i, width)))
-    yield event("{}", '"stop"')
-    if usage is not None:
-        yield f'{head}[],"usage":{_dumps(usage)}}}\n\n'.encode()
+    usage_end = f',"usage":{_dumps(usage)}}}\n\n'
+    if usage is not None and usage_in_last:
+        yield event("{}", '"stop"', usage_end)
+    else:
+        yield event("{}", '"stop"')
+        if usage is not None:
+            yield f"{head}[]{usage_end}".encode()
     yield b"data: [DONE]\n\n"
+
+
+def _extra_forbidden(field: str) -> Reply:
+    """Mistral's answer to a field it does not know (its request models forbid extras)."""
+    detail = {"type": "extra_forbidden", "loc": ["body", field], "msg": "Extra inputs are not permitted"}
+    body = {"object": "error", "message": {"detail": [detail]}, "type": "invalid_request_error", "param": None}
+    return _json_reply(422, {**body, "code": None})
 
 
 def _wants_stream_usage(req: dict) -> bool:
@@ -311,20 +335,30 @@ def _wants_stream_usage(req: dict) -> bool:
 
 
 def _chat_completion(
-    state: FakeState, entry: dict, behaviour: dict, req: dict, usage_of: UsageFn, shows_reasoning: bool = False
+    state: FakeState,
+    entry: dict,
+    behaviour: dict,
+    req: dict,
+    usage_of: UsageFn,
+    shows_reasoning: bool = False,
+    usage_unasked: bool = False,
 ) -> Reply:
     """`shows_reasoning`: the reasoning tokens come as text too (DeepSeek's and xAI's
-    ``reasoning_content``), before the answer."""
+    ``reasoning_content``), before the answer. `usage_unasked`: Mistral's way, a stream's usage
+    comes unasked, in its last chunk, and ``stream_options`` is refused (422)."""
+    if usage_unasked and "stream_options" in req:
+        return _extra_forbidden("stream_options")
     n_out = _n_out(behaviour, req.get("max_tokens"), req.get("max_completion_tokens"))
     shown_reasoning = behaviour.get("reasoning_tokens", 0) if shows_reasoning else 0
     width = behaviour.get("word_bytes", 0)
     usage = usage_of(_prompt_tokens(req.get("messages")), n_out, behaviour) if behaviour.get("usage", True) else None
     rid, created, model = "chatcmpl-fake%020d" % next(state.ids), int(time.time()), req["model"]
     if req.get("stream") is True:
-        if not _wants_stream_usage(req):
+        if not (usage_unasked or _wants_stream_usage(req)):
             usage = None
         entry["usage"] = usage
-        return Reply(200, SSE, events=_chat_chunks(rid, created, model, n_out, width, usage, shown_reasoning))
+        events = _chat_chunks(rid, created, model, n_out, width, usage, shown_reasoning, usage_unasked)
+        return Reply(200, SSE, events=events)
     entry["usage"] = usage
     text = " ".join(_word(i, width) for i in range(n_out))
     message = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
@@ -559,12 +593,12 @@ def openai_compatible(
     usage_of: UsageFn = _usage,
     aliases: dict[str, str] | None = None,
     shows_reasoning: bool = False,
+    usage_unasked: bool = False,
 ) -> Handler:
     """OpenAI wire format for the named endpoints, each served at ``/v1<endpoint>`` and ``<endpoint>``;
-    `shows_reasoning`: chat completions send their reasoning as text (DeepSeek, xAI)."""
-    served = OPENAI_ENDPOINTS
-    if shows_reasoning:
-        served = {**served, "/chat/completions": functools.partial(_chat_completion, shows_reasoning=True)}
+    `shows_reasoning` and `usage_unasked`: how chat completions differ (see `_chat_completion`)."""
+    chat = functools.partial(_chat_completion, shows_reasoning=shows_reasoning, usage_unasked=usage_unasked)
+    served = {**OPENAI_ENDPOINTS, "/chat/completions": chat}
     routes = {path: served[name] for name in endpoints for path in ("/v1" + name, name)}
     routes.update({path: served[name] for path, name in (aliases or {}).items()})
 
@@ -806,7 +840,7 @@ FORMATS: dict[str, Format] = {
     "openai": Format(
         openai_compatible(("/chat/completions", "/responses", "/embeddings", "/completions", "/audio/speech"))
     ),
-    "mistral": Format(openai_compatible(("/chat/completions", "/embeddings"))),
+    "mistral": Format(openai_compatible(("/chat/completions", "/embeddings"), usage_unasked=True)),
     "deepseek": Format(
         openai_compatible(
             ("/chat/completions", "/completions"),
@@ -815,7 +849,13 @@ FORMATS: dict[str, Format] = {
             shows_reasoning=True,
         )
     ),
-    "xai": Format(openai_compatible(("/chat/completions", "/responses", "/completions"), shows_reasoning=True)),
+    "xai": Format(
+        openai_compatible(
+            ("/chat/completions", "/responses", "/completions"),
+            functools.partial(_usage, reasoning_apart=True),
+            shows_reasoning=True,
+        )
+    ),
     "anthropic": Format(anthropic_messages, _anthropic_error),
     "google": Format(google_generate, _google_error),
 }

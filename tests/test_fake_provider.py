@@ -289,6 +289,33 @@ def test_deepseek_and_xai_show_their_reasoning_before_the_answer(port, provider,
     assert "reasoning_content" not in plain.model_extra  # no reasoning tokens, none shown
 
 
+@pytest.mark.usefixtures("fresh")
+def test_xai_counts_its_reasoning_apart_from_the_completion_tokens(port):
+    behave(port, {"reasoning_tokens": 3})
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/xai", api_key="sk-test", max_retries=0) as c:
+        usage = c.chat.completions.create(model="grok-3-mini", messages=MESSAGES, max_tokens=2).usage
+    assert (usage.completion_tokens, usage.completion_tokens_details.reasoning_tokens) == (2, 3)
+    assert usage.total_tokens == PROMPT_TOKENS + 2 + 3
+
+
+@pytest.mark.usefixtures("fresh")
+def test_mistral_streams_usage_unasked_in_the_last_chunk_and_refuses_stream_options(port):
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/mistral/v1", api_key="sk-test", max_retries=0) as c:
+        chunks = list(c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, stream=True))
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            c.chat.completions.create(
+                model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+            )
+    last = chunks[-1]
+    assert (last.choices[0].finish_reason, last.usage.prompt_tokens, last.usage.completion_tokens) == (
+        "stop",
+        PROMPT_TOKENS,
+        2,
+    )
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    assert refused.value.body["message"]["detail"][0]["type"] == "extra_forbidden"
+
+
 def test_openai_keeps_its_reasoning_to_itself(client, port):
     behave(port, {"reasoning_tokens": 3})
     message = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices[0].message

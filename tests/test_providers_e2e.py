@@ -265,6 +265,39 @@ def test_deepseek_cache_hit_tokens_are_priced_as_cache_reads(gateway, fake, acco
     )
 
 
+def test_xai_reasoning_is_billed_as_output_though_its_completion_tokens_leave_it_out(gateway, fake, account):
+    fake.behave({"reasoning_tokens": 7})
+    raw = openai_client(gateway, account.token(), "xai/v1").chat.completions.with_raw_response.create(
+        model="grok-3-mini", messages=[{"role": "user", "content": "Is it prime?"}], max_tokens=4
+    )
+    usage = raw.parse().usage
+    assert (usage.completion_tokens, usage.completion_tokens_details.reasoning_tokens) == (4, 7)
+    assert usage.total_tokens == usage.prompt_tokens + 4 + 7
+    row = gateway.row(raw.headers["x-lava-request-id"])
+    assert tokens(row) == (usage.prompt_tokens, 0, 0, 11, 7)
+    assert row["total_cost"] == cost_text("x-ai", "grok-3-mini", input_tokens=usage.prompt_tokens, output_tokens=11)
+
+
+def test_a_mistral_stream_goes_without_stream_options_and_is_metered_from_its_last_chunk(gateway, fake, account):
+    client = openai_client(gateway, account.token(), "mistral/v1")
+    with client.chat.completions.with_streaming_response.create(
+        model="mistral-small-latest", messages=[{"role": "user", "content": "one two"}], max_tokens=3, stream=True
+    ) as raw:
+        chunks = list(raw.parse())
+        request_id = raw.headers["x-lava-request-id"]
+    [seen] = fake.requests()
+    assert "stream_options" not in seen["body"]  # Mistral answers it with a 422
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "w0 w1 w2"
+    usage = chunks[-1].usage  # the client gets the last chunk whole, usage included
+    assert (chunks[-1].choices[0].finish_reason, usage.completion_tokens) == ("stop", 3)
+    row = gateway.row(request_id)
+    assert (row["status"], row["usage_source"], row["stream"]) == ("completed", "provider", 1)
+    assert tokens(row) == (usage.prompt_tokens, 0, 0, 3, 0)
+    assert row["total_cost"] == cost_text(
+        "mistral", "mistral-small-latest", input_tokens=usage.prompt_tokens, output_tokens=3
+    )
+
+
 # --- estimates --------------------------------------------------------------------------------
 
 

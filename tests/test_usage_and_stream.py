@@ -62,6 +62,21 @@ def test_deepseek_cache_hit_tokens():
     assert openai_usage(usage) == Usage(input_tokens=20, output_tokens=10, cached_input_tokens=12)
 
 
+def test_xai_reasoning_counted_apart_from_its_completion_tokens_is_output():
+    # xAI's own example: its total is prompt + completion + reasoning, where OpenAI's completion
+    # tokens already include the reasoning.
+    usage = {
+        "prompt_tokens": 32,
+        "completion_tokens": 9,
+        "total_tokens": 135,
+        "prompt_tokens_details": {"text_tokens": 32, "audio_tokens": 0, "image_tokens": 0, "cached_tokens": 6},
+        "completion_tokens_details": {"reasoning_tokens": 94, "audio_tokens": 0},
+    }
+    assert openai_usage(usage) == Usage(input_tokens=32, output_tokens=103, cached_input_tokens=6, reasoning_tokens=94)
+    within = {**usage, "completion_tokens": 103, "total_tokens": 135}  # OpenAI's convention: counted once
+    assert openai_usage(within).output_tokens == 103
+
+
 def test_embeddings_usage_has_no_output():
     assert openai_usage({"prompt_tokens": 8, "total_tokens": 8}) == Usage(input_tokens=8)
 
