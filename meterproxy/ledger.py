@@ -68,7 +68,8 @@ def closing_fields(call: Call, outcome: Outcome, prices: PriceBook) -> tuple[dic
     if error is not None:
         return {**fields, **failed(error)}, ZERO
     usage = call.dialect.metered_usage(call.request_body) if call.dialect else Usage()
-    priced_fields, wallet_cost = priced(call.tariff(model), usage, outcome.started, prices)
+    price_name = prices.model_to_price(call.target.provider.price_provider, model, call.model)
+    priced_fields, wallet_cost = priced(call.tariff(price_name), usage, outcome.started, prices)
     return {**fields, **priced_fields}, wallet_cost
 
 

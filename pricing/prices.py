@@ -26,6 +26,7 @@ from meterproxy.usage import Usage
 
 DEFAULT_OVERRIDES = Path(__file__).with_name("overrides.toml")
 MILLION = Decimal(1_000_000)
+MAX_REMEMBERED_NAMES = 10_000
 
 
 class PriceNotFound(LookupError):
@@ -124,6 +125,7 @@ class PriceBook:
         self._rates: dict[tuple, tuple[Decimal, Decimal, Decimal]] = {}  # this hour's, by provider and model
         self._rates_hour: datetime | None = None
         self._linear: dict[int, tuple[object, LinearPrice | None]] = {}  # id of a genai-prices price
+        self._names: dict[tuple, str] = {}  # `model_to_price`'s answers
 
     @classmethod
     def from_file(cls, path: str | Path | None = DEFAULT_OVERRIDES) -> "PriceBook":
@@ -134,6 +136,31 @@ class PriceBook:
         except (OSError, ValueError) as error:
             raise ValueError(f"price overrides {path}: {error}") from None
         return cls(parsed.model)
+
+    def model_to_price(self, provider: str, answered: str | None, requested: str | None) -> str | None:
+        """The name a call is priced by: the model that answered (a dated snapshot of the one
+        asked for, say), unless only the name asked for has an override (a negotiated price
+        names the model as clients ask for it) or a price at all."""
+        if answered is None or answered == requested:
+            return requested
+        key = (provider, answered, requested)
+        if key not in self._names:
+            if len(self._names) >= MAX_REMEMBERED_NAMES:
+                self._names.clear()
+            self._names[key] = self._choose(provider, (answered, requested))
+        return self._names[key]
+
+    def _choose(self, provider: str, names: tuple[str, str | None]) -> str:
+        for name in names:
+            if (provider, name) in self.overrides:
+                return name
+        for name in names:
+            try:
+                get_snapshot().find_provider_model(name, None, provider, None)
+                return name
+            except LookupError:
+                continue
+        return names[0]
 
     def upper_bound(self, provider: str, model: str, usage: Usage, at: datetime) -> Decimal:
         """At least `provider_cost(usage)`: every unit at the highest rate it can have (input as

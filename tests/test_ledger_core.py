@@ -266,6 +266,26 @@ def test_an_unpriced_model_is_an_error_row_naming_the_model():
     assert fields["input_tokens"] == 1000  # usage is still recorded
 
 
+def test_a_negotiated_price_for_the_name_asked_for_prices_the_snapshot_that_answered():
+    # OpenAI answers gpt-4o as a dated snapshot; the override names the model as clients ask for it.
+    negotiated = ModelPrice(provider="openai", model="gpt-4o", input_mtok=Decimal("1"), output_mtok=Decimal("4"))
+    call = make_call(model="gpt-4o", reply=Reply("chatcmpl-abc", "gpt-4o-2024-08-06"))
+    fields, _ = closing_fields(call, OUTCOME, PriceBook([negotiated]))
+    assert (fields["model"], fields["status"]) == ("gpt-4o-2024-08-06", "completed")
+    # (1000 * 1 + 100 * 4) / 1e6 (the override prices cached input as input) = 0.0014, + 0.00114 of fees
+    assert fields["total_cost"] == "0.0025400000"
+
+
+def test_a_snapshot_priced_nowhere_is_priced_as_the_model_asked_for():
+    call = make_call(model="gpt-4o-mini-2024-07-18", reply=Reply("chatcmpl-abc", "gpt-4o-mini-2099-01-01-exp"))
+    fields, _ = closing_fields(call, OUTCOME, PRICES)
+    assert (fields["model"], fields["status"], fields["total_cost"]) == (
+        "gpt-4o-mini-2099-01-01-exp",
+        "completed",
+        "0.0034200000",  # the first test's cost: 0.0022 + 0.00122
+    )
+
+
 def test_a_transport_failure_without_usage_is_an_error_row():
     outcome = Outcome(STARTED, None, STARTED + timedelta(seconds=2), upstream_status=None, error="connection reset")
     fields, wallet_cost = closing_fields(make_call(usage=None), outcome, PRICES)
