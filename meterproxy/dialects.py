@@ -285,8 +285,8 @@ class Google(Dialect):
         return _limit(config.get("maxOutputTokens"), config.get("candidateCount"))
 
 
-class Speech(Dialect):
-    """Audio speech is billed by the characters of its input; the audio itself is not read."""
+class FromRequest(Dialect):
+    """An endpoint whose usage the request alone tells: the answer is not read for it."""
 
     def event(self, event: dict) -> bool:
         return False
@@ -304,10 +304,28 @@ class Speech(Dialect):
         return self.metered_usage(request)
 
     def metered_usage(self, request: dict | None) -> Usage:
+        return Usage()
+
+
+class Speech(FromRequest):
+    """Audio speech is billed by the characters of its input; the audio itself is not read."""
+
+    def metered_usage(self, request: dict | None) -> Usage:
         return Usage(input_characters=len(text((request or {}).get("input")) or ""))
 
 
+class TokenCount(FromRequest):
+    """Counting a prompt's tokens (Anthropic's `count_tokens`, Gemini's `countTokens`, OpenAI's
+    `responses/input_tokens`) is free: the count it answers was not used, and costs nothing."""
+
+
+# The paths of the token-counting endpoints, by wire format.
+_TOKEN_COUNT = re.compile(r"/messages/count_tokens$|:countTokens$|/responses/input_tokens$")
+
+
 def dialect_for(wire: Wire, path: str, model: str | None) -> Dialect:
+    if _TOKEN_COUNT.search(path):
+        return TokenCount(model)
     if wire is Wire.ANTHROPIC:
         return Anthropic(model)
     if wire is Wire.GOOGLE:

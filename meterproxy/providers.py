@@ -78,7 +78,13 @@ BUILT_IN = (
         "google",
     ),
     Provider(
-        "mistral", "https://api.mistral.ai", "MISTRAL_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "mistral", stream_options=False
+        "mistral",
+        "https://api.mistral.ai",
+        "MISTRAL_API_KEY",
+        AuthStyle.BEARER,
+        Wire.OPENAI,
+        "mistral",
+        stream_options=False,
     ),
     Provider("deepseek", "https://api.deepseek.com", "DEEPSEEK_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "deepseek"),
     Provider("xai", "https://api.x.ai", "XAI_API_KEY", AuthStyle.BEARER, Wire.OPENAI, "x-ai"),

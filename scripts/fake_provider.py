@@ -13,10 +13,11 @@ without its ``/v1`` where the OpenAI-compatible column says so:
   usage adds ``prompt_cache_hit_tokens`` / ``prompt_cache_miss_tokens``
 * ``/xai``      chat/completions, responses, completions
   (all of the above: ``POST <prefix>[/v1]/<endpoint>``, ``Authorization: Bearer``)
-* ``/anthropic`` ``POST /v1/messages`` (``x-api-key`` or Bearer, plus
-  ``anthropic-version``)
+* ``/anthropic`` ``POST /v1/messages`` and ``/v1/messages/count_tokens``
+  (``x-api-key`` or Bearer, plus ``anthropic-version``)
 * ``/google``   ``POST /v1beta/models/<model>:generateContent`` and
-  ``:streamGenerateContent`` (``?alt=sse`` for SSE, else a JSON array); ``/v1``
+  ``:streamGenerateContent`` (``?alt=sse`` for SSE, else a JSON array), and
+  ``:countTokens`` (``totalTokens``, the prompt P below); ``/v1``
   and ``/v1alpha`` work too (google-genai uses ``/v1`` by default).  Auth:
   ``x-goog-api-key`` header or ``?key=``.
 
@@ -677,8 +678,8 @@ def _anthropic_events(message: dict, n_out: int, width: int) -> Iterator[bytes]:
 
 
 def anthropic_messages(state: FakeState, entry: dict, behaviour: dict, subpath: str) -> Reply:
-    """Anthropic Messages API: ``POST /v1/messages``."""
-    if entry["method"] != "POST" or subpath != "/v1/messages":
+    """Anthropic Messages API: ``POST /v1/messages``, and ``/v1/messages/count_tokens``."""
+    if entry["method"] != "POST" or subpath not in ("/v1/messages", "/v1/messages/count_tokens"):
         return _anthropic_error(404, "Not Found")
     if not (_header(entry, "x-api-key") or _has_bearer(entry["headers"])):
         return _anthropic_error(401, "invalid x-api-key")
@@ -687,6 +688,8 @@ def anthropic_messages(state: FakeState, entry: dict, behaviour: dict, subpath: 
     req = entry["body"]
     if not isinstance(req, dict):
         return _anthropic_error(400, "The request body is not valid JSON.")
+    if subpath.endswith("/count_tokens"):
+        return _json_reply(200, {"input_tokens": _prompt_tokens(req.get("messages")) + _words(req.get("system"))})
     for field, kind in (("model", str), ("max_tokens", int), ("messages", list)):
         if not isinstance(req.get(field), kind):
             return _anthropic_error(400, f"{field}: Field required")
@@ -714,7 +717,7 @@ def anthropic_messages(state: FakeState, entry: dict, behaviour: dict, subpath: 
 _google_dumps = json.JSONEncoder(separators=(",", ": ")).encode  # Gemini's compact SSE style
 _google_pretty = json.JSONEncoder(indent=2).encode  # and its pretty-printed JSON bodies
 _GOOGLE_JSON = [(b"content-type", b"application/json; charset=UTF-8")]
-_GOOGLE_PATH = re.compile(r"/v1(?:beta|alpha)?/models/([^/:]+):(generateContent|streamGenerateContent)")
+_GOOGLE_PATH = re.compile(r"/v1(?:beta|alpha)?/models/([^/:]+):(generateContent|streamGenerateContent|countTokens)")
 _GOOGLE_STATUSES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -811,6 +814,8 @@ def google_generate(state: FakeState, entry: dict, behaviour: dict, subpath: str
     req = entry["body"]
     if not (isinstance(req, dict) and isinstance(req.get("contents"), list)):
         return _google_error(400, "* GenerateContentRequest.contents: contents is not specified")
+    if match.group(2) == "countTokens":
+        return Reply(200, _GOOGLE_JSON, _google_pretty({"totalTokens": _google_prompt_tokens(req)}).encode() + b"\n")
     config = req.get("generationConfig")
     n_out = _n_out(behaviour, config.get("maxOutputTokens") if isinstance(config, dict) else None)
     width, model, rid = behaviour.get("word_bytes", 0), match.group(1), "fake%020d" % next(state.ids)

@@ -303,9 +303,7 @@ def test_mistral_streams_usage_unasked_in_the_last_chunk_and_refuses_stream_opti
     with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/mistral/v1", api_key="sk-test", max_retries=0) as c:
         chunks = list(c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, stream=True))
         with pytest.raises(openai.UnprocessableEntityError) as refused:
-            c.chat.completions.create(
-                model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
-            )
+            c.chat.completions.create(model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
     last = chunks[-1]
     assert (last.choices[0].finish_reason, last.usage.prompt_tokens, last.usage.completion_tokens) == (
         "stop",

@@ -196,6 +196,19 @@ def test_gemini_generate_content_stream(gateway, fake, account):
     assert row["total_cost"] == cost_text("google", GEMINI, input_tokens=meta.prompt_token_count, output_tokens=6)
 
 
+def test_counting_tokens_is_free(gateway, fake, account):
+    messages = [{"role": "user", "content": "How many tokens is this"}]
+    rows_before = len(gateway.rows())
+    counted = anthropic_client(gateway, account.token()).messages.count_tokens(model=CLAUDE, messages=messages)
+    client = google_client(gateway, account.token())  # kept: it closes its connections when collected
+    gemini = client.models.count_tokens(model=GEMINI, contents="How many tokens")
+    assert (counted.input_tokens, gemini.total_tokens) == (3 + 3 + 5, 3 + 3 + 3)
+    rows = sorted((gateway.row(row["request_id"]) for row in gateway.rows()[rows_before:]), key=lambda r: r["provider"])
+    assert [(row["provider"], row["status"]) for row in rows] == [("anthropic", "completed"), ("google", "completed")]
+    for row in rows:  # the count answered is no usage, and the provider charges nothing for it
+        assert (tokens(row), row["total_cost"]) == ((0, 0, 0, 0, 0), "0.0000000000")
+
+
 def test_the_token_in_the_query_key_is_accepted_and_removed(gateway, fake, account):
     url = f"{gateway.url}/google/v1beta/models/{GEMINI}:generateContent?key={account.token()}"
     response = httpx2.post(url, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})

@@ -12,8 +12,9 @@ import pytest
 import zstandard
 
 from meterproxy import dialects
-from meterproxy.dialects import Anthropic, OpenAIChat, OpenAIResponses
+from meterproxy.dialects import Anthropic, OpenAIChat, OpenAIResponses, TokenCount, dialect_for
 from meterproxy.estimate import RAW_BATCH, TextCounter, text_tokens
+from meterproxy.providers import Wire
 from meterproxy.stream import StreamMeter, make_decoder
 from meterproxy.usage import Reply, Usage, UsageSource, openai_usage
 
@@ -75,6 +76,22 @@ def test_xai_reasoning_counted_apart_from_its_completion_tokens_is_output():
     assert openai_usage(usage) == Usage(input_tokens=32, output_tokens=103, cached_input_tokens=6, reasoning_tokens=94)
     within = {**usage, "completion_tokens": 103, "total_tokens": 135}  # OpenAI's convention: counted once
     assert openai_usage(within).output_tokens == 103
+
+
+@pytest.mark.parametrize(
+    "wire, path",
+    [
+        (Wire.ANTHROPIC, "/v1/messages/count_tokens"),
+        (Wire.GOOGLE, "/v1beta/models/gemini-2.5-flash:countTokens"),
+        (Wire.OPENAI, "/v1/responses/input_tokens"),
+    ],
+)
+def test_the_token_counting_endpoints_cost_nothing(wire, path):
+    dialect = dialect_for(wire, path, "m")
+    request = {"model": "m", "messages": [{"role": "user", "content": "count me " * 100}]}
+    assert isinstance(dialect, TokenCount)
+    dialect.read_body({"input_tokens": 203})
+    assert dialect.metered_usage(request) == dialect.worst_case(request, 2000) == Usage()
 
 
 def test_embeddings_usage_has_no_output():
