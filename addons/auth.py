@@ -14,7 +14,7 @@ from addons.calls import call_of, fail_closed, refuse
 from meterproxy.errors import GatewayError
 from meterproxy.providers import AuthStyle, Provider
 from meterproxy.store import Principal
-from meterproxy.token import KeyMode, bearer, decode_token
+from meterproxy.token import KeyMode, NotAToken, bearer, decode_token
 
 REDACTED = "<redacted by meterproxy>"
 KEY_HEADERS = {
@@ -94,7 +94,7 @@ class Auth:
         try:
             call.token = decode_token(credential or "")
         except GatewayError as error:
-            if call.proxied:  # the client's own provider key: metered, charged to nobody
+            if call.proxied and isinstance(error, NotAToken):  # the client's own provider key: charged to nobody
                 call.principal = Principal(merchant_id=None)
                 call.key = credential
                 return

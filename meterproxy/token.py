@@ -55,23 +55,28 @@ def encode_token(**fields: str | None) -> str:
     return base64.b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode()
 
 
+class NotAToken(GatewayError):
+    """A credential that is no forward token at all: through the proxy, the client's own
+    provider key. One that is a token, but a bad one, carries secrets: it is never passed on."""
+
+
 @functools.lru_cache(maxsize=4096)
 def decode_token(raw: str) -> ForwardToken:
     """Standard or URL-safe base64, padding optional. Any defect is a 401 that names no secret.
     Tokens are immutable and the same few come on every call: the decoded ones are kept."""
     raw = raw.strip()
     if not raw:
-        raise _invalid("no forward token")
+        raise _invalid("no forward token", NotAToken)
     if len(raw) > MAX_TOKEN_LENGTH:
-        raise _invalid("forward token is too long")
+        raise _invalid("forward token is too long", NotAToken)
     try:
         padded = raw + "=" * (-len(raw) % 4)
         decoded = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
         data = json.loads(decoded)
     except (binascii.Error, ValueError, RecursionError):
-        raise _invalid("forward token is not base64-encoded JSON") from None
+        raise _invalid("forward token is not base64-encoded JSON", NotAToken) from None
     if not isinstance(data, dict):
-        raise _invalid("forward token must encode a JSON object")
+        raise _invalid("forward token must encode a JSON object", NotAToken)
     try:
         return ForwardToken.model_validate(data)
     except pydantic.ValidationError as error:
@@ -93,5 +98,5 @@ def _describe(item: dict) -> str:
     return f"{where}: {item['msg']}" if where else item["msg"]
 
 
-def _invalid(message: str) -> GatewayError:
-    return GatewayError(401, message, "invalid_token")
+def _invalid(message: str, kind: type[GatewayError] = GatewayError) -> GatewayError:
+    return kind(401, message, "invalid_token")

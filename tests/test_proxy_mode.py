@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from meterproxy.token import encode_token
 from pricing.fees import ProductFees
 from tests.harness import MANAGED_KEYS, ROOT, Gateway, make_account, secret
 
@@ -92,6 +93,20 @@ def test_a_client_with_its_own_provider_key_is_metered_and_charged_to_nobody(gat
         "0.0000000000",
         "0.0000000000",
     )
+
+
+def test_a_bad_forward_token_through_the_proxy_is_refused_not_passed_on_as_a_provider_key(gateway, fake, proxied):
+    account = make_account(gateway.store)
+    # A token with its product left out: it is still a token, with the merchant's secrets in it.
+    broken = secret(encode_token(secret_key=account.secret_key, connection_secret=account.connection_secret))
+    audited = len(gateway.audit())
+    client = openai.OpenAI(api_key=broken, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert refused.value.body["code"] == "invalid_token"
+    assert fake.requests() == []
+    [entry] = gateway.audit_since(audited)
+    assert (entry["status"], entry["code"], entry["target_host"]) == (401, "invalid_token", "api.openai.com")
 
 
 # --- other hosts: raw bytes --------------------------------------------------------------------
