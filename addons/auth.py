@@ -81,6 +81,12 @@ def _has_key_parameter(request: http.Request) -> bool:
     return "key=" in request.path
 
 
+def _scrub_headers(response: http.Response, key: bytes) -> None:
+    fields = response.headers.fields
+    if any(key in value for _, value in fields):
+        response.headers.fields = tuple((name, value.replace(key, REDACTED.encode())) for name, value in fields)
+
+
 class Auth:
     def __init__(self) -> None:
         self.managed_keys = ManagedKeys()
@@ -118,15 +124,23 @@ class Auth:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
+        call = call_of(flow)
+        if call is not None and call.key:
+            _scrub_headers(flow.response, call.key.encode())
 
     def response(self, flow: http.HTTPFlow) -> None:
-        """A provider's error may quote the key it was given: never pass that on or record it."""
+        """A provider's answer may quote the key it was given: never pass that on or record it.
+        Errors are read whole for this (`Metering`); a retried answer's headers are new here."""
         call = call_of(flow)
-        if call is None or not call.key or flow.response.stream or flow.response.status_code < 400:
+        if call is None or not call.key:
+            return
+        key = call.key.encode()
+        _scrub_headers(flow.response, key)
+        if flow.response.stream or flow.response.status_code < 400:
             return
         content = flow.response.content or b""
-        if call.key.encode() in content:
-            flow.response.content = content.replace(call.key.encode(), REDACTED.encode())
+        if key in content:
+            flow.response.content = content.replace(key, REDACTED.encode())
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)

@@ -47,6 +47,8 @@ class Metering:
         call = call_of(flow)
         if call is None or call.refusal or call.upstream_failure or call.dialect is None or call.cache_hit:
             return
+        if flow.response.status_code >= 400:
+            return  # an error, whatever its type, is read whole: to retry it, and to scrub a key it quotes
         headers = flow.response.headers
         content_type = headers.get("content-type", "")
         if content_type.startswith("text/event-stream"):

@@ -24,7 +24,7 @@ from mitmproxy import ctx, http
 
 from addons.auth import Auth, put_key
 from addons.calls import call_of
-from addons.routing import REQUEST_ID_HEADER
+from addons.routing import REQUEST_ID_HEADER, is_redirect, refuse_redirect
 from meterproxy.errors import GatewayError
 from meterproxy.retry import RETRYABLE_STATUSES, RetryPolicy
 from meterproxy.token import KeyMode
@@ -86,6 +86,9 @@ class Retries:
                 return  # the provider went away: the last answer it gave stands
             retried.headers[REQUEST_ID_HEADER] = flow.response.headers.get(REQUEST_ID_HEADER, call.request_id)
             flow.response = retried
+            if is_redirect(retried):
+                refuse_redirect(flow, call)  # a 502 of the gateway's own, not to be retried
+                return
 
     async def _attempt(self, flow: http.HTTPFlow, call) -> http.Response | None:
         request = flow.request

@@ -129,16 +129,27 @@ class Routing:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if call := call_of(flow):
             flow.response.headers[REQUEST_ID_HEADER] = call.request_id
-            if 300 <= flow.response.status_code < 400 and not call.refusal:
-                # Never hand a provider's redirect on: a client that follows it would take its
-                # credentials to wherever it points. Answered as a 502 at `response`.
-                call.upstream_failure = GatewayError(
-                    502, "the provider answered with a redirect, which the gateway does not follow", "upstream_redirect"
-                )
+            if is_redirect(flow.response) and not call.refusal:
+                call.upstream_failure = REDIRECT_REFUSED  # answered at `response`
 
     def response(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call is not None and call.upstream_failure is not None and 300 <= flow.response.status_code < 400:
-            failure = call.upstream_failure
-            headers = {"content-type": "application/json", REQUEST_ID_HEADER: call.request_id}
-            flow.response = http.Response.make(failure.status, failure.body(), headers)
+        if call is not None and call.upstream_failure is REDIRECT_REFUSED and is_redirect(flow.response):
+            refuse_redirect(flow, call)
+
+
+# Never hand a provider's redirect on: a client that follows it would take its credentials to
+# wherever it points. The call fails with a 502 instead.
+REDIRECT_REFUSED = GatewayError(
+    502, "the provider answered with a redirect, which the gateway does not follow", "upstream_redirect"
+)
+
+
+def is_redirect(response: http.Response) -> bool:
+    return 300 <= response.status_code < 400
+
+
+def refuse_redirect(flow: http.HTTPFlow, call: Call) -> None:
+    call.upstream_failure = REDIRECT_REFUSED
+    headers = {"content-type": "application/json", REQUEST_ID_HEADER: call.request_id}
+    flow.response = http.Response.make(REDIRECT_REFUSED.status, REDIRECT_REFUSED.body(), headers)

@@ -394,6 +394,7 @@ def test_auth_request_injects_the_key_in_the_providers_style(accounts, path, byo
     flow = keyed(auth, path, encode_token(**secrets, provider_key=byok))
     assert flow.response is None
     assert flow.request.headers.get_all(header) == [value]
+    flow.response = http.Response.make(200)
     auth.responseheaders(flow)
     assert flow.request.headers[header] == REDACTED
 

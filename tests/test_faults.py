@@ -201,3 +201,40 @@ def test_a_provider_redirect_is_never_handed_on(gateway, fake, account):
     assert len(fake.requests()) == 1
     row = gateway.row(response.headers["x-lava-request-id"])
     assert (row["status"], row["wallet_cost"]) == ("error", "0.0000000000")
+
+
+def test_a_redirect_that_comes_on_a_retry_is_never_handed_on(gateway, fake, account):
+    fake.behave({"status": 503}, {"status": 307, "headers": {"location": "https://evil.example/collect"}, "body": {}})
+    with pytest.raises(openai.InternalServerError) as raised:
+        chat(gateway, account)
+    response = raised.value.response
+    assert (response.status_code, raised.value.code) == (502, "upstream_redirect")
+    assert "location" not in response.headers and len(fake.requests()) == 2
+    row = gateway.row(response.headers["x-lava-request-id"])
+    assert (row["status"], row["attempts"], row["wallet_cost"]) == ("error", 2, "0.0000000000")
+
+
+def test_an_error_page_that_is_not_json_is_retried_before_anything_reaches_the_client(gateway, fake, account):
+    fake.behave({"status": 503, "headers": {"content-type": "text/html"}, "body": "<html>overloaded</html>"})
+    raw = chat(gateway, account)
+    assert raw.status_code == 200 and raw.parse().choices[0].message.content == "w0 w1 w2 w3 w4"
+    row = gateway.row(raw.headers["x-lava-request-id"])
+    assert (row["status"], row["attempts"], row["upstream_status"], row["output_tokens"]) == ("completed", 2, 200, 5)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/html", "application/json"])
+def test_a_provider_error_that_quotes_the_key_reaches_the_client_without_it(gateway, fake, account, content_type):
+    own_key = "sk-own-key-quoted-back-9d1e"
+    quoted = f"Incorrect API key provided: {own_key}"
+    fake.behave({"status": 401, "headers": {"content-type": content_type, "x-echo": quoted}, "body": quoted})
+    response = httpx2.post(
+        f"{gateway.url}/openai/v1/chat/completions",
+        headers={"authorization": f"Bearer {account.token(provider_key=own_key)}"},
+        json={"model": "gpt-4o-mini", "messages": MESSAGES},
+    )
+    assert dict(fake.requests()[0]["headers"])["authorization"] == f"Bearer {own_key}"
+    assert response.status_code == 401 and "Incorrect API key provided" in response.text
+    assert own_key not in response.text + str(response.headers)
+    assert response.headers["x-echo"] == "Incorrect API key provided: <redacted by meterproxy>"
+    row = gateway.row(response.headers["x-lava-request-id"])
+    assert (row["status"], row["upstream_status"]) == ("error", 401)
