@@ -190,6 +190,7 @@ class Ledger:
             # A 502/504 of the gateway's own is not the provider's status.
             upstream_status=response.status_code if response and not call.upstream_failure else None,
             error=error,
+            streamed=bool(response and response.stream),
         )
         call.opened = False  # one completion per call, whichever hook comes first
         del IN_FLIGHT[call.request_id]

@@ -173,6 +173,11 @@ class UpstreamWatch:
             call.watchdog.cancel()
         if call.meter is not None:
             self._watch_idle(flow, call)
+        elif not flow.response.stream:  # a body held until its end: it has as long as a first byte
+            timeout = self.first_byte_timeout
+            call.watchdog = asyncio.get_running_loop().call_later(
+                timeout, cut_upstream, flow, f"the provider did not finish its answer within {timeout} s"
+            )
 
     def error(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)

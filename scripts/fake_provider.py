@@ -75,7 +75,9 @@ behaviours and are not logged):
   provider's error shape), cached_tokens, cache_write_tokens,
   reasoning_tokens, usage (false = omit the usage objects), chunk_delay,
   first_byte_delay, cut_after (close the connection after that many stream
-  events, without the terminating chunk), hang, words, word_bytes, gzip.
+  events, without the terminating chunk), body_cut (send only that many bytes
+  of a body that is not streamed, wait body_stall seconds, then close), hang,
+  words, word_bytes, gzip.
 * ``GET /_fake/requests`` – log of every other request seen (response_status is
   null if nothing was answered, e.g. ``hang``; usage is the usage object the
   fake reported, in the provider's own shape).
@@ -951,6 +953,11 @@ async def _send(
     if reply.events is None:
         body = next(_gzip_events([reply.body])) if gzip else reply.body
         headers = [*headers, (b"content-length", b"%d" % len(body))]
+        if "body_cut" in behaviour:  # part of the body, a pause, then the connection closed
+            writer.write(conn.send(_response(reply.status, headers)) + body[: behaviour["body_cut"]])
+            await writer.drain()
+            await asyncio.sleep(behaviour.get("body_stall", 0))
+            return False
         writer.write(
             conn.send(_response(reply.status, headers)) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
         )

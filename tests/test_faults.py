@@ -238,3 +238,21 @@ def test_a_provider_error_that_quotes_the_key_reaches_the_client_without_it(gate
     assert response.headers["x-echo"] == "Incorrect API key provided: <redacted by meterproxy>"
     row = gateway.row(response.headers["x-lava-request-id"])
     assert (row["status"], row["upstream_status"]) == ("error", 401)
+
+
+@pytest.mark.parametrize(
+    "stall, error",
+    [(0, "peer closed connection"), (5, "the provider did not finish its answer within 1 s")],
+)
+def test_an_answer_cut_short_after_its_headers_is_an_error_that_charges_nothing(gateway, fake, account, stall, error):
+    fake.behave({"body_cut": 40, "body_stall": stall})
+    balance, before = gateway.store.wallet_balance(account.wallet_id), {r["request_id"] for r in gateway.rows()}
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as raised:  # mitmproxy's own 502: nothing reached the client
+        chat(gateway, account)
+    assert raised.value.status_code == 502 and time.monotonic() - started < 4
+    [request_id] = {r["request_id"] for r in gateway.rows()} - before
+    row = gateway.row(request_id)
+    assert (row["status"], row["upstream_status"], row["wallet_cost"]) == ("error", 200, "0.0000000000")
+    assert row["error_message"].startswith("the answer was cut short: ") and error in row["error_message"]
+    assert gateway.store.wallet_balance(account.wallet_id) == balance

@@ -298,11 +298,22 @@ def test_a_transport_failure_without_usage_is_an_error_row():
 
 
 def test_a_client_gone_after_the_usage_event_is_still_charged():
-    outcome = Outcome(
-        STARTED, STARTED, STARTED + timedelta(seconds=1), upstream_status=200, error="client disconnected"
-    )
+    outcome = Outcome(STARTED, STARTED, STARTED + timedelta(seconds=1), 200, error="client disconnected", streamed=True)
     fields, wallet_cost = closing_fields(make_call(), outcome, PRICES)
     assert (fields["total_cost"], wallet_cost) == ("0.0034200000", Decimal("0.00342"))
+
+
+def test_an_answer_cut_short_before_the_client_got_any_of_it_is_an_error_row():
+    # Not streamed: mitmproxy holds the body until its end, and the client got a 502 instead.
+    outcome = Outcome(STARTED, STARTED, STARTED + timedelta(seconds=1), 200, error="peer closed connection")
+    fields, wallet_cost = closing_fields(make_call(stream=False, usage=None), outcome, PRICES)
+    assert (fields["status"], fields["upstream_status"], fields["error_message"], wallet_cost) == (
+        "error",
+        200,
+        "the answer was cut short: peer closed connection",
+        0,
+    )
+    assert {name: fields[name] for name in ZERO_COSTS} == ZERO_COSTS
 
 
 def test_a_long_provider_error_message_is_truncated():
