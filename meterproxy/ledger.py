@@ -1,5 +1,6 @@
 """The ledger row of a call: what is written before forwarding and what completes it."""
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -12,6 +13,7 @@ from pricing.money import ZERO, money_text
 from pricing.prices import PriceBook, PriceNotFound
 
 MAX_ERROR_MESSAGE = 1000
+log = logging.getLogger(__name__)
 
 
 def opening_row(call: Call, created_at: datetime) -> dict:
@@ -69,9 +71,13 @@ def closing_fields(call: Call, outcome: Outcome, prices: PriceBook) -> tuple[dic
     error = _failure(call, outcome)
     if error is not None:
         return {**fields, **failed(error)}, ZERO
-    usage = call.dialect.metered_usage(call.request_body) if call.dialect else Usage()
-    price_name = prices.model_to_price(call.target.provider.price_provider, model, call.model)
-    priced_fields, wallet_cost = priced(call.tariff(price_name), usage, outcome.started, prices)
+    try:
+        usage = call.dialect.metered_usage(call.request_body) if call.dialect else Usage()
+        price_name = prices.model_to_price(call.target.provider.price_provider, model, call.model)
+        priced_fields, wallet_cost = priced(call.tariff(price_name), usage, outcome.started, prices)
+    except Exception as error:  # a defect, or input nobody foresaw: the row is completed all the same
+        log.exception("could not meter %s", call.request_id)
+        return {**fields, **failed(f"the gateway could not meter the answer ({type(error).__name__})")}, ZERO
     return {**fields, **priced_fields}, wallet_cost
 
 

@@ -316,6 +316,20 @@ def test_an_answer_cut_short_before_the_client_got_any_of_it_is_an_error_row():
     assert {name: fields[name] for name in ZERO_COSTS} == ZERO_COSTS
 
 
+def test_an_answer_the_gateway_cannot_meter_still_completes_its_row(caplog):
+    nested: object = "deep"
+    for _ in range(5000):  # deeper than the estimate's recursion can go
+        nested = [nested]
+    call = make_call(usage=None, request_body={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": nested}]})
+    fields, wallet_cost = closing_fields(call, OUTCOME, PRICES)
+    assert (fields["status"], fields["error_message"], wallet_cost) == (
+        "error",
+        "the gateway could not meter the answer (RecursionError)",
+        0,
+    )
+    assert "could not meter req_01JNJ5V8Q2X3Y4Z5A6B7C8D9E0" in caplog.text
+
+
 def test_a_long_provider_error_message_is_truncated():
     call = make_call(usage=None, reply=Reply(error="x" * 5000))
     fields, _ = closing_fields(call, Outcome(STARTED, None, STARTED, upstream_status=500), PRICES)
