@@ -320,7 +320,8 @@ def test_an_answer_the_gateway_cannot_meter_still_completes_its_row(caplog):
     nested: object = "deep"
     for _ in range(5000):  # deeper than the estimate's recursion can go
         nested = [nested]
-    call = make_call(usage=None, request_body={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": nested}]})
+    messages = [{"role": "user", "content": nested}]
+    call = make_call(usage=None, request_body={"model": "gpt-4o-mini", "messages": messages})
     fields, wallet_cost = closing_fields(call, OUTCOME, PRICES)
     assert (fields["status"], fields["error_message"], wallet_cost) == (
         "error",
