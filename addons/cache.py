@@ -36,13 +36,15 @@ class ResponseCache:
         call = call_of(flow)
         if call is None or call.refusal or not call.opened or call.request_body is None:
             return None
+        if call.principal.merchant_id is None:
+            return None  # a proxied call with the client's own key: whose answers would it share?
         rule = directive(call.principal.cache_ttl, flow.request.headers, call.fresh)
         if rule is None:
             return None
         call.cache_status = "bypass"
         if not (rule.read or rule.write):
             return None
-        key = cache_key(call.principal.merchant_id or "", call.target.provider.name, call.endpoint, call.request_body)
+        key = cache_key(call.principal.merchant_id, call.target.provider.name, call.endpoint, call.request_body)
         if rule.read:
             return self._look_up(flow, call, key, rule.ttl)
         _missed(call, key, rule.ttl)

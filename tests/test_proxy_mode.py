@@ -95,6 +95,19 @@ def test_a_client_with_its_own_provider_key_is_metered_and_charged_to_nobody(gat
     )
 
 
+def test_callers_with_their_own_keys_never_share_cached_answers(gateway, fake, proxied):
+    answers = []
+    for own_key in (secret("sk-proj-first-caller-0a11"), secret("sk-proj-second-caller-0b22")):
+        client = openai.OpenAI(api_key=own_key, max_retries=0, default_headers={"x-meterproxy-cache": "on"})
+        answers.append(client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES))
+    assert [dict(seen["headers"])["authorization"] for seen in fake.requests()] == [
+        "Bearer sk-proj-first-caller-0a11",
+        "Bearer sk-proj-second-caller-0b22",
+    ]
+    assert [raw.headers.get("x-meterproxy-cache") for raw in answers] == [None, None]
+    assert answers[0].parse().id != answers[1].parse().id
+
+
 def test_a_bad_forward_token_through_the_proxy_is_refused_not_passed_on_as_a_provider_key(gateway, fake, proxied):
     account = make_account(gateway.store)
     # A token with its product left out: it is still a token, with the merchant's secrets in it.
