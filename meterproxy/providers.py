@@ -136,6 +136,14 @@ class Registry:
         providers = {provider.name: provider for provider in BUILT_IN}
         for name, entry in parsed.providers.items():
             providers[name] = _merge(name, entry, providers.get(name))
+        owners: dict[str, str] = {}
+        for provider in providers.values():  # a managed key goes only to its own provider
+            owner = owners.setdefault(provider.key_env, provider.name)
+            if owner != provider.name:
+                raise ValueError(
+                    f"providers file: {provider.name} and {owner} would share the managed key {provider.key_env}:"
+                    f" give {provider.name} a key_env of its own"
+                )
         return cls(list(providers.values()))
 
     def host_patterns(self) -> list[str]:

@@ -253,6 +253,9 @@ def test_file_fields_of_a_new_provider_are_used(tmp_path):
         ('[providers.vllm]\nbase_url = "http://localhost:8000/?x=1"\n', "scheme and host only"),
         ('[providers.vllm]\nbase_url = "ftp://localhost:8000"\n', "scheme and host only"),
         ('[providers.openai]\nbase_url = "https://api.openai.com/v1"\n', "scheme and host only"),
+        # Google's key is GEMINI_API_KEY: a new provider named gemini would get it by default.
+        ('[providers.gemini]\nbase_url = "http://gpu-box.internal:8000"\n', "share the managed key GEMINI_API_KEY"),
+        ('[providers.openai]\nkey_env = "XAI_API_KEY"\n', "would share the managed key XAI_API_KEY"),
     ],
 )
 def test_an_invalid_providers_file_is_a_value_error(tmp_path, text, mentions):
