@@ -143,13 +143,13 @@ class Ledger:
         if call is None or call.refusal:
             return
         started = from_timestamp(flow.request.timestamp_start)
-        body_size, prices, limiter = len(flow.request.raw_content or b""), self.prices, self.limiter
+        body, prices, limiter = flow.request.raw_content or b"", self.prices, self.limiter
 
         def admit(store: Store) -> None:
             if call.token is not None:
                 call.principal = store.authorize(call.token)
-            limit_rate(limiter, call, body_size)
-            store.open_request(opening_row(call, started), worst_case_hold(call, body_size, prices, started))
+            limit_rate(limiter, call, len(body))
+            store.open_request(opening_row(call, started), worst_case_hold(call, body, prices, started))
 
         try:
             await self.writer.call(admit, atomic=True)

@@ -1,6 +1,7 @@
 """The ledger row of a call: what is written before forwarding and what completes it."""
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -123,19 +124,30 @@ def _failure(call: Call, outcome: Outcome) -> str | None:
     return None
 
 
-def worst_case_hold(call: Call, body_size: int, prices: PriceBook, at: datetime) -> Decimal:
+# What in a request body names input that the body does not carry: a stored conversation
+# (Responses' `previous_response_id`, `conversation`), Gemini's cached content, files by id, URL
+# or URI. Such a prompt is not bounded by the body's size.
+_PROMPT_ELSEWHERE = re.compile(
+    rb'"(?:previous_response_id|conversation|cachedContent|cached_content|file_id|file_url|fileUri|file_uri)"'
+    rb'\s*:\s*(?!null)|"type"\s*:\s*"url"'
+)
+
+
+def worst_case_hold(call: Call, body: bytes, prices: PriceBook, at: datetime) -> Decimal:
     """What to hold on the wallet before forwarding: the wallet's part of the request's
-    worst-case cost (prompt plus its output limit), or the product's cap when it sets no limit."""
+    worst-case cost (prompt plus its output limit), or the product's cap when it sets no limit;
+    at least the cap when the prompt is partly elsewhere."""
     fees = call.principal.fees
     if call.principal.wallet_id is None or fees is None or call.dialect is None:
         return ZERO
-    worst = call.dialect.worst_case(call.request_body or {}, body_size)
+    worst = call.dialect.worst_case(call.request_body or {}, len(body))
     if worst is None:
         return fees.request_cap
     try:
-        return call.tariff(call.model).charge(worst, at, prices, upper_bound=True).wallet_cost
+        hold = call.tariff(call.model).charge(worst, at, prices, upper_bound=True).wallet_cost
     except PriceNotFound:  # such a call ends as an error row that charges nothing
         return ZERO
+    return max(hold, fees.request_cap) if _PROMPT_ELSEWHERE.search(body) else hold
 
 
 def _ms(start: datetime, end: datetime) -> int:

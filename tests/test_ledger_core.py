@@ -15,9 +15,9 @@ import pytest
 
 import meterproxy.writer
 from meterproxy.call import Call
-from meterproxy.dialects import OpenAIChat
+from meterproxy.dialects import OpenAIChat, OpenAIResponses
 from meterproxy.errors import GatewayError
-from meterproxy.ledger import MAX_ERROR_MESSAGE, Outcome, closing_fields, opening_row
+from meterproxy.ledger import MAX_ERROR_MESSAGE, Outcome, closing_fields, opening_row, worst_case_hold
 from meterproxy.limits import ProductLimits
 from meterproxy.providers import Registry
 from meterproxy.store import INTERRUPTED, Principal, Store, hash_secret
@@ -336,6 +336,29 @@ def test_a_long_provider_error_message_is_truncated():
     fields, _ = closing_fields(call, Outcome(STARTED, None, STARTED, upstream_status=500), PRICES)
     assert len(fields["error_message"]) == MAX_ERROR_MESSAGE == 1000
     assert fields["error_message"].startswith("provider answered HTTP 500: xxx")
+
+
+RESPONSES = b'{"model":"gpt-4o-mini-2024-07-18","max_output_tokens":16,'
+
+
+@pytest.mark.parametrize(
+    "body, capped",
+    [
+        (RESPONSES + b'"input":"hi"}', False),
+        (RESPONSES + b'"previous_response_id":null,"input":"hi"}', False),
+        # A conversation stored at the provider, a file by id: a prompt of any length
+        (RESPONSES + b'"previous_response_id":"resp_1","input":"hi"}', True),
+        (RESPONSES + b'"input":[{"role":"user","content":[{"type":"input_file","file_id":"file-1"}]}]}', True),
+    ],
+)
+def test_a_prompt_the_body_only_refers_to_holds_at_least_the_products_cap(body, capped):
+    request = json.loads(body)
+    target = Registry().resolve("https://api.openai.com/v1/responses")
+    call = make_call(model=request["model"], request_body=request, target=target)
+    call.dialect = OpenAIResponses(request["model"])
+    # The prompt at most a token a byte ($2/M), the output its limit ($8/M), with the fees.
+    bounded = (len(body) * 2 + 16 * 8) / Decimal(1_000_000) * Decimal("1.1") + Decimal("0.001")
+    assert worst_case_hold(call, body, PRICES, STARTED) == (FEES.request_cap if capped else bounded)
 
 
 # --- LedgerWriter and StoreThread ----------------------------------------------------------------
