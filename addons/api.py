@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 import pydantic
 from mitmproxy import http
 
+from addons.auth import REDACTED
 from addons.ledger import Ledger
-from addons.routing import Routing
+from addons.routing import API_PATHS, Routing
 from meterproxy import queries
 from meterproxy.api_models import CreateRequest, DailyUsage, ListQuery, RequestPage, RequestRecord, UsageReport
 from meterproxy.errors import GatewayError, ledger_unavailable
@@ -31,7 +32,7 @@ from meterproxy.store import Store, iso
 from meterproxy.token import KeyMode, bearer
 from pricing.fees import Tariff
 
-PREFIXES = ("/v1/requests", "/v1/usage")
+SECRET_FIELDS = {"connection_secret", "product_secret"}
 
 
 class MeteringApi:
@@ -42,7 +43,7 @@ class MeteringApi:
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """Waits (returns the answer to await) only for a request to the metering API."""
         path = flow.request.path.partition("?")[0].rstrip("/")
-        if flow.response or flow.server_conn.address is not None or not path.startswith(PREFIXES):
+        if flow.response or flow.server_conn.address is not None or not path.startswith(API_PATHS):
             return None
         return self._serve(flow, path)
 
@@ -57,6 +58,7 @@ class MeteringApi:
         except Exception:
             self.ledger.log.exception("metering API failed")
             status, body = 500, json.loads(GatewayError(500, "internal gateway error", "internal_error").body())
+        _scrub(flow.request)
         flow.response = http.Response.make(status, json.dumps(body), headers)
 
     async def _answer(self, request: http.Request, path: str) -> tuple[int, dict]:
@@ -154,3 +156,16 @@ def _parse(model: type[pydantic.BaseModel], data, json_body: bool = False):
     except pydantic.ValidationError as error:
         reasons = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'body'}: {item['msg']}" for item in error.errors())
         raise GatewayError(400, reasons, "invalid_request") from None
+
+
+def _scrub(request: http.Request) -> None:
+    """The flow is kept (mitmweb, saved flows) and may be logged whole (`flow_detail`): no
+    secret of the merchant's stays on it once it has been read."""
+    if "authorization" in request.headers:
+        request.headers["authorization"] = REDACTED
+    try:
+        body = json.loads(request.content or b"")
+    except ValueError:
+        return
+    if isinstance(body, dict) and SECRET_FIELDS & body.keys():
+        request.content = json.dumps({**body, **{name: REDACTED for name in SECRET_FIELDS & body.keys()}}).encode()

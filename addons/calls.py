@@ -4,6 +4,7 @@ failing closed when an addon itself breaks."""
 import functools
 import inspect
 import logging
+import re
 
 from mitmproxy import http
 
@@ -12,6 +13,7 @@ from meterproxy.errors import GatewayError
 
 CALL = "meterproxy"
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
+_KEY_PARAMETER = re.compile(r"([?&]key=)[^&#]*", re.IGNORECASE)
 log = logging.getLogger("meterproxy")
 
 
@@ -26,6 +28,8 @@ def refuse(flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
     call.refusal = error
     for name in CREDENTIAL_HEADERS:  # the flow is kept (mitmweb): no key or token stays on it
         flow.request.headers.pop(name, None)
+    if "key=" in flow.request.path:  # nor in `?key=`, a raw `u`'s included
+        flow.request.path = _KEY_PARAMETER.sub(r"\1redacted", flow.request.path)
     headers = {"content-type": "application/json", **error.headers}
     flow.response = http.Response.make(error.status, error.body(), headers)
 

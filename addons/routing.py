@@ -20,6 +20,7 @@ from meterproxy.metadata import parse_metadata
 from meterproxy.providers import Registry, forward_target, target_host
 
 FORWARD_PATHS = ("/v1/forward", "/v1/forward/")
+API_PATHS = ("/v1/requests", "/v1/usage")  # the metering API's (addons/api.py)
 REQUEST_ID_HEADER = "x-lava-request-id"
 METADATA_PREFIX = METADATA_HEADER.encode()
 
@@ -88,6 +89,11 @@ class Routing:
             if origin not in self.registry.by_origin:
                 return  # not a provider: passes through untouched, unmetered, unlogged
         elif path not in FORWARD_PATHS and path.split("/", 2)[1] not in self.registry.by_name:
+            if flow.request.first_line_format == "relative" and not path.startswith(API_PATHS):
+                # Meant for the gateway itself, naming nothing it serves (a base URL with a typo).
+                call = flow.metadata[CALL] = Call(new_id("req"), flow.request.method)
+                call.target_host = path.split("/", 2)[1]
+                refuse(flow, call, GatewayError(404, f"no such endpoint: {path}", "unknown_endpoint"))
             return
         call = Call(new_id("req"), flow.request.method, proxied=proxied)
         flow.metadata[CALL] = call

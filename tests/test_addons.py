@@ -216,8 +216,16 @@ def test_a_flow_through_a_tunnel_or_transparent_proxy_is_left_untouched(path):
     assert flow.request.headers["x-lava-metadata-user_id"] == "u_42"
 
 
-@pytest.mark.parametrize("path", ["/", "/v1/models", "/health"])
-def test_other_gateway_paths_are_not_calls(path):
+@pytest.mark.parametrize("path", ["/", "/v1/models", "/health", "/opanai/v1/chat/completions"])
+def test_other_gateway_paths_are_a_404_that_keeps_no_credential(path):
+    flow = routed(path, {"authorization": "Bearer a-forward-token"})
+    status, error = error_of(flow)
+    assert (status, error["code"], error["message"]) == (404, "unknown_endpoint", f"no such endpoint: {path}")
+    assert "authorization" not in flow.request.headers and call_of(flow).refusal is not None
+
+
+@pytest.mark.parametrize("path", ["/v1/requests", "/v1/requests/req_1", "/v1/usage"])
+def test_the_metering_apis_paths_are_left_to_it(path):
     flow = routed(path)
     assert call_of(flow) is None and flow.response is None
 

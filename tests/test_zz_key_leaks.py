@@ -14,7 +14,7 @@ from tests.harness import GATEWAYS, MANAGED_KEYS, SECRETS, Gateway, make_account
 @pytest.fixture(scope="module")
 def busy_gateway(fake, tmp_path_factory):
     """Calls of every kind: modes, streams, providers' routes, refusals, the metering API."""
-    gateway = Gateway(tmp_path_factory.mktemp("leaks"), fake)
+    gateway = Gateway(tmp_path_factory.mktemp("leaks"), fake, args=("--set", "flow_detail=3"))
     account = make_account(gateway.store)
     messages = [{"role": "user", "content": "keep my secrets"}]
     tokens = [
@@ -40,6 +40,14 @@ def busy_gateway(fake, tmp_path_factory):
         openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=tokens[0], max_retries=0).chat.completions.create(
             model="gpt-4o-mini", messages=messages
         )
+    # Refused before the token could be taken off: a bad metadata header, the token in a raw `u`'s
+    # own query; a base URL with a typo, the token in its header.
+    gemini = "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
+    refused = httpx2.post(
+        f"{gateway.url}/v1/forward?u={gemini}?key={tokens[0]}", headers={"x-lava-metadata": "[]"}, json={}
+    )
+    typo = httpx2.post(f"{gateway.url}/opanai/v1/chat/completions", headers={"authorization": f"Bearer {tokens[0]}"})
+    assert (refused.status_code, typo.status_code, typo.json()["error"]["code"]) == (400, 404, "unknown_endpoint")
     upstream = str(fake.requests())
     httpx2.post(
         f"{gateway.url}/v1/requests",
