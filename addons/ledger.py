@@ -167,17 +167,24 @@ class Ledger:
         if call is None:
             return
         if call.refusal:
-            self.audit(flow, call.request_id, call.refusal, call.target_host)
-            show_refusal(flow, call.refusal)
-            # The flow is kept (mitmweb, saved flows): leave plain data on it, not the live call.
-            flow.metadata[CALL] = {"request_id": call.request_id, "refused": call.refusal.code}
+            self._refused(flow, call)
         elif call.opened:
             self._close(flow, call, error=None)
 
     def error(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
-        if call is not None and call.opened:
+        if call is None:
+            return
+        if call.refusal:  # the client left before its refusal could be sent (a body it never finished)
+            self._refused(flow, call)
+        elif call.opened:
             self._close(flow, call, error=call.timeout or (flow.error.msg if flow.error else "request failed"))
+
+    def _refused(self, flow: http.HTTPFlow, call: Call) -> None:
+        self.audit(flow, call.request_id, call.refusal, call.target_host)
+        show_refusal(flow, call.refusal)
+        # The flow is kept (mitmweb, saved flows): leave plain data on it, not the live call.
+        flow.metadata[CALL] = {"request_id": call.request_id, "refused": call.refusal.code}
 
     def _close(self, flow: http.HTTPFlow, call: Call, error: str | None, stopping: bool = False) -> None:
         """Hand the completion to the writer; the client's stream ends without waiting for it.

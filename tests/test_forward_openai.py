@@ -6,6 +6,7 @@ costs computed here independently from genai-prices and the product's fees.
 
 import base64
 import json
+import socket
 import threading
 import time
 from decimal import ROUND_HALF_UP, Decimal
@@ -280,6 +281,19 @@ def refused(gateway, fake, base_url: str, token: str, expected: type, status: in
 def test_a_bad_token_is_refused_with_401(gateway, fake, token, code):
     entry = refused(gateway, fake, gateway.forward_base(OPENAI_BASE), token, openai.AuthenticationError, 401, code)
     assert entry["target_host"] == "api.openai.com"
+
+
+def test_a_refused_client_that_leaves_before_sending_its_body_is_still_audited(gateway, fake):
+    audited = len(gateway.audit())
+    with socket.create_connection(("127.0.0.1", gateway.port)) as client:
+        client.sendall(
+            b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer not-a-token\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model":'
+        )
+        time.sleep(0.2)  # refused at the headers; the body never comes
+    [entry] = gateway.audit_since(audited)
+    assert (entry["status"], entry["code"], entry["target_host"]) == (401, "invalid_token", "openai")
+    assert fake.requests() == []
 
 
 def test_another_merchants_connection_is_refused(gateway, fake, account):
