@@ -108,6 +108,8 @@ class Routing:
             params = self._route(flow, call, path, query)
             if tagged or "metadata" in params:
                 call.metadata = parse_metadata(params.get("metadata"), headers.get(METADATA_HEADER), tagged)
+            if "upgrade" in headers:  # a websocket (OpenAI's realtime API): a session nothing here meters
+                raise GatewayError(400, "the gateway does not meter websocket sessions", "upgrade_not_supported")
         except GatewayError as error:
             refuse(flow, call, error)
             return

@@ -224,6 +224,14 @@ def test_other_gateway_paths_are_a_404_that_keeps_no_credential(path):
     assert "authorization" not in flow.request.headers and call_of(flow).refusal is not None
 
 
+def test_a_websocket_to_a_provider_is_refused_before_any_key_goes_on():
+    headers = {"upgrade": "websocket", "connection": "Upgrade", "authorization": "Bearer a-forward-token"}
+    flow = routed("/openai/v1/realtime?model=gpt-realtime", headers)
+    status, error = error_of(flow)
+    assert (status, error["code"]) == (400, "upgrade_not_supported")
+    assert "authorization" not in flow.request.headers
+
+
 @pytest.mark.parametrize("path", ["/v1/requests", "/v1/requests/req_1", "/v1/usage"])
 def test_the_metering_apis_paths_are_left_to_it(path):
     flow = routed(path)
