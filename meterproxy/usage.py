@@ -27,6 +27,11 @@ class Usage:
     input_seconds: Decimal = Decimal(0)
     output_seconds: Decimal = Decimal(0)
     source: UsageSource = UsageSource.PROVIDER
+    # Parts priced apart, which the ledger row does not break down: cache writes kept an hour
+    # (Anthropic), and audio tokens among the input and output ones.
+    cache_write_1h_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
 
     def columns(self) -> dict:
         """The ledger columns, seconds as exact decimal strings."""
@@ -83,6 +88,8 @@ def openai_usage(usage: dict) -> Usage:
         output_tokens=output,
         cached_input_tokens=count(details.get("cached_tokens")) or count(usage.get("prompt_cache_hit_tokens")),
         reasoning_tokens=reasoning,
+        input_audio_tokens=count(details.get("audio_tokens")),
+        output_audio_tokens=count(output_details.get("audio_tokens")),
     )
 
 
@@ -96,6 +103,11 @@ def anthropic_usage(usage: dict, previous: Usage | None = None) -> Usage:
 
     read = figure("cache_read_input_tokens", previous.cached_input_tokens)
     write = figure("cache_creation_input_tokens", previous.cache_write_tokens)
+    kept_an_hour = (
+        count(usage["cache_creation"].get("ephemeral_1h_input_tokens"))
+        if isinstance(usage.get("cache_creation"), dict)
+        else previous.cache_write_1h_tokens
+    )
     uncached = figure(
         "input_tokens", previous.input_tokens - previous.cached_input_tokens - previous.cache_write_tokens
     )
@@ -104,18 +116,28 @@ def anthropic_usage(usage: dict, previous: Usage | None = None) -> Usage:
         output_tokens=figure("output_tokens", previous.output_tokens),
         cached_input_tokens=read,
         cache_write_tokens=write,
+        cache_write_1h_tokens=min(kept_an_hour, write),
     )
 
 
 def google_usage(metadata: dict) -> Usage:
-    """Gemini's `usageMetadata`: thoughts are output (and reasoning), tool-use prompts input."""
+    """Gemini's `usageMetadata`: thoughts are output (and reasoning), tool-use prompts input;
+    each side's tokens by modality tell its audio ones."""
     thoughts = count(metadata.get("thoughtsTokenCount"))
     return Usage(
         input_tokens=count(metadata.get("promptTokenCount")) + count(metadata.get("toolUsePromptTokenCount")),
         output_tokens=count(metadata.get("candidatesTokenCount")) + thoughts,
         cached_input_tokens=count(metadata.get("cachedContentTokenCount")),
         reasoning_tokens=thoughts,
+        input_audio_tokens=_audio(metadata.get("promptTokensDetails")),
+        output_audio_tokens=_audio(metadata.get("candidatesTokensDetails")),
     )
+
+
+def _audio(details: object) -> int:
+    """The AUDIO entries of a Gemini list of tokens by modality."""
+    entries = details if isinstance(details, list) else []
+    return sum(count(entry.get("tokenCount")) for entry in entries if _object(entry).get("modality") == "AUDIO")
 
 
 def error_message(body: dict) -> str | None:

@@ -13,7 +13,7 @@ same exact Decimal (`tests/test_pricing.py` checks every such model of the datab
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -59,6 +59,7 @@ class ModelPrice(BaseModel):
 
 
 TOKEN_FIGURES = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+PRICED_APART = ("cache_write_1h_tokens", "input_audio_tokens", "output_audio_tokens")  # genai-prices' names too
 
 
 def price_figures(usage: Usage) -> dict[str, int]:
@@ -71,6 +72,9 @@ def price_figures(usage: Usage) -> dict[str, int]:
     }
     if usage.input_characters:  # text-to-speech is priced by the characters of its input
         figures["input_characters"] = usage.input_characters
+    for name in PRICED_APART:  # parts of the figures above, at prices of their own
+        if getattr(usage, name):
+            figures[name] = getattr(usage, name)
     return figures
 
 
@@ -177,13 +181,30 @@ class PriceBook:
         characters = usage.input_characters + usage.output_characters
         return usage.input_tokens * per_input + usage.output_tokens * per_output + characters * per_character
 
-    def _highest_rates(self, provider: str, model: str, at: datetime) -> tuple[Decimal, Decimal, Decimal]:
+    def _highest_rates(self, provider: str, model: str, hour: datetime) -> tuple[Decimal, ...]:
+        """The highest rates of the hour: some prices change with the time of day, on the
+        quarter hour (DeepSeek's at half past)."""
+        moments = [hour + timedelta(minutes=minutes) for minutes in (0, 15, 30, 45)]
+        rates = [self._highest_rates_at(provider, model, moment) for moment in moments]
+        return tuple(max(values) for values in zip(*rates))
+
+    def _highest_rates_at(self, provider: str, model: str, at: datetime) -> tuple[Decimal, Decimal, Decimal]:
         def rate(**figures: int) -> Decimal:
             return self.provider_cost(provider, model, Usage(**figures), at) / MILLION
 
-        whole = int(MILLION)
-        input_rate = max(rate(input_tokens=whole), rate(input_tokens=whole, cache_write_tokens=whole))
-        return input_rate, rate(output_tokens=whole), rate(input_characters=whole)
+        whole = int(MILLION)  # large enough for the top tier of tiered prices
+        input_rate = max(
+            rate(input_tokens=whole),
+            rate(input_tokens=whole, cache_write_tokens=whole),
+            rate(input_tokens=whole, cache_write_tokens=whole, cache_write_1h_tokens=whole),
+            rate(input_tokens=whole, input_audio_tokens=whole),
+        )
+        # Output on top of a long prompt: some prices tier the output by the prompt's length.
+        output_rate = max(
+            rate(input_tokens=whole, output_tokens=whole),
+            rate(input_tokens=whole, output_tokens=whole, output_audio_tokens=whole),
+        ) - rate(input_tokens=whole)
+        return input_rate, output_rate, rate(input_characters=whole)
 
     def provider_cost(self, provider: str, model: str, usage: Usage, at: datetime) -> Decimal:
         """The provider's price for `usage`, in force at `at` (some providers price by time)."""

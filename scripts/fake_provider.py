@@ -60,7 +60,8 @@ Per format (P = prompt tokens, C = n_out + R):
   len(input)) bytes, streamed in 1000-byte chunks; no usage.
 * anthropic: P = chat formula over ``messages`` + words(``system``);
   input_tokens = max(P - K - W, 0), cache_read_input_tokens K,
-  cache_creation_input_tokens W, output_tokens C.
+  cache_creation_input_tokens W (of which behaviour ``cache_write_1h_tokens``
+  in ``cache_creation.ephemeral_1h_input_tokens``, the rest 5m), output_tokens C.
 * google: P = 3 + sum over ``contents`` of (3 + words(parts)) +
   words(``systemInstruction.parts``); usageMetadata promptTokenCount P,
   candidatesTokenCount n_out, thoughtsTokenCount R (if > 0),
@@ -73,7 +74,7 @@ behaviours and are not logged):
 * ``POST /_fake/behaviours`` – JSON list of objects, each applied FIFO to one
   following request: status/body/headers (the default error body has the
   provider's error shape), cached_tokens, cache_write_tokens,
-  reasoning_tokens, usage (false = omit the usage objects), chunk_delay,
+  cache_write_1h_tokens, reasoning_tokens, usage (false = omit the usage objects), chunk_delay,
   first_byte_delay, cut_after (close the connection after that many stream
   events, without the terminating chunk), body_cut (send only that many bytes
   of a body that is not streamed, wait body_stall seconds, then close), hang,
@@ -644,11 +645,12 @@ def _anthropic_error(status: int, message: str) -> Reply:
 
 def _anthropic_usage(prompt: int, output: int, behaviour: dict) -> dict:
     read, write = behaviour.get("cached_tokens", 0), behaviour.get("cache_write_tokens", 0)
+    hour = min(behaviour.get("cache_write_1h_tokens", 0), write)
     return {
         "input_tokens": max(prompt - read - write, 0),
         "cache_creation_input_tokens": write,
         "cache_read_input_tokens": read,
-        "cache_creation": {"ephemeral_5m_input_tokens": write, "ephemeral_1h_input_tokens": 0},
+        "cache_creation": {"ephemeral_5m_input_tokens": write - hour, "ephemeral_1h_input_tokens": hour},
         "output_tokens": output,
         "service_tier": "standard",
     }

@@ -347,6 +347,7 @@ def test_the_readme_worked_example():
         ("anthropic", "claude-sonnet-4-5"),
         ("google", "gemini-2.5-flash"),
         ("openai", "tts-1"),
+        ("google", "gemini-2.5-pro"),  # output priced by the prompt's tier
     ],
 )
 @pytest.mark.parametrize(
@@ -354,6 +355,9 @@ def test_the_readme_worked_example():
     [
         Usage(input_tokens=1000, output_tokens=500),
         Usage(input_tokens=300_000, output_tokens=10),
+        Usage(input_tokens=600_000, output_tokens=60_000),
+        Usage(input_tokens=200_000, cache_write_tokens=200_000, cache_write_1h_tokens=200_000),
+        Usage(input_tokens=100_000, input_audio_tokens=100_000, output_tokens=50_000, output_audio_tokens=50_000),
         Usage(input_characters=900),
     ],
 )
@@ -372,3 +376,31 @@ def test_the_hold_bound_follows_prices_that_change_with_the_hour_and_keeps_only_
     assert book.upper_bound("openai", "gpt-4o-mini", usage, peak) > 0
     assert book.upper_bound("deepseek", "deepseek-chat", usage, off_peak) == Decimal("0.685")
     assert list(book._rates) == [("deepseek", "deepseek-chat")]  # the earlier hour's rates are gone
+
+
+@pytest.mark.parametrize("minute", [0, 29, 30, 45, 59])
+def test_the_hold_bound_holds_in_an_hour_whose_price_changes_on_the_half_hour(minute):
+    """DeepSeek's peak hours start at 00:30 UTC, at twice the price of the half hour before."""
+    book, usage = PriceBook(), Usage(input_tokens=100, output_tokens=8000)
+    at = datetime(2025, 6, 1, 0, minute, tzinfo=UTC)
+    assert book.upper_bound("deepseek", "deepseek-chat", usage, at) >= book.provider_cost(
+        "deepseek", "deepseek-chat", usage, at
+    )
+
+
+def test_anthropic_cache_writes_kept_an_hour_and_gemini_audio_are_priced_at_their_own_rates():
+    book, at = PriceBook(), AT
+    hour = Usage(input_tokens=100_000, cache_write_tokens=100_000, cache_write_1h_tokens=100_000)
+    expected = genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=100_000, cache_write_tokens=100_000, cache_write_1h_tokens=100_000),
+        "claude-sonnet-4-5",
+        provider_id="anthropic",
+    ).total_price
+    assert book.provider_cost("anthropic", "claude-sonnet-4-5", hour, at) == expected
+    assert expected > book.provider_cost(
+        "anthropic", "claude-sonnet-4-5", Usage(**{**hour.__dict__, "cache_write_1h_tokens": 0}), at
+    )
+    audio = Usage(input_tokens=100_000, input_audio_tokens=100_000)
+    assert book.provider_cost("google", "gemini-2.5-flash", audio, at) > book.provider_cost(
+        "google", "gemini-2.5-flash", Usage(input_tokens=100_000), at
+    )

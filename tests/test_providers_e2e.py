@@ -118,7 +118,7 @@ CLAUDE_MESSAGES = [{"role": "user", "content": "Summarise the invoice please"}]
 
 
 def test_anthropic_messages_with_cache_tokens(gateway, fake, account):
-    fake.behave({"cached_tokens": 3, "cache_write_tokens": 2})
+    fake.behave({"cached_tokens": 3, "cache_write_tokens": 2, "cache_write_1h_tokens": 1})
     raw = anthropic_client(gateway, account.token()).messages.with_raw_response.create(
         model=CLAUDE, max_tokens=5, messages=CLAUDE_MESSAGES
     )
@@ -129,8 +129,15 @@ def test_anthropic_messages_with_cache_tokens(gateway, fake, account):
     row = gateway.row(raw.headers["x-lava-request-id"])
     assert (row["status"], row["provider_response_id"]) == ("completed", message.id)
     assert tokens(row) == (whole_input, 3, 2, 5, 0)
+    assert usage.cache_creation.ephemeral_1h_input_tokens == 1  # of the 2 written, kept an hour: priced higher
     assert row["total_cost"] == cost_text(
-        "anthropic", CLAUDE, input_tokens=whole_input, cache_read_tokens=3, cache_write_tokens=2, output_tokens=5
+        "anthropic",
+        CLAUDE,
+        input_tokens=whole_input,
+        cache_read_tokens=3,
+        cache_write_tokens=2,
+        cache_write_1h_tokens=1,
+        output_tokens=5,
     )
     [seen] = fake.requests()
     headers = dict(seen["headers"])

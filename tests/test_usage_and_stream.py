@@ -17,6 +17,7 @@ from meterproxy.estimate import RAW_BATCH, TextCounter, text_tokens
 from meterproxy.providers import Wire
 from meterproxy.stream import StreamMeter, make_decoder
 from meterproxy.usage import Reply, Usage, UsageSource, openai_usage
+from pricing.prices import PRICED_APART
 
 # --- openai_usage -----------------------------------------------------------------------------
 
@@ -94,6 +95,33 @@ def test_the_token_counting_endpoints_cost_nothing(wire, path):
     assert dialect.metered_usage(request) == dialect.worst_case(request, 2000) == Usage()
 
 
+def test_the_parts_priced_apart_are_read_from_every_wire_format():
+    anthropic = dialects.anthropic_usage(
+        {
+            "input_tokens": 10,
+            "cache_creation_input_tokens": 300,
+            "cache_read_input_tokens": 0,
+            "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+            "output_tokens": 1,
+        }
+    )
+    assert (anthropic.cache_write_tokens, anthropic.cache_write_1h_tokens) == (300, 200)
+    later = dialects.anthropic_usage({"output_tokens": 40}, anthropic)  # a message_delta keeps it
+    assert (later.cache_write_1h_tokens, later.output_tokens) == (200, 40)
+    gemini = dialects.google_usage(
+        {
+            "promptTokenCount": 120,
+            "candidatesTokenCount": 30,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 20}, {"modality": "AUDIO", "tokenCount": 100}],
+            "candidatesTokensDetails": [{"modality": "AUDIO", "tokenCount": 30}],
+        }
+    )
+    assert (gemini.input_audio_tokens, gemini.output_audio_tokens) == (100, 30)
+    details = {"prompt_tokens_details": {"audio_tokens": 7}, "completion_tokens_details": {"audio_tokens": 9}}
+    chat = openai_usage({"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22, **details})
+    assert (chat.input_audio_tokens, chat.output_audio_tokens) == (7, 9)
+
+
 def test_embeddings_usage_has_no_output():
     assert openai_usage({"prompt_tokens": 8, "total_tokens": 8}) == Usage(input_tokens=8)
 
@@ -148,7 +176,8 @@ def test_usage_columns_are_the_ledger_columns():
         "usage_source": "estimated",
     }
     names = {field.name for field in dataclasses.fields(Usage)}
-    assert set(usage.columns()) == names - {"source"} | {"usage_source"}  # every figure has its column
+    # Every figure has its column, but the parts that are only priced apart.
+    assert set(usage.columns()) == names - {"source", *PRICED_APART} | {"usage_source"}
 
 
 # --- an OpenAI JSON body ---------------------------------------------------------------------
