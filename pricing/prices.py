@@ -33,6 +33,11 @@ class PriceNotFound(LookupError):
     pass
 
 
+class UnitNotPriced(PriceNotFound):
+    """The model has a price, but for none of the units used (speech characters for a model
+    priced by the token, say): never a silent zero."""
+
+
 class ModelPrice(BaseModel):
     """Dollars per million tokens; cache prices default to the input price."""
 
@@ -46,6 +51,7 @@ class ModelPrice(BaseModel):
     cache_write_mtok: Decimal | None = None
 
     def cost(self, usage: Usage) -> Decimal:
+        _require_units(usage, {"tokens"}, self.provider, self.model)
         cache_read = self.input_mtok if self.cache_read_mtok is None else self.cache_read_mtok
         cache_write = self.input_mtok if self.cache_write_mtok is None else self.cache_write_mtok
         uncached = max(0, usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens)
@@ -72,6 +78,10 @@ def price_figures(usage: Usage) -> dict[str, int]:
     }
     if usage.input_characters:  # text-to-speech is priced by the characters of its input
         figures["input_characters"] = usage.input_characters
+    if usage.input_seconds or usage.output_seconds:  # transcription by the audio's length
+        figures["audio_seconds"] = usage.input_seconds + usage.output_seconds
+        figures["input_audio_seconds"] = usage.input_seconds
+        figures["output_audio_seconds"] = usage.output_seconds
     for name in PRICED_APART:  # parts of the figures above, at prices of their own
         if getattr(usage, name):
             figures[name] = getattr(usage, name)
@@ -190,7 +200,10 @@ class PriceBook:
 
     def _highest_rates_at(self, provider: str, model: str, at: datetime) -> tuple[Decimal, Decimal, Decimal]:
         def rate(**figures: int) -> Decimal:
-            return self.provider_cost(provider, model, Usage(**figures), at) / MILLION
+            try:
+                return self.provider_cost(provider, model, Usage(**figures), at) / MILLION
+            except UnitNotPriced:
+                return Decimal(0)  # such a call ends as an error row
 
         whole = int(MILLION)  # large enough for the top tier of tiered prices
         input_rate = max(
@@ -219,8 +232,9 @@ class PriceBook:
         model_price = info.get_prices(at)
         key = id(model_price)  # the entry keeps the price alive, so the id stays its own
         if key not in self._linear:
-            self._linear[key] = (model_price, self._learn(found, info, model_price, at))
-        linear = self._linear[key][1]
+            self._linear[key] = (model_price, self._learn(found, info, model_price, at), _units(model_price))
+        _, linear, units = self._linear[key]
+        _require_units(usage, units, provider, model)
         fast = linear.cost(figures) if linear is not None else None
         if fast is not None:
             return fast
@@ -231,6 +245,31 @@ class PriceBook:
         if any(isinstance(value, TieredPrices) for value in model_price.__dict__.values()):
             return None
         return LinearPrice.learn(lambda figures: _genai_cost(found, info, figures, at))
+
+
+# The units a genai-prices price can name, by the ending of its price keys.
+_UNIT_OF_KEY = {"mtok": "tokens", "mchars": "characters", "hours": "seconds"}
+
+
+def _units(model_price) -> frozenset[str]:
+    """The units a genai-prices price has rates for; every unit for a price without any rate (a
+    free model)."""
+    keys = [name for name, value in model_price.__dict__.items() if value is not None]
+    units = frozenset(unit for ending, unit in _UNIT_OF_KEY.items() if any(key.endswith(ending) for key in keys))
+    return units or frozenset(_UNIT_OF_KEY.values())
+
+
+def _require_units(usage: Usage, units: set | frozenset, provider: str, model: str) -> None:
+    """Some of the units used must have a price (others, say seconds recorded beside tokens
+    through the metering API, may go unpriced but for the product's fees)."""
+    used = {
+        "tokens": usage.input_tokens or usage.output_tokens,
+        "characters": usage.input_characters or usage.output_characters,
+        "seconds": usage.input_seconds or usage.output_seconds,
+    }
+    used = {unit for unit, amount in used.items() if amount}
+    if used and not used & units:
+        raise UnitNotPriced(f"model {model!r} of provider {provider!r} has no price per {' or '.join(sorted(used))}")
 
 
 def _genai_cost(provider, model, figures: dict[str, int], at: datetime) -> Decimal:

@@ -14,7 +14,7 @@ from meterproxy.token import KeyMode
 from meterproxy.usage import Usage
 from pricing.fees import Charge, Payer, ProductFees, split_charge
 from pricing.money import money, money_text
-from pricing.prices import DEFAULT_OVERRIDES, ModelPrice, PriceBook, PriceNotFound, price_figures
+from pricing.prices import DEFAULT_OVERRIDES, ModelPrice, PriceBook, PriceNotFound, UnitNotPriced, price_figures
 
 AT = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 MILLION = Decimal(1_000_000)
@@ -102,8 +102,13 @@ def test_the_linear_prices_equal_genai_prices_for_every_model_without_tiers():
                     with pytest.raises(type(error)):
                         book.provider_cost(provider, model, usage, at)
                     continue
-                assert book.provider_cost(provider, model, usage, at) == expected, (provider, model, usage, at)
-    fast = sum(1 for _, linear in book._linear.values() if linear is not None)
+                try:
+                    actual = book.provider_cost(provider, model, usage, at)
+                except UnitNotPriced:  # a model priced by other units: genai-prices' silent zero, refused
+                    assert expected == 0, (provider, model, usage, at)
+                    continue
+                assert actual == expected, (provider, model, usage, at)
+    fast = sum(1 for _, linear, _ in book._linear.values() if linear is not None)
     assert fast > 1500  # the fast path did price most models
 
 
@@ -131,7 +136,7 @@ def test_tiered_prices_are_priced_by_genai_prices_on_both_sides_of_the_tier():
         assert book.provider_cost("google", "gemini-2.5-pro", usage, AT) == genai_prices_cost(
             "google", "gemini-2.5-pro", usage, AT
         )
-    assert [linear for _, linear in book._linear.values()] == [None]
+    assert [linear for _, linear, _ in book._linear.values()] == [None]
 
 
 @pytest.mark.parametrize("provider, model", [("openai", "no-such-model-xyz"), ("no-such-provider", "gpt-4o-mini")])
@@ -362,9 +367,14 @@ def test_the_readme_worked_example():
     ],
 )
 def test_the_hold_bound_is_never_below_the_price(provider, model, usage):
-    """Holds use cached per-unit rates at their highest: never less than the exact price."""
+    """Holds use cached per-unit rates at their highest: never less than the exact price (or
+    none for units the model has no price for, which end as error rows)."""
     book = PriceBook()
-    assert book.upper_bound(provider, model, usage, AT) >= book.provider_cost(provider, model, usage, AT)
+    try:
+        price = book.provider_cost(provider, model, usage, AT)
+    except UnitNotPriced:
+        price = 0
+    assert book.upper_bound(provider, model, usage, AT) >= price
     assert book.upper_bound(provider, model, usage, AT) == book.upper_bound(provider, model, usage, AT)
 
 
@@ -386,6 +396,26 @@ def test_the_hold_bound_holds_in_an_hour_whose_price_changes_on_the_half_hour(mi
     assert book.upper_bound("deepseek", "deepseek-chat", usage, at) >= book.provider_cost(
         "deepseek", "deepseek-chat", usage, at
     )
+
+
+@pytest.mark.parametrize(
+    "model, usage",
+    [
+        ("gpt-4o-mini-tts", Usage(input_characters=1000)),  # priced by the token, not the character
+        ("gpt-4o-mini", Usage(input_seconds=Decimal(60))),
+        ("tts-1", Usage(input_tokens=1000, output_tokens=10)),
+    ],
+)
+def test_usage_in_units_the_model_has_no_price_for_is_never_a_silent_zero(model, usage):
+    with pytest.raises(UnitNotPriced, match=f"model '{model}' of provider 'openai' has no price per"):
+        PriceBook().provider_cost("openai", model, usage, AT)
+
+
+def test_transcription_is_priced_by_the_seconds_of_its_audio():
+    minute = PriceBook().provider_cost("openai", "whisper-1", Usage(input_seconds=Decimal(60)), AT)
+    assert minute == Decimal("0.006")  # $0.36 an hour
+    tokens_too = Usage(input_tokens=10, input_seconds=Decimal(60))  # unpriced units beside priced ones go free
+    assert PriceBook().provider_cost("openai", "whisper-1", tokens_too, AT) == minute
 
 
 def test_anthropic_cache_writes_kept_an_hour_and_gemini_audio_are_priced_at_their_own_rates():
