@@ -6,6 +6,7 @@ Text is collected only to estimate output tokens if the provider never reports u
 stream, a client gone, a provider that sends none).
 """
 
+import dataclasses
 import json
 import re
 
@@ -308,10 +309,22 @@ class FromRequest(Dialect):
 
 
 class Speech(FromRequest):
-    """Audio speech is billed by the characters of its input; the audio itself is not read."""
+    """Audio speech is billed by the characters of its input (tts-1), or by its tokens, which
+    only a stream of events tells (`stream_format: "sse"`, usage in `speech.audio.done`): the
+    audio itself is not read."""
+
+    def read_event(self, data: bytes) -> bool:
+        if b'"speech.audio.done"' in data:
+            event = _json(data)
+            if isinstance(event, dict) and isinstance(event.get("usage"), dict):
+                self._set_usage(openai_usage(event["usage"]))
+        return False
 
     def metered_usage(self, request: dict | None) -> Usage:
-        return Usage(input_characters=len(text((request or {}).get("input")) or ""))
+        characters = len(text((request or {}).get("input")) or "")
+        if self.reported:
+            return dataclasses.replace(self.usage, input_characters=characters)
+        return Usage(input_characters=characters)
 
 
 class TokenCount(FromRequest):

@@ -122,6 +122,16 @@ def test_the_parts_priced_apart_are_read_from_every_wire_format():
     assert (chat.input_audio_tokens, chat.output_audio_tokens) == (7, 9)
 
 
+def test_speech_streamed_as_events_is_metered_from_the_usage_of_its_last_one():
+    speech = dialect_for(Wire.OPENAI, "/v1/audio/speech", "gpt-4o-mini-tts")
+    request = {"model": "gpt-4o-mini-tts", "input": "Hello there", "stream_format": "sse"}
+    assert speech.metered_usage(request) == Usage(input_characters=11)  # tts-1's way, until usage comes
+    speech.read_event(b'{"type":"speech.audio.delta","audio":"AAAA"}')
+    done = b'{"type":"speech.audio.done","usage":{"input_tokens":3,"output_tokens":90,"total_tokens":93}}'
+    speech.read_event(done)
+    assert speech.metered_usage(request) == Usage(input_tokens=3, output_tokens=90, input_characters=11)
+
+
 def test_embeddings_usage_has_no_output():
     assert openai_usage({"prompt_tokens": 8, "total_tokens": 8}) == Usage(input_tokens=8)
 
