@@ -103,7 +103,7 @@ class Retries:
         except httpx2.HTTPError:
             return None
         kept = [(name, value) for name, value in answer.headers.raw if name.lower().decode() not in HOP_BY_HOP]
-        return http.Response.make(answer.status_code, answer.content, kept)
+        return http.Response.make(answer.status_code, answer.content, kept)  # encoded again as its headers say
 
     @property
     def client(self) -> httpx2.AsyncClient:
@@ -114,7 +114,8 @@ class Retries:
                 write=ctx.options.meterproxy_idle_timeout,
                 pool=ctx.options.meterproxy_connect_timeout,
             )
-            self._client = httpx2.AsyncClient(timeout=timeout, follow_redirects=False)
+            # Straight to the provider, as mitmproxy's own first attempt goes: no proxy from the environment.
+            self._client = httpx2.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
         return self._client
 
 

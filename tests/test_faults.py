@@ -256,3 +256,11 @@ def test_an_answer_cut_short_after_its_headers_is_an_error_that_charges_nothing(
     assert (row["status"], row["upstream_status"], row["wallet_cost"]) == ("error", 200, "0.0000000000")
     assert row["error_message"].startswith("the answer was cut short: ") and error in row["error_message"]
     assert gateway.store.wallet_balance(account.wallet_id) == balance
+
+
+def test_a_retried_answer_that_came_compressed_reaches_the_client_readable(gateway, fake, account):
+    fake.behave({"status": 500}, {"gzip": True})
+    raw = chat(gateway, account)
+    assert raw.parse().choices[0].message.content == "w0 w1 w2 w3 w4"
+    row = gateway.row(raw.headers["x-lava-request-id"])
+    assert (row["status"], row["attempts"], row["output_tokens"]) == ("completed", 2, 5)
