@@ -35,7 +35,13 @@ def gateway(fake, tmp_path_factory):
         tmp_path_factory.mktemp("faults"),
         fake,
         args=args,
-        env={"OPENAI_API_KEY": f"{FIRST_KEY},{SECOND_KEY}", "DOWN_API_KEY": "sk-down"},
+        env={
+            "OPENAI_API_KEY": f"{FIRST_KEY},{SECOND_KEY}",
+            "DOWN_API_KEY": "sk-down",
+            # A proxy in the gateway's environment that is not there: retries go straight to the provider.
+            "HTTP_PROXY": f"http://127.0.0.1:{closed_port()}",
+            "ALL_PROXY": f"http://127.0.0.1:{closed_port()}",
+        },
         more_providers=down + 'price_provider = "openai"\n',
     )
     yield gateway
