@@ -40,6 +40,11 @@ class Call:
     cache_hit: bool = False
     cache_entry: dict | None = None  # where a miss's answer is to be kept
 
+    def __deepcopy__(self, memo: dict) -> dict:
+        """What a copy of the flow keeps of a call in flight (mitmproxy copies a flow's metadata
+        to save it, `save_stream_file`): plain data, never the live state (timers, the stream)."""
+        return {"request_id": self.request_id, "status": "pending"}
+
     @property
     def key_mode(self) -> KeyMode:
         """Without a forward token (a proxied call with the client's own key) only metering."""

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from mitmproxy import io
 
 from meterproxy.token import encode_token
 from pricing.fees import ProductFees
@@ -232,6 +233,28 @@ def test_mitmweb_shows_provider_model_tokens_cost_key_mode_and_request_id(fake, 
         assert MANAGED_KEYS["OPENAI_API_KEY"] not in shown and account.token() not in shown
     finally:
         web.stop()
+
+
+def test_flows_saved_as_they_end_carry_their_request_id_and_no_secret(fake, tmp_path):
+    saved = tmp_path / "saved.flows"
+    gateway = Gateway(tmp_path, fake, args=("--set", f"save_stream_file={saved}"))
+    try:
+        account = make_account(gateway.store)
+        client = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=account.token(), max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+        streamed = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+        list(streamed.parse())
+        gateway.row(streamed.headers["x-lava-request-id"])
+    finally:
+        gateway.stop()
+    assert "Addon error" not in "".join(gateway.output)  # mitmproxy copies a flow's metadata to save it
+    with saved.open("rb") as file:
+        flows = list(io.FlowReader(file).stream())
+    assert [flow.metadata["meterproxy"]["request_id"] for flow in flows] == [
+        raw.headers["x-lava-request-id"],
+        streamed.headers["x-lava-request-id"],
+    ]
+    assert account.token().encode() not in saved.read_bytes()
 
 
 # --- transparent mode ------------------------------------------------------------------------
