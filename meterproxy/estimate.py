@@ -62,14 +62,26 @@ def text_tokens(text: str, model: str | None) -> int:
     return len(encoding_for(model).encode_ordinary(text))
 
 
+# The parts of a message that are tool calls and their results, by what holds them: Anthropic's
+# `tool_use` (input), Responses' `function_call` (arguments) and `function_call_output` (output),
+# Gemini's `functionCall` and `functionResponse`. Anthropic's `tool_result` has `content`.
+_CALLED = ("input", "arguments", "output", "functionCall", "functionResponse")
+
+
 def message_text(content: object) -> str:
-    """The text of a message's content: a string, a list of parts, or a Gemini content object."""
+    """The text of a message's content: a string, a list of parts, or a Gemini content object;
+    tool calls and results as their compact JSON. Images and files count nothing."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         return "".join(message_text(part) for part in content)
     if isinstance(content, dict):
-        return message_text(content.get("text", content.get("parts")))
+        if "text" in content or "parts" in content:
+            return message_text(content.get("text", content.get("parts")))
+        if "content" in content:
+            return message_text(content["content"])
+        called = next((content[key] for key in _CALLED if key in content), None)
+        return called if isinstance(called, str) else _compact(called) if called is not None else ""
     return ""
 
 

@@ -411,6 +411,30 @@ def test_malformed_escapes_in_streamed_text_count_as_no_text():
     assert counter.total() == text_tokens("onetwo", MODEL)
 
 
+def test_an_estimated_prompt_counts_tool_calls_and_results_of_every_wire_format():
+    result = "Sunny, 21 degrees, light wind from the west. " * 20
+    anthropic = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t1", "name": "weather", "input": {"city": "Oslo"}}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": result}]},
+    ]
+    gemini = [
+        {"role": "user", "parts": [{"text": "Weather in Oslo?"}]},
+        {"role": "model", "parts": [{"functionCall": {"name": "weather", "args": {"city": "Oslo"}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "weather", "response": {"report": result}}}]},
+    ]
+    called = text_tokens('{"city":"Oslo"}', None)
+    assert Anthropic("m").prompt_tokens({"messages": anthropic}) >= text_tokens(result, None) + called
+    google = dialect_for(Wire.GOOGLE, "/v1beta/models/m:generateContent", "m")
+    assert google.prompt_tokens({"contents": gemini}) >= text_tokens(result, None) + called
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0K" * 1000}}
+    with_image = [{"role": "user", "content": [image, {"type": "text", "text": "What is it?"}]}]
+    assert Anthropic("m").prompt_tokens({"messages": with_image}) < 30  # an image's data is no text
+
+
 def test_text_past_the_limit_is_not_kept_and_is_estimated_from_the_text_kept():
     words = [f"word{i % 10} \\u00e9t\\u00e9, ".encode() for i in range(400)]
     counter = TextCounter(MODEL, limit=1000)
