@@ -57,6 +57,7 @@ def hold_database(path: str) -> bool:
 # completes the calls of the one before it (see HELD), and completes them all when the process stops.
 IN_FLIGHT: dict[str, http.HTTPFlow] = {}
 STOPPED = "the gateway stopped during the call"
+CLIENT_LEFT = ("Client disconnected", "stream reset by client")  # mitmproxy's words, HTTP/1 and HTTP/2
 
 
 class Ledger:
@@ -178,7 +179,8 @@ class Ledger:
         if call.refusal:  # the client left before its refusal could be sent (a body it never finished)
             self._refused(flow, call)
         elif call.opened:
-            self._close(flow, call, error=call.timeout or (flow.error.msg if flow.error else "request failed"))
+            error = call.timeout or (flow.error.msg if flow.error else "request failed")
+            self._close(flow, call, error, client_left=error.startswith(CLIENT_LEFT))
 
     def _refused(self, flow: http.HTTPFlow, call: Call) -> None:
         self.audit(flow, call.request_id, call.refusal, call.target_host)
@@ -186,7 +188,9 @@ class Ledger:
         # The flow is kept (mitmweb, saved flows): leave plain data on it, not the live call.
         flow.metadata[CALL] = {"request_id": call.request_id, "refused": call.refusal.code}
 
-    def _close(self, flow: http.HTTPFlow, call: Call, error: str | None, stopping: bool = False) -> None:
+    def _close(
+        self, flow: http.HTTPFlow, call: Call, error: str | None, stopping: bool = False, client_left: bool = False
+    ) -> None:
         """Hand the completion to the writer; the client's stream ends without waiting for it.
         `stopping`: the gateway stops, and an estimate is worked out here and now."""
         response = flow.response
@@ -198,6 +202,7 @@ class Ledger:
             upstream_status=response.status_code if response and not call.upstream_failure else None,
             error=error,
             streamed=bool(response and response.stream),
+            client_left=client_left,
         )
         call.opened = False  # one completion per call, whichever hook comes first
         del IN_FLIGHT[call.request_id]

@@ -48,15 +48,17 @@ class Outcome:
     upstream_status: int | None = None  # None: no response came
     error: str | None = None  # transport failure, client gone, stream cut…
     streamed: bool = False  # the response went to the client as it came, not whole at its end
+    client_left: bool = False  # the error is the client's leaving, after the provider had answered
 
 
 def closing_fields(call: Call, outcome: Outcome, prices: PriceBook) -> tuple[dict, Decimal]:
     """The completing update and the wallet debit.
 
     A streamed response is charged for what it delivered, even if the stream was cut or the
-    client left (estimated where the provider did not report usage); an upstream error status,
-    no response at all, an answer cut short before the client got any of it, or a model with no
-    price is an `error` row that charges nothing.
+    client left (estimated where the provider did not report usage), and so is an answer whose
+    client left while it came; an upstream error status, no response at all, an answer the
+    provider (or the gateway's timeout) cut short before the client got any of it, or a model
+    with no price is an `error` row that charges nothing.
     """
     model = (call.dialect.reply.model if call.dialect else None) or call.model
     fields = {
@@ -116,8 +118,8 @@ def _failure(call: Call, outcome: Outcome) -> str | None:
     status = outcome.upstream_status
     if status is None:
         return outcome.error or "no response from the provider"
-    if outcome.error and not outcome.streamed:  # the body never arrived whole, nor reached the client
-        return f"the answer was cut short: {outcome.error}"
+    if outcome.error and not (outcome.streamed or outcome.client_left):
+        return f"the answer was cut short: {outcome.error}"  # by the provider, or the gateway's timeout
     if status >= 400:
         message = call.dialect.reply.error if call.dialect else None
         return f"provider answered HTTP {status}" + (f": {message}" if message else "")

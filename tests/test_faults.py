@@ -270,3 +270,21 @@ def test_a_retried_answer_that_came_compressed_reaches_the_client_readable(gatew
     assert raw.parse().choices[0].message.content == "w0 w1 w2 w3 w4"
     row = gateway.row(raw.headers["x-lava-request-id"])
     assert (row["status"], row["attempts"], row["output_tokens"]) == ("completed", 2, 5)
+
+
+def test_a_client_that_leaves_while_an_answer_comes_is_charged_for_it(gateway, fake, account):
+    fake.behave({"body_cut": 40, "body_stall": 5})
+    before = {r["request_id"] for r in gateway.rows()}
+    body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"are you there"}]}'
+    with socket.create_connection(("127.0.0.1", gateway.port)) as client:
+        client.sendall(
+            b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {account.token()}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(0.3)  # the provider has answered its headers; the client goes before the rest
+    time.sleep(0.3)
+    [request_id] = {r["request_id"] for r in gateway.rows()} - before
+    row = gateway.row(request_id)
+    assert (row["status"], row["usage_source"], row["upstream_status"]) == ("completed", "estimated", 200)
+    assert row["wallet_cost"] != "0.0000000000"

@@ -303,6 +303,13 @@ def test_a_client_gone_after_the_usage_event_is_still_charged():
     assert (fields["total_cost"], wallet_cost) == ("0.0034200000", Decimal("0.00342"))
 
 
+def test_an_answer_whose_client_left_while_it_came_is_still_charged():
+    # Not streamed: the provider had answered (and billed) the whole of it.
+    outcome = Outcome(STARTED, STARTED, STARTED + timedelta(seconds=1), 200, "Client disconnected.", client_left=True)
+    fields, wallet_cost = closing_fields(make_call(stream=False), outcome, PRICES)
+    assert (fields["status"], fields["total_cost"], wallet_cost) == ("completed", "0.0034200000", Decimal("0.00342"))
+
+
 def test_an_answer_cut_short_before_the_client_got_any_of_it_is_an_error_row():
     # Not streamed: mitmproxy holds the body until its end, and the client got a 502 instead.
     outcome = Outcome(STARTED, STARTED, STARTED + timedelta(seconds=1), 200, error="peer closed connection")
