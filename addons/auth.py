@@ -135,7 +135,8 @@ class Auth:
         if call is None or not call.key:
             return
         key = call.key.encode()
-        _scrub_headers(flow.response, key)
+        if call.attempts > 1:
+            _scrub_headers(flow.response, key)
         if flow.response.stream or flow.response.status_code < 400:
             return
         content = flow.response.content or b""

@@ -288,3 +288,18 @@ def test_a_client_that_leaves_while_an_answer_comes_is_charged_for_it(gateway, f
     row = gateway.row(request_id)
     assert (row["status"], row["usage_source"], row["upstream_status"]) == ("completed", "estimated", 200)
     assert row["wallet_cost"] != "0.0000000000"
+
+
+def test_a_retried_answer_that_quotes_the_key_reaches_the_client_without_it(gateway, fake, account):
+    own_key = "sk-own-key-quoted-on-retry-4c2f"
+    quoted = f"Incorrect API key provided: {own_key}"
+    fake.behave(
+        {"status": 503}, {"status": 401, "headers": {"content-type": "text/plain", "x-echo": quoted}, "body": quoted}
+    )
+    response = httpx2.post(
+        f"{gateway.url}/openai/v1/chat/completions",
+        headers={"authorization": f"Bearer {account.token(provider_key=own_key)}"},
+        json={"model": "gpt-4o-mini", "messages": MESSAGES},
+    )
+    assert (response.status_code, len(fake.requests())) == (401, 2)
+    assert own_key not in response.text + str(response.headers)
