@@ -71,7 +71,11 @@ class StreamMeter:
         self.last_chunk_at = time.monotonic()
         out = chunk
         if self.readable:
-            kept = self._read(chunk)
+            try:
+                kept = self._read(chunk)
+            except Exception:  # events nobody foresaw: the stream goes on, estimated at its end
+                log.exception("stream stopped being read; passing it on unmetered")
+                self.readable = False
             if self._drop_usage_event and self.readable:
                 out = kept
         if self.tap is not None:

@@ -435,6 +435,14 @@ def test_an_estimated_prompt_counts_tool_calls_and_results_of_every_wire_format(
     assert Anthropic("m").prompt_tokens({"messages": with_image}) < 30  # an image's data is no text
 
 
+def test_a_stream_event_the_meter_cannot_read_leaves_the_stream_passing_unmetered(caplog):
+    meter = StreamMeter(dialect_for(Wire.GOOGLE, "/v1beta/models/m:streamGenerateContent", "m"), bytes, False)
+    odd = b'data: {"candidates": 5}\r\n\r\n'  # a list where a provider sends a number
+    assert meter(odd) == [odd] and not meter.readable
+    assert meter(b'data: {"candidates": []}\r\n\r\n') == [b'data: {"candidates": []}\r\n\r\n']
+    assert "stream stopped being read" in caplog.text
+
+
 def test_text_past_the_limit_is_not_kept_and_is_estimated_from_the_text_kept():
     words = [f"word{i % 10} \\u00e9t\\u00e9, ".encode() for i in range(400)]
     counter = TextCounter(MODEL, limit=1000)
