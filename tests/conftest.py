@@ -1,4 +1,5 @@
 import pytest
+from mitmproxy.test import taddons
 
 from tests.harness import FakeProvider, Gateway
 
@@ -23,3 +24,19 @@ def _fresh_fake(request):
     """Each test sees only its own upstream requests and behaviours."""
     if "fake" in request.fixturenames:
         request.getfixturevalue("fake").reset()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _taddons_contexts_leave_no_log_handler():
+    """mitmproxy 12's `taddons.context` closes the event loop it made on exit but leaves its
+    master's log handler installed, and a later log line of the same test fails on the closed loop:
+    each context takes its handler with it."""
+    original_exit = taddons.context.__exit__
+
+    def exit_and_uninstall(self, *exc_info):
+        self.master._legacy_log_events.uninstall()
+        return original_exit(self, *exc_info)
+
+    taddons.context.__exit__ = exit_and_uninstall
+    yield
+    taddons.context.__exit__ = original_exit
