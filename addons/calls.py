@@ -12,6 +12,8 @@ from meterproxy.call import Call
 from meterproxy.errors import GatewayError
 
 CALL = "meterproxy"
+REQUEST_ID_HEADER = "x-lava-request-id"
+PASSED_ON = "meterproxy_passed_on"  # a proxied request to another host, which the passthrough policy let go
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 _KEY_PARAMETER = re.compile(r"([?&]key=)[^&#]*", re.IGNORECASE)
 log = logging.getLogger("meterproxy")
@@ -30,7 +32,8 @@ def refuse(flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
         flow.request.headers.pop(name, None)
     if "key=" in flow.request.path:  # nor in `?key=`, a raw `u`'s included
         flow.request.path = _KEY_PARAMETER.sub(r"\1redacted", flow.request.path)
-    headers = {"content-type": "application/json", **error.headers}
+    # A refused CONNECT gets no responseheaders event, where routing adds the request id to the rest.
+    headers = {"content-type": "application/json", REQUEST_ID_HEADER: call.request_id, **error.headers}
     flow.response = http.Response.make(error.status, error.body(), headers)
 
 

@@ -12,6 +12,7 @@ from genai_prices.data_snapshot import get_snapshot
 from addons.api import MeteringApi
 from addons.auth import Auth
 from addons.cache import ResponseCache
+from addons.destinations import Destinations
 from addons.ledger import Ledger
 from addons.limits import Limits
 from addons.metering import Metering
@@ -33,11 +34,13 @@ class Settled:
 ledger = Ledger()
 routing = Routing()
 auth = Auth()
-# Order matters: retries replace a failed answer before auth scrubs keys from it and metering
+# Order matters: the passthrough policy refuses a proxied destination before anything else sees
+# it; retries replace a failed answer before auth scrubs keys from it and metering
 # reads it; limits refuse before the pending row is written; the cache answers after admission
 # and keeps an answer once it is metered; the upstream watch runs last before forwarding.
 addons = [
     Pipeline(
+        Destinations(routing),
         routing,
         Retries(auth),
         auth,

@@ -172,6 +172,12 @@ class Ledger:
         elif call.opened:
             self._close(flow, call, error=None)
 
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        """A tunnel refused before it opened (the passthrough policy): audited like any refusal."""
+        call = call_of(flow)
+        if call is not None and call.refusal:
+            self._refused(flow, call)
+
     def error(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
         if call is None:

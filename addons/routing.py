@@ -11,7 +11,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url
 from mitmproxy.utils.strutils import always_str
 
-from addons.calls import CALL, call_of, fail_closed, refuse
+from addons.calls import CALL, PASSED_ON, REQUEST_ID_HEADER, call_of, fail_closed, refuse
 from meterproxy.call import Call
 from meterproxy.errors import GatewayError
 from meterproxy.ids import new_id
@@ -21,7 +21,6 @@ from meterproxy.providers import Registry, forward_target, target_host
 
 FORWARD_PATHS = ("/v1/forward", "/v1/forward/")
 API_PATHS = ("/v1/requests", "/v1/usage")  # the metering API's (addons/api.py)
-REQUEST_ID_HEADER = "x-lava-request-id"
 METADATA_PREFIX = METADATA_HEADER.encode()
 
 
@@ -57,29 +56,21 @@ class Routing:
             "TOML file that adds OpenAI-compatible providers and overrides upstream base URLs.",
         )
 
-        loader.add_option(
-            "meterproxy_passthrough",
-            bool,
-            True,
-            "In proxy mode, intercept only registered providers' hosts: every other connection passes "
-            "through as raw bytes (sets allow_hosts).",
-        )
-
     def configure(self, updated):
         if "meterproxy_providers" in updated:
             try:
                 self.registry = Registry.from_file(ctx.options.meterproxy_providers)
             except ValueError as error:
                 raise exceptions.OptionsError(str(error)) from None
-        if {"meterproxy_providers", "meterproxy_passthrough"} & updated:
             # Where a call goes is decided only when its request is seen: never connect early.
-            changes = {"connection_strategy": "lazy"}
-            if ctx.options.meterproxy_passthrough:
-                changes["allow_hosts"] = self.registry.host_patterns()
-            ctx.options.update(**changes)
+            # Only providers' hosts are intercepted; other traffic passes as raw bytes where the
+            # passthrough policy lets it (addons/destinations.py).
+            ctx.options.update(connection_strategy="lazy", allow_hosts=self.registry.host_patterns())
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return  # refused already (the passthrough policy)
         path, _, query = flow.request.path.partition("?")
         # In a CONNECT tunnel or transparent: a client calling a host directly. In transparent
         # mode the host is an address, and the provider is named by SNI or Host.
@@ -89,7 +80,7 @@ class Routing:
             if origin not in self.registry.by_origin:
                 return  # not a provider: passes through untouched, unmetered, unlogged
         elif path not in FORWARD_PATHS and path.split("/", 2)[1] not in self.registry.by_name:
-            if flow.request.first_line_format == "relative" and not path.startswith(API_PATHS):
+            if not path.startswith(API_PATHS) and PASSED_ON not in flow.metadata:
                 # Meant for the gateway itself, naming nothing it serves (a base URL with a typo).
                 call = flow.metadata[CALL] = Call(new_id("req"), flow.request.method)
                 call.target_host = path.split("/", 2)[1]
@@ -116,6 +107,12 @@ class Routing:
         for name, _ in tagged:
             headers.pop(name, None)
         retarget(flow.request, call.target.upstream_url)
+
+    def serves(self, path: str) -> bool:
+        """Whether a request addressed to the gateway names something it serves."""
+        path = path.partition("?")[0]
+        name = path.split("/", 2)[1] if path.startswith("/") else ""
+        return path in FORWARD_PATHS or path.startswith(API_PATHS) or name in self.registry.by_name
 
     def _route(self, flow: http.HTTPFlow, call: Call, path: str, query: str) -> dict[str, str]:
         """Find the call's target; returns the forward URL's other parameters."""

@@ -51,8 +51,16 @@ class Provider:
 
     @property
     def origin(self) -> tuple[str, str, int]:
-        parts = urllib.parse.urlsplit(self.base_url)
-        return parts.scheme, parts.hostname or "", parts.port or _DEFAULT_PORTS[parts.scheme]
+        return _origin(self.base_url)
+
+    @property
+    def upstream_origin(self) -> tuple[str, str, int]:
+        return _origin(self.upstream or self.base_url)
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port or _DEFAULT_PORTS[parts.scheme]
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,10 @@ class Registry:
     def __init__(self, providers: tuple[Provider, ...] | list[Provider] = BUILT_IN):
         self.by_name = {provider.name: provider for provider in providers}
         self.by_origin = {provider.origin: provider for provider in providers}
+        # `host, port` pairs: where clients call providers, and where the gateway sends the calls
+        # (the operator's overrides: a local model server, the tests' fake provider).
+        self.provider_hosts = frozenset((host, port) for _, host, port in self.by_origin)
+        self.upstream_hosts = frozenset((p.upstream_origin[1], p.upstream_origin[2]) for p in providers)
         # The same few URLs come again and again; a Target is immutable.
         self._resolved = functools.lru_cache(maxsize=4096)(self._resolve)
 
