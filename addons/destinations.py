@@ -72,9 +72,9 @@ class Destinations:
         elif self.routing.serves(request.path):
             return
         addresses, failure = await self._addresses(request.host, request.port)
-        if flow.server_conn.address is None and self._own_listeners().includes_any(addresses, request.port):
+        if flow.server_conn.address is None and self._own_listeners(web=False).includes_any(addresses, request.port):
             return  # addressed to the gateway, naming nothing it serves: routing's 404
-        reason = failure or self._refusal(addresses, request.host, request.port)
+        reason = self._refusal(addresses, failure, request.host, request.port)
         if reason is not None:
             self._refuse(flow, GatewayError(403, f"destination refused: {reason}", "destination_refused"))
             return
@@ -89,7 +89,7 @@ class Destinations:
         if data.server.error or self._is_provider(host, port) or self._is_upstream(host, port):
             return
         addresses, failure = await self._addresses(host, port)
-        reason = failure or self._refusal(addresses, host, port)
+        reason = self._refusal(addresses, failure, host, port)
         if reason is not None:
             data.server.error = f"destination refused: {reason}"
             log.warning("refused a connection from %s to %s:%s: %s", data.client.peername, host, port, reason)
@@ -97,16 +97,16 @@ class Destinations:
     async def _check(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
         addresses, failure = await self._addresses(host, port)
-        reason = failure or self._refusal(addresses, host, port)
+        reason = self._refusal(addresses, failure, host, port)
         if reason is not None:
             self._refuse(flow, GatewayError(403, f"destination refused: {reason}", "destination_refused"))
         else:
             self._pin(flow, addresses)
 
-    def _refusal(self, addresses: list, host: str, port: int) -> str | None:
+    def _refusal(self, addresses: list, failure: str | None, host: str, port: int) -> str | None:
         if self.policy is Policy.NONE:
             return f"{host} is not a provider, and meterproxy_passthrough is 'none'"
-        return refusal(addresses, port, self.policy, self._own_listeners())
+        return failure or refusal(addresses, port, self.policy, self._own_listeners())
 
     @staticmethod
     async def _addresses(host: str, port: int) -> tuple[list, str | None]:
@@ -131,10 +131,10 @@ class Destinations:
         call.target_host = flow.request.host
         refuse(flow, call, error)
 
-    def _own_listeners(self) -> OwnListeners:
+    def _own_listeners(self, web: bool = True) -> OwnListeners:
         proxyserver = ctx.master.addons.get("proxyserver")
         listeners = list(proxyserver.listen_addrs()) if proxyserver else []
-        if "web_port" in ctx.options:  # under mitmweb: its API
+        if web and "web_port" in ctx.options:  # under mitmweb: its API
             listeners.append((ctx.options.web_host, ctx.options.web_port))
         return OwnListeners((str(host), port) for host, port, *_ in listeners)
 

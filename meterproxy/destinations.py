@@ -24,7 +24,7 @@ def kind(address: Address) -> str:
     """What an address is, for the reason of a refusal: `public` or the range that makes it not."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
-    for name in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):
+    for name in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
         if getattr(address, f"is_{name}"):
             return name.replace("_", "-")
     if not address.is_global:  # shared (100.64/10), documentation, benchmarking ranges

@@ -1,7 +1,8 @@
 """Legacy clients and inspection (SPEC §1.3): the explicit proxy, transparent mode and mitmweb.
 
 A client calling a provider's real https URL through the proxy is metered like /v1/forward;
-every other host passes through as raw bytes, with no row and no audit entry.
+every other host the passthrough policy allows passes through as raw bytes, with no row and no
+audit entry (tests/test_destinations.py: what it refuses).
 """
 
 import datetime
@@ -169,8 +170,20 @@ def tls_echo_server(tmp_path_factory):
     listener.close()
 
 
-def test_a_host_that_is_not_a_provider_passes_byte_for_byte(gateway, fake, tls_echo_server):
-    port, certificate = tls_echo_server
+@pytest.fixture(scope="module")
+def trusting_gateway(fake, tmp_path_factory):
+    """A gateway on a trusted network (`meterproxy_passthrough=all`): loopback hosts pass too."""
+    gateway = Gateway(tmp_path_factory.mktemp("all"), fake, args=("--set", "meterproxy_passthrough=all"))
+    yield gateway
+    gateway.stop()
+
+
+def test_passthrough_all_is_warned_about_at_start(trusting_gateway):
+    assert "meterproxy_passthrough=all: the proxy relays to any address" in "".join(trusting_gateway.output)
+
+
+def test_a_host_that_is_not_a_provider_passes_byte_for_byte(trusting_gateway, fake, tls_echo_server):
+    gateway, (port, certificate) = trusting_gateway, tls_echo_server
     rows, audit = len(gateway.rows()), len(gateway.audit())
     tunnel = socket.create_connection(("127.0.0.1", gateway.port))
     tunnel.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())

@@ -1,0 +1,188 @@
+"""No open relay (SPEC §1.3): the passthrough policy for proxied traffic to hosts that are not
+providers, as a unit (every address range) and through the real gateway's proxy port."""
+
+import ipaddress
+import json
+import socket
+import threading
+
+import pytest
+
+from meterproxy.destinations import OwnListeners, Policy, kind, refusal
+from tests.harness import Gateway
+
+# --- the classification, over every range ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.255.0.9", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped: the IPv4 address it carries
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("172.31.255.254", "private"),
+        ("192.168.1.1", "private"),
+        ("::ffff:10.0.0.1", "private"),
+        ("fc00::1", "private"),
+        ("fd12:3456::1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("169.254.0.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("239.255.255.250", "multicast"),
+        ("ff02::1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("100.64.0.1", "non-public"),  # shared address space (carrier-grade NAT)
+        ("192.0.2.1", "private"),  # documentation ranges count as private in Python's table
+        ("8.8.8.8", "public"),
+        ("1.1.1.1", "public"),
+        ("172.32.0.1", "public"),  # just past 172.16/12
+        ("2606:4700:4700::1111", "public"),
+    ],
+)
+def test_every_range_is_classified(address, expected):
+    assert kind(ipaddress.ip_address(address)) == expected
+
+
+def addresses(*texts: str) -> list:
+    return [ipaddress.ip_address(text) for text in texts]
+
+
+def test_public_refuses_a_name_whose_addresses_are_public_and_private_alike():
+    reason = refusal(addresses("8.8.8.8", "10.0.0.1"), 443, Policy.PUBLIC, OwnListeners())
+    assert reason == "10.0.0.1 is a private address"
+    assert refusal(addresses("8.8.8.8"), 443, Policy.PUBLIC, OwnListeners()) is None
+
+
+def test_all_passes_private_addresses_but_never_to_the_gateways_own_listeners():
+    own = OwnListeners([("127.0.0.1", 8080), ("", 8081)])
+    assert refusal(addresses("10.0.0.1", "127.0.0.1"), 9000, Policy.ALL, own) is None
+    assert refusal(addresses("127.0.0.1"), 8080, Policy.ALL, own) == "127.0.0.1 port 8080 is the gateway's own listener"
+    # A wildcard listener is reached on every address of the machine, and on no other.
+    assert refusal(addresses("127.0.0.2"), 8081, Policy.ALL, own) == "127.0.0.2 port 8081 is the gateway's own listener"
+    assert refusal(addresses("8.8.8.8"), 8081, Policy.ALL, own) is None
+
+
+# --- through the gateway's proxy port --------------------------------------------------------
+
+
+class Listener:
+    """A loopback server that counts the connections it accepts: a refused destination sees none."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, 0), family=family)
+        self.port = self.socket.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            connection.close()
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+@pytest.fixture(scope="module")
+def listeners():
+    ipv4, ipv6 = Listener(), Listener("::1")
+    yield ipv4, ipv6
+    ipv4.close()
+    ipv6.close()
+
+
+def through_proxy(gateway: Gateway, request: bytes) -> tuple[int, dict, dict]:
+    """Send one raw request to the proxy port: the status, headers and JSON body of its answer."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as proxy:
+        proxy.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+            chunk = proxy.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in header_lines)}
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+def connect(host: str, port: int) -> bytes:
+    return f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+
+
+def absolute(host: str, port: int) -> bytes:
+    return f"GET http://{host}:{port}/secret HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    "form, destination",
+    [
+        (form, destination)
+        for form in (connect, absolute)
+        for destination in ("loopback", "the gateway's own port", "[::1]", "localhost")
+        if (form, destination) != (absolute, "the gateway's own port")  # a direct call: see below
+    ],
+)
+def test_a_proxied_request_to_a_local_destination_is_refused_and_audited(gateway, listeners, form, destination):
+    ipv4, ipv6 = listeners
+    host, port, shown = {
+        "loopback": ("127.0.0.1", ipv4.port, "127.0.0.1"),
+        "the gateway's own port": ("127.0.0.1", gateway.port, "127.0.0.1"),
+        "[::1]": ("[::1]", ipv6.port, "::1"),
+        "localhost": ("localhost", ipv4.port, "127.0.0.1"),
+    }[destination]
+    accepted, audited = ipv4.accepted + ipv6.accepted, len(gateway.audit())
+
+    status, headers, body = through_proxy(gateway, form(host, port))
+
+    assert (status, body["error"]["code"], body["error"]["type"]) == (403, "destination_refused", "permission_error")
+    assert shown in body["error"]["message"]
+    [entry] = gateway.audit_since(audited)
+    assert (entry["status"], entry["code"], entry["request_id"]) == (403, "destination_refused", headers["x-lava-request-id"])
+    assert ipv4.accepted + ipv6.accepted == accepted  # nothing connected
+    assert gateway.rows() == [] or all(row["request_id"] != entry["request_id"] for row in gateway.rows())
+
+
+def test_a_request_in_absolute_form_that_names_the_gateway_itself_is_answered_by_the_gateway(gateway):
+    """mitmproxy 12 turns the absolute form into the origin form before any addon sees it: a
+    request naming the gateway's own address is a direct call, served or refused by the gateway
+    itself and never relayed."""
+    audited = len(gateway.audit())
+    status, _, body = through_proxy(gateway, absolute("127.0.0.1", gateway.port).replace(b"/secret", b"/v1/usage"))
+    assert (status, body["error"]["code"]) == (401, "invalid_secret_key")
+    status, headers, body = through_proxy(gateway, absolute("127.0.0.1", gateway.port))
+    assert (status, body["error"]["code"]) == (404, "unknown_endpoint")
+    assert [entry["request_id"] for entry in gateway.audit_since(audited, 2)][1] == headers["x-lava-request-id"]
+
+
+@pytest.fixture(scope="module")
+def closed_gateway(fake, tmp_path_factory):
+    gateway = Gateway(tmp_path_factory.mktemp("none"), fake, args=("--set", "meterproxy_passthrough=none"))
+    yield gateway
+    gateway.stop()
+
+
+def test_under_none_every_host_that_is_not_a_provider_is_refused(closed_gateway):
+    status, _, body = through_proxy(closed_gateway, connect("example.test", 443))
+    assert (status, body["error"]["code"]) == (403, "destination_refused")
+    assert "meterproxy_passthrough is 'none'" in body["error"]["message"]
