@@ -3,13 +3,17 @@ providers, as a unit (every address range) and through the real gateway's proxy 
 
 import ipaddress
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from meterproxy.destinations import OwnListeners, Policy, kind, refusal
-from tests.harness import Gateway
+from tests.harness import ROOT, Gateway, raw_exchange
 
 # --- the classification, over every range ----------------------------------------------------
 
@@ -104,26 +108,8 @@ def listeners():
 
 
 def through_proxy(gateway: Gateway, request: bytes) -> tuple[int, dict, dict]:
-    """Send one raw request to the proxy port: the status, headers and JSON body of its answer."""
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as proxy:
-        proxy.sendall(request)
-        answer = b""
-        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
-            chunk = proxy.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode().split("\r\n")
-    headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in header_lines)}
-    return int(status_line.split()[1]), headers, json.loads(body)
-
-
-def _length(answer: bytes) -> int:
-    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            return int(line.split(b":")[1])
-    return 0
+    status, headers, body = raw_exchange(gateway.port, request)
+    return status, headers, json.loads(body)
 
 
 def connect(host: str, port: int) -> bytes:
@@ -186,3 +172,86 @@ def test_under_none_every_host_that_is_not_a_provider_is_refused(closed_gateway)
     status, _, body = through_proxy(closed_gateway, connect("example.test", 443))
     assert (status, body["error"]["code"]) == (403, "destination_refused")
     assert "meterproxy_passthrough is 'none'" in body["error"]["message"]
+
+
+# --- private, link-local and public destinations: test hosts in network namespaces -------------
+
+
+def namespaces_unavailable() -> str | None:
+    """Why the namespaces cannot be made here, or None."""
+    if not shutil.which("ip"):
+        return "no `ip` command (iproute2)"
+    probe = subprocess.run(["ip", "netns", "add", f"mp-probe-{os.getpid()}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"`ip netns add` is not allowed here: {probe.stderr.strip() or probe.returncode}"
+    subprocess.run(["ip", "netns", "delete", f"mp-probe-{os.getpid()}"], capture_output=True)
+    return None
+
+
+@pytest.fixture(scope="module")
+def namespaces(tmp_path_factory):
+    """Two namespaces of the test's own, linked by a veth pair: the gateway's and the hosts'."""
+    gateway_ns, hosts_ns = f"mp-gw-{os.getpid()}", f"mp-hosts-{os.getpid()}"
+    hosts_log = tmp_path_factory.mktemp("hosts") / "connections"
+    hosts_log.touch()
+    commands = [
+        f"netns add {gateway_ns}",
+        f"netns add {hosts_ns}",
+        f"link add mpg{os.getpid() % 10000} type veth peer name mph{os.getpid() % 10000}",
+        f"link set mpg{os.getpid() % 10000} netns {gateway_ns}",
+        f"link set mph{os.getpid() % 10000} netns {hosts_ns}",
+        f"-n {gateway_ns} link set lo up",
+        f"-n {gateway_ns} link set mpg{os.getpid() % 10000} up",
+        f"-n {gateway_ns} addr add 10.23.0.1/24 dev mpg{os.getpid() % 10000}",
+        f"-n {gateway_ns} route add 169.254.169.254/32 dev mpg{os.getpid() % 10000}",
+        f"-n {gateway_ns} route add 1.2.3.4/32 dev mpg{os.getpid() % 10000}",
+        f"-n {hosts_ns} link set lo up",
+        f"-n {hosts_ns} link set mph{os.getpid() % 10000} up",
+        f"-n {hosts_ns} addr add 10.23.0.2/24 dev mph{os.getpid() % 10000}",
+        f"-n {hosts_ns} addr add 169.254.169.254/32 dev mph{os.getpid() % 10000}",
+        f"-n {hosts_ns} addr add 1.2.3.4/32 dev mph{os.getpid() % 10000}",
+    ]
+    try:
+        for command in commands:
+            subprocess.run(["ip", *command.split()], check=True, capture_output=True)
+        hosts = subprocess.Popen(
+            ["ip", "netns", "exec", hosts_ns, sys.executable, "tests/netns_hosts.py", str(hosts_log)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert hosts.stdout.readline().strip() == "listening"
+        yield gateway_ns, hosts_log
+        hosts.kill()
+        hosts.wait()
+    finally:
+        for namespace in (gateway_ns, hosts_ns):  # deleting a namespace deletes its end of the veth
+            subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
+
+
+@pytest.mark.skipif(namespaces_unavailable() is not None, reason=str(namespaces_unavailable()))
+def test_private_and_link_local_hosts_are_refused_and_a_public_one_passes_byte_for_byte(namespaces):
+    gateway_ns, hosts_log = namespaces
+    scenario = subprocess.run(
+        ["ip", "netns", "exec", gateway_ns, sys.executable, "tests/netns_scenario.py"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+    )
+    assert scenario.returncode == 0, scenario.stderr[-3000:]
+    report = json.loads(scenario.stdout.strip().splitlines()[-1])
+
+    public = report["public"]["results"]
+    for refused in ("CONNECT private", "absolute private", "CONNECT link-local", "absolute link-local"):
+        assert public[refused]["status"] == 403, refused
+    for refused in ("absolute private", "absolute link-local"):
+        assert json.loads(public[refused]["body"])["error"]["code"] == "destination_refused"
+    assert public["CONNECT public"] == {"status": 200, "echoed": True}
+    assert report["public"]["audit"] == ["destination_refused"] * 4
+
+    closed = report["none"]["results"]
+    assert {name: result["status"] for name, result in closed.items()} == dict.fromkeys(closed, 403)
+    assert report["none"]["audit"] == ["destination_refused"] * 5
+    # The hosts saw one connection in all: the public one, under `public`.
+    assert hosts_log.read_text().split() == ["1.2.3.4"]
