@@ -13,6 +13,7 @@ from addons.api import MeteringApi
 from addons.auth import Auth
 from addons.cache import ResponseCache
 from addons.destinations import Destinations
+from addons.failures import UpstreamFailures
 from addons.ledger import Ledger
 from addons.limits import Limits
 from addons.metering import Metering
@@ -49,6 +50,7 @@ addons = [
         ledger,
         ResponseCache(ledger),
         UpstreamWatch(),
+        UpstreamFailures(),
         MeteringApi(ledger, routing),
         Settled(),
     )

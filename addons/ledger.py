@@ -205,7 +205,7 @@ class Ledger:
             first_byte=from_timestamp(response.timestamp_start) if response else None,
             ended=datetime.now(UTC),
             # A 502/504 of the gateway's own is not the provider's status.
-            upstream_status=response.status_code if response and not call.upstream_failure else None,
+            upstream_status=response.status_code if response and not call.upstream_failure else call.provider_status,
             error=error,
             streamed=bool(response and response.stream),
             client_left=client_left,

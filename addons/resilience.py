@@ -1,11 +1,11 @@
-"""Surviving a provider's faults (SPEC §3, §7), within what mitmproxy 11 lets an addon do.
+"""Surviving a provider's faults (SPEC §3, §7).
 
-An addon can answer a request itself only until it has gone upstream, and cannot feed a
-response from anywhere but the upstream connection. So:
+An addon cannot feed a response from anywhere but the upstream connection. So:
 
-- `Retries` retries a non-streamed call that the provider answered 429, 500, 502 or 503, with
-  exponential backoff and jitter, honouring `Retry-After`, failing over to the next managed key
-  on 429. Nothing has reached the client yet when the `response` hook runs. A streamed call's
+- `Retries` retries a non-streamed call that the provider answered 429, 500, 502 or 503, or that
+  failed before the provider answered at all (a timeout, a dropped connection: addons/failures.py),
+  with exponential backoff and jitter, honouring `Retry-After`, failing over to the next managed
+  key on 429. Nothing has reached the client yet when the `response` hook runs. A streamed call's
   error status is passed on untouched, `Retry-After` included: a retried stream could only
   reach the client buffered, never chunk by chunk.
 - `UpstreamWatch` checks, before forwarding, that a provider it has not heard from lately
@@ -24,6 +24,7 @@ from mitmproxy import ctx, http
 
 from addons.auth import Auth, put_key
 from addons.calls import call_of
+from addons.failures import failed
 from addons.routing import REQUEST_ID_HEADER, is_redirect, refuse_redirect
 from meterproxy.errors import GatewayError
 from meterproxy.retry import RETRYABLE_STATUSES, RetryPolicy
@@ -65,15 +66,13 @@ class Retries:
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """Waits (returns the retries to await) only for an answer worth trying again."""
         call = call_of(flow)
-        if call is None or call.refusal or call.upstream_failure or call.stream:
-            return None
-        if flow.response.status_code not in RETRYABLE_STATUSES:
+        if call is None or call.refusal or call.stream or not worth_retrying(flow, call):
             return None  # the usual case
         return self._retry(flow, call)
 
     async def _retry(self, flow: http.HTTPFlow, call) -> None:
         retry_policy = policy()
-        while flow.response.status_code in RETRYABLE_STATUSES:
+        while worth_retrying(flow, call):
             wait = retry_policy.wait_before(call.attempts + 1, flow.response.headers.get("retry-after"))
             if wait is None:
                 return
@@ -81,16 +80,14 @@ class Retries:
             if flow.response.status_code == 429 and call.key_mode is KeyMode.MANAGED:
                 call.key = self.auth.managed_keys.next_key(call.target.provider) or call.key
             call.attempts += 1
-            retried = await self._attempt(flow, call)
-            if retried is None:
-                return  # the provider went away: the last answer it gave stands
-            retried.headers[REQUEST_ID_HEADER] = flow.response.headers.get(REQUEST_ID_HEADER, call.request_id)
-            flow.response = retried
-            if is_redirect(retried):
+            call.upstream_failure, call.retryable_failure, call.timeout = None, False, None
+            flow.response = await self._attempt(flow, call)
+            flow.response.headers[REQUEST_ID_HEADER] = call.request_id
+            if is_redirect(flow.response):
                 refuse_redirect(flow, call)  # a 502 of the gateway's own, not to be retried
                 return
 
-    async def _attempt(self, flow: http.HTTPFlow, call) -> http.Response | None:
+    async def _attempt(self, flow: http.HTTPFlow, call) -> http.Response:
         request = flow.request
         headers = [(name, value) for name, value in request.headers.items(multi=True) if name.lower() not in HOP_BY_HOP]
         outgoing = httpx2.Headers(headers)
@@ -100,8 +97,12 @@ class Retries:
             answer = await self.client.request(
                 request.method, request.url, headers=outgoing, content=request.raw_content
             )
-        except httpx2.HTTPError:
-            return None
+        except httpx2.TimeoutException:
+            waited = ctx.options.meterproxy_first_byte_timeout
+            return failed(call, GatewayError(504, f"the provider sent nothing for {waited} s", "upstream_timeout"))
+        except httpx2.HTTPError as error:
+            failure = GatewayError(502, f"the provider failed before answering: {error}", "upstream_error")
+            return failed(call, failure)
         kept = [(name, value) for name, value in answer.headers.raw if name.lower().decode() not in HOP_BY_HOP]
         return http.Response.make(answer.status_code, answer.content, kept)  # encoded again as its headers say
 
@@ -117,6 +118,13 @@ class Retries:
             # Straight to the provider, as mitmproxy's own first attempt goes: no proxy from the environment.
             self._client = httpx2.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
         return self._client
+
+
+def worth_retrying(flow: http.HTTPFlow, call) -> bool:
+    """A provider's 429 or 5xx, or a failure before it answered at all (addons/failures.py)."""
+    if call.upstream_failure is not None:
+        return call.retryable_failure
+    return flow.response.status_code in RETRYABLE_STATUSES
 
 
 class UpstreamWatch:
@@ -239,9 +247,9 @@ class UpstreamWatch:
 
 
 def cut_upstream(flow: http.HTTPFlow, reason: str) -> None:
-    """Close the flow's upstream connection. mitmproxy 11 cannot kill a flow in transit
+    """Close the flow's upstream connection. mitmproxy 12 still cannot kill a flow in transit
     (mitmproxy#4711), so the connection is closed under it: mitmproxy then ends the flow as a
-    server disconnect (the client gets a 502, or a cut stream) and the error hook records it."""
+    server disconnect, answered by addons/failures.py (a 504 to the client), or a cut stream."""
     call = call_of(flow)
     if call is None or not flow.live:
         return

@@ -33,6 +33,8 @@ class Call:
     attempts: int = 1
     upstream_failure: GatewayError | None = None  # the gateway gave up on the provider (502/504)
     timeout: str | None = None  # why the gateway cut the provider off
+    provider_status: int | None = None  # the status of an answer the provider then cut short
+    retryable_failure: bool = False  # the provider failed before answering at all
     watchdog: object = field(default=None, repr=False)  # the timer for a silent provider: first byte, then a stall
     rate_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the client
     fresh: bool = False  # ?fresh=1: skip the cache's lookup
