@@ -20,6 +20,7 @@ from addons.metering import Metering
 from addons.pipeline import Pipeline
 from addons.resilience import Retries, UpstreamWatch
 from addons.routing import Routing
+from addons.settings import Settings
 
 
 class Settled:
@@ -53,5 +54,6 @@ addons = [
         UpstreamFailures(),
         MeteringApi(ledger, routing),
         Settled(),
+        Settings(),  # last: by its `load`, every meterproxy option is registered
     )
 ]
