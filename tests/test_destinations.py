@@ -255,3 +255,19 @@ def test_private_and_link_local_hosts_are_refused_and_a_public_one_passes_byte_f
     assert report["none"]["audit"] == ["destination_refused"] * 5
     # The hosts saw one connection in all: the public one, under `public`.
     assert hosts_log.read_text().split() == ["1.2.3.4"]
+
+
+def test_mitmwebs_api_cannot_be_reached_through_the_proxy_even_under_all(fake, tmp_path):
+    """mitmweb's web port is one of the gateway's own listeners: refused whatever the policy."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        web_port = probe.getsockname()[1]
+    args = ("--no-web-open-browser", "--web-host", "127.0.0.1", "--web-port", str(web_port))
+    web = Gateway(tmp_path, fake, program="mitmweb", args=(*args, "--set", "meterproxy_passthrough=all"))
+    try:
+        for request in (connect("127.0.0.1", web_port), absolute("127.0.0.1", web_port)):
+            status, _, body = through_proxy(web, request)
+            assert (status, body["error"]["code"]) == (403, "destination_refused")
+            assert body["error"]["message"] == f"destination refused: 127.0.0.1 port {web_port} is the gateway's own listener"
+    finally:
+        web.stop()
