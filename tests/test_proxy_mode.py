@@ -7,6 +7,7 @@ audit entry (tests/test_destinations.py: what it refuses).
 
 import datetime
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from decimal import Decimal
+from pathlib import Path
 
 import genai_prices
 import httpx2
@@ -285,10 +287,39 @@ def transparent_mode_unavailable() -> str | None:
     return None
 
 
-@pytest.mark.skipif(transparent_mode_unavailable() is not None, reason=str(transparent_mode_unavailable()))
-def test_transparent_mode_meters_a_client_that_knows_nothing_of_the_proxy():
+def local_capture_unavailable() -> str | None:
+    """Why mitmproxy's local capture (`--mode local:<process>`, eBPF on Linux) cannot run here:
+    started for a process that does not exist, it fails within seconds where the kernel or the
+    sandbox refuses its eBPF programs (or sudo, which it runs its redirector with, is missing)."""
+    if reason := transparent_mode_unavailable():
+        return reason
+    mitmdump = str(Path(sys.executable).with_name("mitmdump"))
+    probe = subprocess.Popen(
+        [mitmdump, "--mode", "local:meterproxy-no-such-process", "--set", "confdir=/tmp/meterproxy-local-probe"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        output, _ = probe.communicate(timeout=8)
+    except subprocess.TimeoutExpired:
+        probe.terminate()
+        output, _ = probe.communicate()
+    lines = output.splitlines()
+    fatal = [line for line in lines if re.search(r"Error: |Failed to run", line)]  # the cause, where it says
+    failures = fatal or [line for line in lines if re.search(r"(?i)\bfail|error", line)]
+    return f"local capture cannot start here: {failures[0].split('] ', 1)[-1].strip()}" if failures else None
+
+
+@pytest.mark.parametrize("mode", ["transparent", "local"])
+def test_a_client_that_knows_nothing_of_the_proxy_is_metered(mode):
+    """Transparent mode (iptables) and local capture of a process by name (`--mode local:…`)."""
+    reason = transparent_mode_unavailable() if mode == "transparent" else local_capture_unavailable()
+    if reason:
+        pytest.skip(reason)
     scenario = subprocess.run(
-        ["unshare", "--net", "--mount", sys.executable, "tests/transparent_scenario.py"],
+        ["unshare", "--net", "--mount", sys.executable, "tests/transparent_scenario.py", mode],
         capture_output=True,
         text=True,
         cwd=ROOT,
