@@ -1,6 +1,7 @@
 """No open relay (SPEC §1.3): the passthrough policy for proxied traffic to hosts that are not
 providers, as a unit (every address range) and through the real gateway's proxy port."""
 
+import base64
 import ipaddress
 import json
 import os
@@ -10,10 +11,11 @@ import subprocess
 import sys
 import threading
 
+import openai
 import pytest
 
 from meterproxy.destinations import OwnListeners, Policy, kind, refusal
-from tests.harness import ROOT, Gateway, raw_exchange
+from tests.harness import ROOT, Gateway, make_account, raw_exchange
 
 # --- the classification, over every range ----------------------------------------------------
 
@@ -271,3 +273,33 @@ def test_mitmwebs_api_cannot_be_reached_through_the_proxy_even_under_all(fake, t
             assert body["error"]["message"] == f"destination refused: 127.0.0.1 port {web_port} is the gateway's own listener"
     finally:
         web.stop()
+
+
+def test_mitmproxys_proxyauth_guards_the_proxy_and_the_gateways_own_calls(fake, tmp_path):
+    """`--set proxyauth=…`: every request on the port needs Proxy-Authorization, which mitmproxy
+    removes; the forward token in Authorization is the gateway's as usual."""
+    gateway = Gateway(tmp_path, fake, args=("--set", "proxyauth=ops:s3cret-proxy"))
+    try:
+        account = make_account(gateway.store)
+        credentials = "Basic " + base64.b64encode(b"ops:s3cret-proxy").decode()
+        status, headers, _ = raw_exchange(gateway.port, connect("example.test", 443))
+        assert (status, headers["proxy-authenticate"]) == (407, 'Basic realm="mitmproxy"')
+        anonymous = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=account.token(), max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            anonymous.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.status_code == 407
+        client = openai.OpenAI(
+            base_url=f"{gateway.url}/openai/v1",
+            api_key=account.token(),
+            max_retries=0,
+            default_headers={"Proxy-Authorization": credentials},
+        )
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert raw.parse().choices[0].message.content == "w0 w1 w2 w3 w4"
+        assert gateway.row(raw.headers["x-lava-request-id"])["status"] == "completed"
+        [seen] = fake.requests()
+        assert "proxy-authorization" not in dict(seen["headers"])
+    finally:
+        gateway.stop()
