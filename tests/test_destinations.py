@@ -196,22 +196,21 @@ def namespaces(tmp_path_factory):
     gateway_ns, hosts_ns = f"mp-gw-{os.getpid()}", f"mp-hosts-{os.getpid()}"
     hosts_log = tmp_path_factory.mktemp("hosts") / "connections"
     hosts_log.touch()
+    veth_gateway, veth_hosts = f"mpg{os.getpid() % 10000}", f"mph{os.getpid() % 10000}"
     commands = [
         f"netns add {gateway_ns}",
         f"netns add {hosts_ns}",
-        f"link add mpg{os.getpid() % 10000} type veth peer name mph{os.getpid() % 10000}",
-        f"link set mpg{os.getpid() % 10000} netns {gateway_ns}",
-        f"link set mph{os.getpid() % 10000} netns {hosts_ns}",
+        f"link add {veth_gateway} type veth peer name {veth_hosts}",
+        f"link set {veth_gateway} netns {gateway_ns}",
+        f"link set {veth_hosts} netns {hosts_ns}",
         f"-n {gateway_ns} link set lo up",
-        f"-n {gateway_ns} link set mpg{os.getpid() % 10000} up",
-        f"-n {gateway_ns} addr add 10.23.0.1/24 dev mpg{os.getpid() % 10000}",
-        f"-n {gateway_ns} route add 169.254.169.254/32 dev mpg{os.getpid() % 10000}",
-        f"-n {gateway_ns} route add 1.2.3.4/32 dev mpg{os.getpid() % 10000}",
+        f"-n {gateway_ns} link set {veth_gateway} up",
+        f"-n {gateway_ns} addr add 10.23.0.1/24 dev {veth_gateway}",
+        f"-n {gateway_ns} route add 169.254.169.254/32 dev {veth_gateway}",
+        f"-n {gateway_ns} route add 1.2.3.4/32 dev {veth_gateway}",
         f"-n {hosts_ns} link set lo up",
-        f"-n {hosts_ns} link set mph{os.getpid() % 10000} up",
-        f"-n {hosts_ns} addr add 10.23.0.2/24 dev mph{os.getpid() % 10000}",
-        f"-n {hosts_ns} addr add 169.254.169.254/32 dev mph{os.getpid() % 10000}",
-        f"-n {hosts_ns} addr add 1.2.3.4/32 dev mph{os.getpid() % 10000}",
+        f"-n {hosts_ns} link set {veth_hosts} up",
+        *(f"-n {hosts_ns} addr add {address} dev {veth_hosts}" for address in ("10.23.0.2/24", "169.254.169.254/32", "1.2.3.4/32")),
     ]
     try:
         for command in commands:
