@@ -52,7 +52,10 @@ def main() -> None:
                     results[f"CONNECT {name}"] = tunnel(gateway, address)
                     if name != "public":  # a plain-HTTP request to an echo server would hang
                         results[f"absolute {name}"] = absolute(gateway, address)
-                report[policy] = {"results": results, "audit": [entry["code"] for entry in gateway.audit_since(0, 4 if policy == "public" else 5)]}
+                report[policy] = {
+                    "results": results,
+                    "audit": [entry["code"] for entry in gateway.audit_since(0, 4 if policy == "public" else 5)],
+                }
             finally:
                 gateway.stop()
     finally:

@@ -37,7 +37,11 @@ def choice(machine) -> subprocess.CompletedProcess:
     tools, on_path, pyenv = machine
     env = {"PATH": f"{on_path}:{tools}", "HOME": str(pyenv.parent), "PYENV_ROOT": str(pyenv)}
     return subprocess.run(
-        [shutil.which("bash"), "scripts/bootstrap.sh", "--which-python"], cwd=ROOT, env=env, capture_output=True, text=True
+        [shutil.which("bash"), "scripts/bootstrap.sh", "--which-python"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
 
 

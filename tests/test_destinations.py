@@ -146,7 +146,11 @@ def test_a_proxied_request_to_a_local_destination_is_refused_and_audited(gateway
     assert (status, body["error"]["code"], body["error"]["type"]) == (403, "destination_refused", "permission_error")
     assert shown in body["error"]["message"]
     [entry] = gateway.audit_since(audited)
-    assert (entry["status"], entry["code"], entry["request_id"]) == (403, "destination_refused", headers["x-lava-request-id"])
+    assert (entry["status"], entry["code"], entry["request_id"]) == (
+        403,
+        "destination_refused",
+        headers["x-lava-request-id"],
+    )
     assert ipv4.accepted + ipv6.accepted == accepted  # nothing connected
     assert gateway.rows() == [] or all(row["request_id"] != entry["request_id"] for row in gateway.rows())
 
@@ -210,7 +214,10 @@ def namespaces(tmp_path_factory):
         f"-n {gateway_ns} route add 1.2.3.4/32 dev {veth_gateway}",
         f"-n {hosts_ns} link set lo up",
         f"-n {hosts_ns} link set {veth_hosts} up",
-        *(f"-n {hosts_ns} addr add {address} dev {veth_hosts}" for address in ("10.23.0.2/24", "169.254.169.254/32", "1.2.3.4/32")),
+        *(
+            f"-n {hosts_ns} addr add {address} dev {veth_hosts}"
+            for address in ("10.23.0.2/24", "169.254.169.254/32", "1.2.3.4/32")
+        ),
     ]
     try:
         for command in commands:
@@ -269,7 +276,10 @@ def test_mitmwebs_api_cannot_be_reached_through_the_proxy_even_under_all(fake, t
         for request in (connect("127.0.0.1", web_port), absolute("127.0.0.1", web_port)):
             status, _, body = through_proxy(web, request)
             assert (status, body["error"]["code"]) == (403, "destination_refused")
-            assert body["error"]["message"] == f"destination refused: 127.0.0.1 port {web_port} is the gateway's own listener"
+            assert (
+                body["error"]["message"]
+                == f"destination refused: 127.0.0.1 port {web_port} is the gateway's own listener"
+            )
     finally:
         web.stop()
 

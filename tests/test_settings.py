@@ -12,7 +12,14 @@ from tests.harness import ROOT, _start, _stop
 
 def command(tmp_path: Path, *settings: str) -> list[str]:
     mitmdump = [str(Path(sys.executable).with_name("mitmdump")), "--listen-host", "127.0.0.1", "--listen-port", "0"]
-    gateway = ["--set", f"confdir={tmp_path}", "-s", "addons/gateway.py", "--set", f"meterproxy_db={tmp_path / 'l.sqlite'}"]
+    gateway = [
+        "--set",
+        f"confdir={tmp_path}",
+        "-s",
+        "addons/gateway.py",
+        "--set",
+        f"meterproxy_db={tmp_path / 'l.sqlite'}",
+    ]
     return mitmdump + gateway + [part for setting in settings for part in ("--set", setting)]
 
 
@@ -28,7 +35,10 @@ def command(tmp_path: Path, *settings: str) -> list[str]:
             "meterproxy_passthrough=publc",
             "--set meterproxy_passthrough: 'publc' is not one of its choices; it takes one of public, none, all",
         ),
-        ("meterproxy_atempts=5", "--set meterproxy_atempts: no such meterproxy option (did you mean meterproxy_attempts?)"),
+        (
+            "meterproxy_atempts=5",
+            "--set meterproxy_atempts: no such meterproxy option (did you mean meterproxy_attempts?)",
+        ),
     ],
 )
 def test_a_setting_that_cannot_take_effect_stops_the_gateway_with_one_line(tmp_path, setting, line):

@@ -70,7 +70,9 @@ def main(mode: str) -> None:
         gateway = Gateway(tmp, fake, args=("--mode", "transparent"))
     try:
         if mode == "transparent":
-            redirect = f"-t nat -A OUTPUT -p tcp -d {PROVIDER_ADDRESS} --dport 443 -j REDIRECT --to-ports {gateway.port}"
+            redirect = (
+                f"-t nat -A OUTPUT -p tcp -d {PROVIDER_ADDRESS} --dport 443 -j REDIRECT --to-ports {gateway.port}"
+            )
             run("iptables", *redirect.split())
         account = make_account(gateway.store)
         os.environ["SSL_CERT_FILE"] = str(gateway.ca_cert)
