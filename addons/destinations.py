@@ -11,6 +11,7 @@ checked, so that a name cannot resolve to another address between the check and 
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable
 
 from mitmproxy import ctx, http
 from mitmproxy.proxy import server_hooks
@@ -51,26 +52,33 @@ class Destinations:
                 "private ones included; use it only on a network where every client is trusted"
             )
 
-    async def http_connect(self, flow: http.HTTPFlow) -> None:
+    def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """A tunnel: refused before it opens, or pinned to the address checked."""
         if flow.response is None and not self._is_provider(flow.request.host, flow.request.port):
-            await self._check(flow)
+            return self._check(flow)
+        return None
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """A plain-HTTP request for another host: transparently redirected, or in absolute form
         through the proxy port. mitmproxy 12 turns the absolute form into the origin form before
         any addon sees it, so a request is taken as addressed to the gateway itself when it names
-        something the gateway serves or its host is one of the gateway's listeners."""
+        something the gateway serves or its host is one of the gateway's listeners. Returns the
+        check to await only for a request that may be for another host: not a gateway call's."""
         request = flow.request
-        if flow.response is not None or VIA in request.headers.get("via", ""):
-            if flow.response is None:  # it came back to us: a balancer in front, say
-                self._refuse(flow, GatewayError(508, "the request came back to the gateway", "proxy_loop"))
-            return
+        if flow.response is not None:
+            return None
+        if VIA in request.headers.get("via", ""):  # it came back to us: a balancer in front, say
+            self._refuse(flow, GatewayError(508, "the request came back to the gateway", "proxy_loop"))
+            return None
         if flow.server_conn.address is not None:  # in a tunnel, or transparent
             if self._is_provider(request.pretty_host, request.port):
-                return
+                return None
         elif self.routing.serves(request.path):
-            return
+            return None  # the usual case
+        return self._check_request(flow)
+
+    async def _check_request(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
         addresses, failure = await self._addresses(request.host, request.port)
         if flow.server_conn.address is None and self._own_listeners(web=False).includes_any(addresses, request.port):
             return  # addressed to the gateway, naming nothing it serves: routing's 404
@@ -82,12 +90,16 @@ class Destinations:
         request.headers.add("via", f"{request.http_version[5:]} {VIA}")
         self._pin(flow, addresses)
 
-    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> Awaitable[None] | None:
         """The last line: any connection mitmproxy opens (a raw passthrough in transparent mode
-        included) that no earlier check pinned to an allowed address."""
+        included) that is not to a provider; connections to providers pass at once."""
         host, port = data.server.address
         if data.server.error or self._is_provider(host, port) or self._is_upstream(host, port):
-            return
+            return None
+        return self._check_connection(data)
+
+    async def _check_connection(self, data: server_hooks.ServerConnectionHookData) -> None:
+        host, port = data.server.address
         addresses, failure = await self._addresses(host, port)
         reason = self._refusal(addresses, failure, host, port)
         if reason is not None:
