@@ -22,14 +22,26 @@ class Policy(enum.StrEnum):
 
 def kind(address: Address) -> str:
     """What an address is, for the reason of a refusal: `public` or the range that makes it not."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    address = embedded_ipv4(address) or address
     for name in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
         if getattr(address, f"is_{name}"):
             return name.replace("_", "-")
     if not address.is_global:  # shared (100.64/10), documentation, benchmarking ranges
         return "non-public"
     return "public"
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded_ipv4(address: Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries to its destination: mapped (::ffff:127.0.0.1), NAT64
+    (64:ff9b::7f00:1), 6to4 (2002:7f00:1::) or Teredo's client."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address in NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
 
 
 def refusal(addresses: Iterable[Address], port: int, policy: Policy, own: "OwnListeners") -> str | None:
@@ -45,26 +57,39 @@ def refusal(addresses: Iterable[Address], port: int, policy: Policy, own: "OwnLi
 
 class OwnListeners:
     """The gateway's listening sockets (proxy ports, mitmweb's web port): a tunnel to one of them
-    would reach the gateway itself, or mitmweb's API, from outside."""
+    would reach the gateway itself, or mitmweb's API, from outside. A listener's name is resolved
+    once, here, when the list is made (at start)."""
 
     WILDCARDS = ("", "0.0.0.0", "::")
 
     def __init__(self, listeners: Iterable[tuple[str, int]] = ()) -> None:
-        self.listeners = [(host, port) for host, port in listeners]
+        self.wildcard_ports: set[int] = set()
+        self.bound: set[tuple[Address, int]] = set()
+        for host, port in listeners:
+            if host in self.WILDCARDS:
+                self.wildcard_ports.add(port)
+            else:
+                self.bound.update((address, port) for address in resolve(host))
 
     def includes_any(self, addresses: Iterable[Address], port: int) -> bool:
         return any(self.includes(address, port) for address in addresses)
 
     def includes(self, address: Address, port: int) -> bool:
-        for host, listening_port in self.listeners:
-            if port != listening_port:
-                continue
-            if host in self.WILDCARDS:
-                if is_local(address):
-                    return True
-            elif ipaddress.ip_address(host) == address:
-                return True
-        return False
+        """A wildcard listener is reached on every address of the machine, and on no other."""
+        if (address, port) in self.bound:
+            return True
+        return port in self.wildcard_ports and is_local(address)
+
+
+def resolve(host: str) -> list[Address]:
+    """Every address `host` stands for (blocking: for start-up only)."""
+    if (address := parse_address(host)) is not None:
+        return [address]
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return [parse_address(entry[4][0]) for entry in found]
 
 
 def is_local(address: Address) -> bool:

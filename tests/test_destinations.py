@@ -32,6 +32,10 @@ from tests.harness import ROOT, Gateway, make_account, raw_exchange
         ("172.31.255.254", "private"),
         ("192.168.1.1", "private"),
         ("::ffff:10.0.0.1", "private"),
+        ("64:ff9b::7f00:1", "loopback"),  # NAT64 of 127.0.0.1
+        ("64:ff9b::a00:1", "private"),  # NAT64 of 10.0.0.1
+        ("2002:a9fe:a9fe::1", "link-local"),  # 6to4 of 169.254.169.254
+        ("64:ff9b::808:808", "public"),  # NAT64 of 8.8.8.8
         ("fc00::1", "private"),
         ("fd12:3456::1", "private"),
         ("169.254.169.254", "link-local"),
@@ -72,6 +76,12 @@ def test_all_passes_private_addresses_but_never_to_the_gateways_own_listeners():
     # A wildcard listener is reached on every address of the machine, and on no other.
     assert refusal(addresses("127.0.0.2"), 8081, Policy.ALL, own) == "127.0.0.2 port 8081 is the gateway's own listener"
     assert refusal(addresses("8.8.8.8"), 8081, Policy.ALL, own) is None
+    # A listener named rather than numbered (mitmweb's --web-host localhost) is resolved once.
+    named = OwnListeners([("localhost", 8082)])
+    assert (
+        refusal(addresses("127.0.0.1"), 8082, Policy.ALL, named) == "127.0.0.1 port 8082 is the gateway's own listener"
+    )
+    assert refusal(addresses("10.0.0.9"), 8082, Policy.ALL, named) is None
 
 
 # --- through the gateway's proxy port --------------------------------------------------------
@@ -312,3 +322,15 @@ def test_mitmproxys_proxyauth_guards_the_proxy_and_the_gateways_own_calls(fake, 
         assert "proxy-authorization" not in dict(seen["headers"])
     finally:
         gateway.stop()
+
+
+def test_a_refused_connect_closes_the_connection(gateway, listeners):
+    """mitmproxy keeps a refused CONNECT's destination on the client's connection: a request sent
+    after it on the same connection would be taken for the tunnel's. There is no such request."""
+    ipv4, _ = listeners
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as proxy:
+        proxy.sendall(connect("127.0.0.1", ipv4.port))
+        answer = b""
+        while chunk := proxy.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 403") and b"connection: close" in answer.lower()
