@@ -20,6 +20,7 @@ import pydantic
 from mitmproxy import http
 
 from addons.auth import REDACTED
+from addons.calls import own_path
 from addons.ledger import Ledger
 from addons.routing import API_PATHS, Routing
 from meterproxy import queries
@@ -42,8 +43,8 @@ class MeteringApi:
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """Waits (returns the answer to await) only for a request to the metering API."""
-        path = flow.request.path.partition("?")[0].rstrip("/")
-        if flow.response or flow.server_conn.address is not None or not path.startswith(API_PATHS):
+        path = own_path(flow)
+        if path is None or not path.startswith(API_PATHS):
             return None
         return self._serve(flow, path)
 
@@ -137,6 +138,8 @@ class MeteringApi:
             row, created = await self.ledger.writer.call(create)
         except sqlite3.OperationalError:  # the writer has said why in the log
             raise ledger_unavailable() from None
+        if created:
+            self.ledger.announce(row)
         return (201 if created else 200), RequestRecord.from_row(row).model_dump(mode="json")
 
 

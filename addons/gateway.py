@@ -2,7 +2,8 @@
 
 The concerns run as one addon (`addons/pipeline.py`), in this order for every hook: routing finds
 the provider, auth swaps the forward token for the provider key, metering reads usage, and the
-ledger records and charges. The metering API answers `/v1/requests` and `/v1/usage` itself.
+ledger records and charges. The gateway answers its own paths itself: the metering API
+(`/v1/requests`, `/v1/usage`, `/v1/wallets`), `/metrics` and the dashboard.
 """
 
 import gc
@@ -17,6 +18,7 @@ from addons.failures import UpstreamFailures
 from addons.ledger import Ledger
 from addons.limits import Limits
 from addons.metering import Metering
+from addons.metrics import Metrics
 from addons.pipeline import Pipeline
 from addons.resilience import Retries, UpstreamWatch
 from addons.routing import Routing
@@ -52,6 +54,7 @@ addons = [
         ResponseCache(ledger),
         UpstreamWatch(),
         UpstreamFailures(),
+        Metrics(ledger),
         MeteringApi(ledger, routing),
         Settled(),
         Settings(),  # last: by its `load`, every meterproxy option is registered
