@@ -13,6 +13,7 @@ from genai_prices.data_snapshot import get_snapshot
 from addons.api import MeteringApi
 from addons.auth import Auth
 from addons.cache import ResponseCache
+from addons.dashboard import Dashboard
 from addons.destinations import Destinations
 from addons.failures import UpstreamFailures
 from addons.ledger import Ledger
@@ -23,6 +24,7 @@ from addons.pipeline import Pipeline
 from addons.resilience import Retries, UpstreamWatch
 from addons.routing import Routing
 from addons.settings import Settings
+from meterproxy.sessions import Sessions
 
 
 class Settled:
@@ -38,6 +40,7 @@ class Settled:
 ledger = Ledger()
 routing = Routing()
 auth = Auth()
+sessions = Sessions()
 # Order matters: the passthrough policy refuses a proxied destination before anything else sees
 # it; retries replace a failed answer before auth scrubs keys from it and metering
 # reads it; limits refuse before the pending row is written; the cache answers after admission
@@ -55,7 +58,8 @@ addons = [
         UpstreamWatch(),
         UpstreamFailures(),
         Metrics(ledger),
-        MeteringApi(ledger, routing),
+        MeteringApi(ledger, routing, sessions),
+        Dashboard(ledger, sessions),
         Settled(),
         Settings(),  # last: by its `load`, every meterproxy option is registered
     )
