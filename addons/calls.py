@@ -35,7 +35,9 @@ def own_path(flow: http.HTTPFlow) -> str | None:
 
 def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
     """Answer a request to the gateway itself with an error in the OpenAI shape."""
-    flow.response = http.Response.make(error.status, error.body(), {"content-type": "application/json", **error.headers})
+    flow.response = http.Response.make(
+        error.status, error.body(), {"content-type": "application/json", **error.headers}
+    )
 
 
 def refuse(flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:

@@ -128,7 +128,9 @@ class Dashboard:
             merchant_id = merchant["id"]
         cookie = self.sessions.start(merchant_id, time.time())
         lifetime = int(self.sessions.lifetime)
-        flow.response = _redirect("/dashboard", f"{COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={lifetime}")
+        flow.response = _redirect(
+            "/dashboard", f"{COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={lifetime}"
+        )
 
     async def _events(self, flow: http.HTTPFlow, viewer: Viewer) -> None:
         position = self.feed.position(flow.request.headers.get("last-event-id"))

@@ -12,8 +12,8 @@ import logging
 import os
 import sqlite3
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Optional
 

@@ -168,7 +168,9 @@ def describe(row: dict) -> str:
     if row["status"] == "error":
         return f"$0 {model} error: {row['error_message']} · {whose}"
     estimated = " · estimated" if row.get("usage_source") == "estimated" else ""
-    return f"${plain_dollars(row['total_cost'])} {model} {row['input_tokens']}→{row['output_tokens']}{estimated} · {whose}"
+    return (
+        f"${plain_dollars(row['total_cost'])} {model} {row['input_tokens']}→{row['output_tokens']}{estimated} · {whose}"
+    )
 
 
 def plain_dollars(amount: str) -> str:

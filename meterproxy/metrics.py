@@ -21,13 +21,21 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._models: set[str] = set()
-        self.requests = self._counter("requests", "Calls recorded in the ledger.", "provider", "model", "status", "key_mode")
+        self.requests = self._counter(
+            "requests", "Calls recorded in the ledger.", "provider", "model", "status", "key_mode"
+        )
         self.tokens = self._counter("tokens", "Tokens of the calls recorded, by kind.", "provider", "model", "kind")
-        self.cost = self._counter("cost_dollars", "total_cost of the calls recorded, in dollars.", "provider", "model", "key_mode")
+        self.cost = self._counter(
+            "cost_dollars", "total_cost of the calls recorded, in dollars.", "provider", "model", "key_mode"
+        )
         self.cache_hits = self._counter("cache_hits", "Calls answered from the response cache.", "provider", "model")
         self.refusals = self._counter("refusals", "Requests refused before forwarding (audited).", "status", "code")
-        self.latency = self._histogram("request_duration_seconds", "From the request to the end of the answer.", SECONDS)
-        self.ttfb = self._histogram("time_to_first_byte_seconds", "From the request to the answer's first byte.", SECONDS)
+        self.latency = self._histogram(
+            "request_duration_seconds", "From the request to the end of the answer.", SECONDS
+        )
+        self.ttfb = self._histogram(
+            "time_to_first_byte_seconds", "From the request to the answer's first byte.", SECONDS
+        )
         self.added = Histogram(
             "meterproxy_gateway_added_seconds",
             "The gateway's own time before forwarding a call: routing, checks, admission.",
@@ -43,9 +51,9 @@ class GatewayMetrics:
 
     def watch(self, queued: Callable[[], int], in_flight: Callable[[], int]) -> None:
         """Gauges read when scraped: the ledger writer's queue and the calls holding wallets."""
-        Gauge("meterproxy_ledger_queue_depth", "Ledger jobs waiting for their batch.", registry=self.registry).set_function(
-            queued
-        )
+        Gauge(
+            "meterproxy_ledger_queue_depth", "Ledger jobs waiting for their batch.", registry=self.registry
+        ).set_function(queued)
         Gauge(
             "meterproxy_holds_in_flight", "Calls admitted and not completed (their holds).", registry=self.registry
         ).set_function(in_flight)

@@ -17,6 +17,8 @@ each is reported as its median round:
   n  -ledger     `mitmdump -s scripts/bench_no_ledger.py`: meterproxy without its ledger, for
                  reference (routing, keys, limits and usage, but no hold, no row, no price)
   d  meterproxy  `mitmdump -s addons/gateway.py`: full metering, pricing, wallet holds, ledger
+  l  +live page  d with a dashboard client following its live page (`scripts/bench_live.py`):
+                 its requests/s should be within 5 % of d's
   e  litellm     LiteLLM's proxy (`--peers`, installed into bench-results/peers/litellm)
   f  portkey     Portkey's gateway (`--peers`, installed into bench-results/peers/portkey)
 
@@ -65,7 +67,7 @@ BIG_WORD_BYTES = 1000
 UPSTREAM_KEY = "sk-bench-upstream-key"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-OWN_TARGETS = "abwcnd"  # in the order they are measured and shown; then the peers
+OWN_TARGETS = "abwcndl"  # in the order they are measured and shown; then the peers
 ALL_TARGETS = OWN_TARGETS + "ef"
 
 
@@ -344,8 +346,9 @@ def start_mitmdump(fake: Fake, streaming: bool = False, forward_addon: bool = Fa
     )
 
 
-def start_meterproxy(fake: Fake, ledger: bool = True) -> Target:
-    """meterproxy (d), or without its ledger (n), with an account whose token the clients send."""
+def start_meterproxy(fake: Fake, ledger: bool = True, live_page: bool = False) -> Target:
+    """meterproxy (d), or without its ledger (n), or with a dashboard client on its live page
+    (l), with an account whose token the clients send."""
     from meterproxy.store import Store
     from meterproxy.token import encode_token
     from pricing.fees import ProductFees
@@ -366,6 +369,8 @@ def start_meterproxy(fake: Fake, ledger: bool = True) -> Target:
     script, key, label = (
         ("addons/gateway.py", "d", "meterproxy") if ledger else ("scripts/bench_no_ledger.py", "n", "-ledger")
     )
+    if live_page:
+        key, label = "l", "+ live page"
     options = ["--set", f"meterproxy_db={db}"] if ledger else []
     proc = Proc(
         label,
@@ -382,6 +387,11 @@ def start_meterproxy(fake: Fake, ledger: bool = True) -> Target:
         target.ledger = ledger_summary(db)
 
     target.cleanup = [summarize, work.cleanup] if ledger else [work.cleanup]
+    if live_page:
+        from scripts.bench_live import LivePage
+
+        page = LivePage(target.port, secret_key)
+        target.cleanup.insert(0, lambda: target.notes.append(page.stop()))
     return target
 
 
@@ -1064,6 +1074,11 @@ def checks(results: dict, writer: dict | None) -> list[dict]:
             "big stream RSS growth of d", r, "< 30 MB", r is not None and r < 30, f"{r:.1f} MB" if r is not None else ""
         )
     )
+    d, live = value("d", "rps"), value("l", "rps")
+    r = live / d if live is not None and d else None
+    out.append(
+        check("throughput with a live page l/d", r, ">= 0.95", r is not None and r >= 0.95, f"{r:.2f}x" if r else "")
+    )
     r = get(writer, "rows_per_s")
     out.append(check("ledger writer rows/s", r, ">= 5000", r is not None and r >= 5000, f"{r:,.0f}/s" if r else ""))
     return out
@@ -1195,6 +1210,7 @@ COLOURS = {
     "c": (110, 170, 230),
     "n": (240, 180, 120),
     "d": (220, 110, 40),
+    "l": (180, 60, 30),
     "e": (90, 170, 90),
     "f": (160, 90, 170),
 }
@@ -1331,7 +1347,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--writer-rows", type=int, default=20000, help="rows for the writer benchmark")
     parser.add_argument("--writer-calls", type=int, default=16, help="concurrent calls in the writer benchmark")
-    parser.add_argument("--targets", default=OWN_TARGETS, help="which of a, b, w, c, n, d to run (default abwcnd)")
+    parser.add_argument("--targets", default=OWN_TARGETS, help="which of a, b, w, c, n, d, l to run (default all)")
     parser.add_argument("--peers", action="store_true", help="add LiteLLM's proxy (e) and Portkey's gateway (f)")
     parser.add_argument("--writer-only", action="store_true", help="only the ledger writer micro-benchmark")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (2 s runs, fewer streams)")
@@ -1394,6 +1410,7 @@ def main(argv: list[str]) -> int:
                 "c": lambda: start_mitmdump(fake, streaming=True),
                 "n": lambda: start_meterproxy(fake, ledger=False),
                 "d": lambda: start_meterproxy(fake),
+                "l": lambda: start_meterproxy(fake, live_page=True),
                 "e": lambda: start_litellm(fake, settings.out),
                 "f": lambda: start_portkey(fake, settings.out),
             }

@@ -171,7 +171,9 @@ def test_live_page_shows_a_call_within_two_seconds_with_its_exact_cost(browser, 
     shown.wait_for(timeout=2_000)
     row = site.row(request_id)
     cost = shown.locator("td.money")
-    assert cost.get_attribute("data-exact") == row["total_cost"] and cost.get_attribute("title") == f"${row['total_cost']}"
+    assert (
+        cost.get_attribute("data-exact") == row["total_cost"] and cost.get_attribute("title") == f"${row['total_cost']}"
+    )
     assert cost.inner_text() == f"${Decimal(row['total_cost']).normalize():f}"  # three significant digits
     assert shown.locator("td.tokens").inner_text() == f"{row['input_tokens']} → {row['output_tokens']}"
     assert page.locator(f"#live tr[data-request-id='{others}']").count() == 0  # another merchant's call

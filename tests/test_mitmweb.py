@@ -16,7 +16,11 @@ from tests.harness import MANAGED_KEYS, Gateway, make_account
 
 MESSAGES = [{"role": "user", "content": "seen in mitmweb"}]
 # The README's command: a list option takes one value per --set.
-COLUMNS = [arg for name in ("index", "method", "path", "status", "size", "time", "comment") for arg in ("--set", f"web_columns={name}")]
+COLUMNS = [
+    arg
+    for name in ("index", "method", "path", "status", "size", "time", "comment")
+    for arg in ("--set", f"web_columns={name}")
+]
 
 
 def free_port() -> int:
