@@ -1124,6 +1124,10 @@ def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> s
         for row in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
+    live = verdicts["throughput with a live page l/d"]
+    if live["value"] is not None:
+        verdict = "PASS" if live["pass"] else "FAIL"
+        lines.append(f"requests/s with a live page, l/d: {live['shown']}   target {live['target']}   {verdict}")
     if settings.rounds > 1:
         lines.append(f"each wrk figure: the median of {settings.rounds} rounds, interleaved across targets:")
         for run, figure in ROUND_RUNS.items():
