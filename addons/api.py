@@ -44,10 +44,10 @@ LOW_BALANCE = Decimal(1)  # dollars available under which a wallet is shown as l
 
 
 class MeteringApi:
-    def __init__(self, ledger: Ledger, routing: Routing, sessions: Sessions) -> None:
+    def __init__(self, ledger: Ledger, routing: Routing, sessions: Sessions | None = None) -> None:
         self.ledger = ledger
         self.routing = routing
-        self.sessions = sessions
+        self.sessions = sessions or Sessions()  # the dashboard's, which the gateway shares with it
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """Waits (returns the answer to await) only for a request to the metering API."""
