@@ -35,7 +35,11 @@ from meterproxy.ids import new_id
 from meterproxy.sessions import COOKIE, Sessions, Viewer
 
 STATIC = Path(__file__).parent / "static"
-PAGES = {"/dashboard": "overview.html", "/dashboard/requests": "requests.html", "/dashboard/live": "live.html"}
+PAGES = {
+    "/dashboard": ("overview", "Overview"),
+    "/dashboard/requests": ("requests", "Requests"),
+    "/dashboard/live": ("live", "Live"),
+}
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css", ".md": "text/plain"}
 OPERATOR_ENV = "METERPROXY_OPERATOR_KEY"
 WAIT = 15.0  # seconds an events response waits for a call to complete before it ends empty
@@ -55,9 +59,18 @@ class Dashboard:
         self.sessions = sessions
         self.feed = LiveFeed()
         ledger.settled.append(self.feed.publish)
-        # Small, and read once: serving them never touches the disk.
+        # Small, and read once: serving them never touches the disk. A page is its own part
+        # (`dashboard/<page>.html`: its scripts and its <main>) in the common layout.
         self.files = {
             path.relative_to(STATIC).as_posix(): path.read_bytes() for path in STATIC.rglob("*") if path.is_file()
+        }
+        layout = self.files["dashboard/layout.html"].decode()
+        self.pages = {
+            path: layout.replace("{title}", title)
+            .replace("{page}", page)
+            .replace("{main}", self.files[f"dashboard/{page}.html"].decode())
+            .encode()
+            for path, (page, title) in PAGES.items()
         }
 
     def load(self, loader):
@@ -78,8 +91,10 @@ class Dashboard:
         try:
             if path.startswith("/dashboard/static/"):
                 self._file(flow, path.removeprefix("/dashboard/static/"))
+            elif path == "/dashboard/sign-in" and request.method == "POST":
+                await self._sign_in(flow)
             elif path == "/dashboard/sign-in":
-                await self._sign_in(flow) if request.method == "POST" else self._file(flow, "dashboard/sign-in.html")
+                self._file(flow, "dashboard/sign-in.html")
             else:
                 viewer = self.sessions.viewer(request.cookies.get(COOKIE), time.time())
                 request.headers.pop("cookie", None)  # the flow may be kept (mitmweb): no session on it
@@ -96,7 +111,7 @@ class Dashboard:
                 return
             raise GatewayError(401, "sign in at /dashboard/sign-in", "not_signed_in")
         if path in PAGES:
-            self._file(flow, f"dashboard/{PAGES[path]}")
+            flow.response = http.Response.make(200, self.pages[path], {"content-type": TYPES[".html"]})
         elif path == "/dashboard/session":
             who = "operator" if viewer.operator else "merchant"
             name = None if viewer.operator else await self._merchant_name(viewer.merchant_id)
