@@ -18,7 +18,7 @@ MESSAGES = [{"role": "user", "content": "seen in mitmweb"}]
 # The README's command: a list option takes one value per --set.
 COLUMNS = [
     arg
-    for name in ("index", "method", "path", "status", "size", "time", "comment")
+    for name in ("index", "method", "path", "status", "time", "comment")
     for arg in ("--set", f"web_columns={name}")
 ]
 
