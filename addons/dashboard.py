@@ -29,6 +29,7 @@ from addons.auth import REDACTED
 from addons.calls import answer, own_path
 from addons.ledger import Ledger
 from addons.live import LiveFeed
+from meterproxy import queries
 from meterproxy.api_models import RequestRecord
 from meterproxy.errors import GatewayError
 from meterproxy.ids import new_id
@@ -162,8 +163,8 @@ class Dashboard:
         flow.response = http.Response.make(200, "".join(events), headers)
 
     async def _merchant_name(self, merchant_id: str) -> str | None:
-        row = await self.ledger.store_thread.call(lambda store: store.db["merchants"].get(merchant_id))
-        return row["name"]
+        names = await self.ledger.store_thread.call(lambda store: queries.names(store.db, merchant_id))
+        return names.get(merchant_id)
 
     def _file(self, flow: http.HTTPFlow, name: str) -> None:
         content = self.files.get(name)

@@ -135,15 +135,17 @@ def wallet_ids(db: sqlite_utils.Database, merchant_id: str | None) -> list[str]:
 
 
 def names(db: sqlite_utils.Database, merchant_id: str | None) -> dict[str, str]:
-    """What a person calls a merchant's products and connections (a connection by its wallet)."""
+    """What a person calls a merchant, its products and its connections (a connection by its
+    wallet); every merchant's for None, the operator."""
     mine, params = ("WHERE {}merchant_id = ?", [merchant_id]) if merchant_id else ("", [])
+    merchants = db.execute(f"SELECT id, name FROM merchants {'WHERE id = ?' if merchant_id else ''}", params)
     products = db.execute(f"SELECT id, name FROM products {mine.format('')}", params)
     connections = db.execute(
         "SELECT connections.id, wallets.name FROM connections JOIN wallets ON wallets.id = connections.wallet_id "
         + mine.format("connections."),
         params,
     )
-    return {row_id: name for row_id, name in [*products, *connections]}
+    return {row_id: name for row_id, name in [*merchants, *products, *connections]}
 
 
 def cache_stats(db: sqlite_utils.Database, merchant_id: str | None = None) -> list[dict]:
