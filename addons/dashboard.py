@@ -149,16 +149,16 @@ class Dashboard:
         )
 
     async def _events(self, flow: http.HTTPFlow, viewer: Viewer) -> None:
-        position = self.feed.position(flow.request.headers.get("last-event-id"))
-        if position is None:  # a new page: from now on
-            rows, cursor = [], self.feed.cursor()
+        moment = self.feed.position(flow.request.headers.get("last-event-id"))
+        if moment is None:  # a new page: from now on
+            rows, cursor = [], self.feed.now()
         else:
-            rows, cursor = await self.feed.wait(position, viewer.merchant_id, WAIT)
+            rows, cursor = await self.feed.wait(moment, viewer.merchant_id, WAIT)
         events = [f"retry: {RETRY_MS}\n\n"]
         for row in rows:
             record = RequestRecord.from_row(row).model_dump_json()
             events.append(f"event: request\ndata: {record}\n\n")
-        events.append(f"id: {cursor}\n\n")
+        events.append(f"id: {cursor!r}\n\n")  # exactly the moment: no row twice
         headers = {"content-type": "text/event-stream", "cache-control": "no-store"}
         flow.response = http.Response.make(200, "".join(events), headers)
 

@@ -34,29 +34,32 @@ def test_a_session_signed_with_another_key_or_altered_is_refused():
         assert sessions.viewer(bad, NOW) is None, bad
 
 
-def test_the_live_feed_gives_each_merchant_its_own_rows_after_its_position():
+def test_the_live_feed_gives_each_merchant_its_own_rows_after_its_moment():
     feed = LiveFeed()
-    start = feed.position(feed.cursor())
+    start = feed.position(repr(feed.now()))
     feed.publish({"request_id": "r1", "merchant_id": "a"})
     feed.publish({"request_id": "r2", "merchant_id": "b"})
-    assert [row["request_id"] for row in feed.after(start, "a")] == ["r1"]
-    assert [row["request_id"] for row in feed.after(start, None)] == ["r1", "r2"]  # the operator
-    assert feed.after(feed.position(feed.cursor()), None) == []
-    assert feed.position("another-run-7") is None and feed.position(None) is None
+    assert [row["request_id"] for _, row in feed.after(start, "a")] == ["r1"]
+    assert [row["request_id"] for _, row in feed.after(start, None)] == ["r1", "r2"]  # the operator
+    [(moment, _)] = feed.after(start, "a")
+    assert [row["request_id"] for _, row in feed.after(feed.position(repr(moment)), None)] == ["r2"]  # not r1 again
+    assert feed.after(feed.now(), None) == []
+    assert feed.position("garbage") is None and feed.position(None) is None and feed.position("nan") is None
 
 
 def test_a_waiting_page_wakes_for_its_merchant_only():
     async def scenario():
         feed = LiveFeed()
-        waiting = asyncio.create_task(feed.wait(0, "a", timeout=30))
+        start = feed.now()
+        waiting = asyncio.create_task(feed.wait(start, "a", timeout=30))
         await asyncio.sleep(0)
         feed.publish({"request_id": "theirs", "merchant_id": "b"})
         await asyncio.sleep(0)
         assert not waiting.done()  # another merchant's call does not end the wait
         feed.publish({"request_id": "mine", "merchant_id": "a"})
-        rows, cursor = await asyncio.wait_for(waiting, 5)
-        assert [row["request_id"] for row in rows] == ["mine"] and cursor == feed.cursor()
-        assert await feed.wait(feed.sequence, "a", timeout=0.01) == ([], feed.cursor())  # nothing new: ends empty
+        rows, moment = await asyncio.wait_for(waiting, 5)
+        assert [row["request_id"] for row in rows] == ["mine"] and moment == feed.latest
+        assert await feed.wait(moment, "a", timeout=0.01) == ([], moment)  # nothing new: ends empty
 
     asyncio.run(scenario())
 
