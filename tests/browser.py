@@ -32,7 +32,7 @@ needs_browser = pytest.mark.skipif(browser_unavailable() is not None, reason=str
 
 @contextmanager
 def chromium() -> Iterator:
-    """A headless Chromium; yields a new browser context (its own cookies) maker."""
+    """Debian's Chromium, headless (each `browser.new_context()` has cookies of its own)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
