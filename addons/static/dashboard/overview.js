@@ -91,20 +91,30 @@
     }
   }
 
+  // One rollup by day, model, connection and product (one pass over the ledger), summed here by
+  // fewer keys: counts as numbers, costs exactly.
+  function regroup(groups, keys) {
+    const merged = new Map();
+    for (const group of groups) {
+      const id = JSON.stringify(keys.map((key) => group[key]));
+      const into = merged.get(id) || { ...Object.fromEntries(keys.map((key) => [key, group[key]])), requests: 0,
+        input_tokens: 0, output_tokens: 0, cost: 0n };
+      for (const key of keys) if (group[`${key}_name`]) into[`${key}_name`] = group[`${key}_name`];
+      into.requests += group.requests;
+      into.input_tokens += group.input_tokens;
+      into.output_tokens += group.output_tokens;
+      into.cost += D.units(group.total_cost);
+      merged.set(id, into);
+    }
+    return [...merged.values()].map(({ cost, ...rest }) => ({ ...rest, total_cost: D.exact(cost) }));
+  }
+
   document.addEventListener("DOMContentLoaded", async () => {
-    const [days, byDayAndModel, models, connections, products, walletList] = await Promise.all([
-      D.api(query("day")),
-      D.api(query("day,model")),
-      D.api(query("model")),
-      D.api(query("connection")),
-      D.api(query("product")),
-      D.api("/v1/wallets"),
-    ]);
-    periods(days.data);
-    chart(byDayAndModel.data);
-    top("model", models.data);
-    top("connection", connections.data);
-    top("product", products.data);
+    const [usage, walletList] = await Promise.all([D.api(query("day,model,connection,product")), D.api("/v1/wallets")]);
+    const days = regroup(usage.data, ["day"]).map((day) => ({ ...day, date: day.day }));
+    periods(days);
+    chart(regroup(usage.data, ["day", "model"]));
+    for (const name of ["model", "connection", "product"]) top(name, regroup(usage.data, [name]));
     wallets(walletList.data);
     document.body.dataset.ready = "true";
   });
