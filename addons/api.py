@@ -4,22 +4,28 @@ elsewhere and read their own ledger.
     POST /v1/requests            create (idempotent on request_id: 201, then 200; 409 if different)
     GET  /v1/requests/<id>       one record
     GET  /v1/requests            newest first, filtered, cursor-paginated
-    GET  /v1/usage               daily rollups over the same filters
+    GET  /v1/usage               rollups over the same filters: daily, or `group_by` model,
+                                 connection, product, metadata.<key>, or several (day,model)
+    GET  /v1/wallets             the wallets the merchant's connections draw on
 
-Authentication is the merchant's secret key as a bearer token; a merchant only ever sees its
-own records (another merchant's id is a 404). Reads run on the ledger's `StoreThread`, a usage
-record on its writer.
+Authentication is the merchant's secret key as a bearer token, or for the reads a dashboard
+session (its cookie, `meterproxy/sessions.py`); a merchant only ever sees its own records
+(another merchant's id is a 404), the operator's session sees every merchant's. Reads run on
+the ledger's `StoreThread`, a usage record on its writer.
 """
 
 import json
 import sqlite3
+import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import pydantic
 from mitmproxy import http
 
 from addons.auth import REDACTED
+from addons.calls import own_path
 from addons.ledger import Ledger
 from addons.routing import API_PATHS, Routing
 from meterproxy import queries
@@ -28,22 +34,25 @@ from meterproxy.errors import GatewayError, ledger_unavailable
 from meterproxy.ids import new_id
 from meterproxy.ledger import priced
 from meterproxy.queries import LedgerFilter
+from meterproxy.sessions import COOKIE, Sessions
 from meterproxy.store import Store, iso
 from meterproxy.token import KeyMode, bearer
 from pricing.fees import Tariff
 
 SECRET_FIELDS = {"connection_secret", "product_secret"}
+LOW_BALANCE = Decimal(1)  # dollars available under which a wallet is shown as low
 
 
 class MeteringApi:
-    def __init__(self, ledger: Ledger, routing: Routing) -> None:
+    def __init__(self, ledger: Ledger, routing: Routing, sessions: Sessions | None = None) -> None:
         self.ledger = ledger
         self.routing = routing
+        self.sessions = sessions or Sessions()  # the dashboard's, which the gateway shares with it
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """Waits (returns the answer to await) only for a request to the metering API."""
-        path = flow.request.path.partition("?")[0].rstrip("/")
-        if flow.response or flow.server_conn.address is not None or not path.startswith(API_PATHS):
+        path = own_path(flow)
+        if path is None or not path.startswith(API_PATHS):
             return None
         return self._serve(flow, path)
 
@@ -61,12 +70,19 @@ class MeteringApi:
         _scrub(flow.request)
         flow.response = http.Response.make(status, json.dumps(body), headers)
 
-    async def _answer(self, request: http.Request, path: str) -> tuple[int, dict]:
+    async def _viewer(self, request: http.Request) -> str | None:
+        """The merchant whose records the request may read; None for the operator."""
         secret_key = bearer(request.headers.get("authorization"))
-        if not secret_key:
+        if secret_key:
+            return (await self.ledger.store_thread.call(lambda store: store.merchant(secret_key)))["id"]
+        session = self.sessions.viewer(request.cookies.get(COOKIE), time.time())
+        if session is None or request.method != "GET":  # a session only reads
             raise GatewayError(401, "send your merchant secret key as a bearer token", "invalid_secret_key")
+        return session.merchant_id
+
+    async def _answer(self, request: http.Request, path: str) -> tuple[int, dict]:
+        merchant_id = await self._viewer(request)
         reader = self.ledger.store_thread
-        merchant_id = (await reader.call(lambda store: store.merchant(secret_key)))["id"]
         if request.method == "POST" and path == "/v1/requests":
             return await self._create(_parse(CreateRequest, request.content or b"{}", json_body=True), merchant_id)
         if request.method != "GET":
@@ -74,9 +90,11 @@ class MeteringApi:
         if path.startswith("/v1/requests/"):
             request_id = path.removeprefix("/v1/requests/")
             row = await reader.call(lambda store: store.request(request_id))
-            if row is None or row["merchant_id"] != merchant_id:
+            if row is None or merchant_id not in (None, row["merchant_id"]):
                 raise GatewayError(404, f"no request {request_id}", "request_not_found")
             return 200, RequestRecord.from_row(row).model_dump(mode="json")
+        if path == "/v1/wallets":
+            return 200, {"data": await reader.call(lambda store: _wallets(store, merchant_id))}
         query = _list_query(request)
         where = LedgerFilter(
             merchant_id,
@@ -97,10 +115,29 @@ class MeteringApi:
             )
             return 200, page.model_dump(mode="json")
         if path == "/v1/usage":
-            days = await reader.call(lambda store: queries.rollup(queries.matching(store.db, where), "day"))
-            report = UsageReport(data=[DailyUsage(date=day.pop("day"), **day) for day in days])
-            return 200, report.model_dump(mode="json")
+            return 200, await self._usage(where, query.group_by)
         raise GatewayError(404, f"no such endpoint {path}", "not_found")
+
+    async def _usage(self, where: LedgerFilter, by: str) -> dict:
+        try:
+            for name in by.split(","):
+                queries.group_key(name)
+        except ValueError as error:
+            raise GatewayError(400, str(error), "invalid_group_by") from None
+
+        named = {"connection", "product"} & {*by.split(",")}
+
+        def report(store: Store) -> tuple[list[dict], dict[str, str]]:
+            groups = queries.rollup(queries.matching(store.db, where), by)
+            return groups, queries.names(store.db, where.merchant_id) if named else {}
+
+        groups, names = await self.ledger.store_thread.call(report)
+        if by == "day":
+            return UsageReport(data=[DailyUsage(date=day.pop("day"), **day) for day in groups]).model_dump(mode="json")
+        for group in groups:
+            for name in named:
+                group[f"{name}_name"] = names.get(group[name])
+        return {"group_by": by, "data": groups}
 
     async def _create(self, record: CreateRequest, merchant_id: str) -> tuple[int, dict]:
         provider = self.routing.registry.by_name.get(record.provider)
@@ -137,7 +174,25 @@ class MeteringApi:
             row, created = await self.ledger.writer.call(create)
         except sqlite3.OperationalError:  # the writer has said why in the log
             raise ledger_unavailable() from None
+        if created:
+            self.ledger.announce(row)
         return (201 if created else 200), RequestRecord.from_row(row).model_dump(mode="json")
+
+
+def _wallets(store: Store, merchant_id: str | None) -> list[dict]:
+    """Balance, held and available of each wallet the viewer's connections draw on."""
+    wallets = [store.wallet(wallet_id) for wallet_id in queries.wallet_ids(store.db, merchant_id)]
+    return [
+        {
+            "id": wallet["id"],
+            "name": wallet["name"],
+            "balance": wallet["balance"],
+            "held": wallet["held"],
+            "available": wallet["available"],
+            "low": Decimal(wallet["available"]) < LOW_BALANCE,
+        }
+        for wallet in wallets
+    ]
 
 
 def _list_query(request: http.Request) -> ListQuery:
@@ -163,6 +218,7 @@ def _scrub(request: http.Request) -> None:
     secret of the merchant's stays on it once it has been read."""
     if "authorization" in request.headers:
         request.headers["authorization"] = REDACTED
+    request.headers.pop("cookie", None)  # a dashboard session's
     try:
         body = json.loads(request.content or b"")
     except ValueError:

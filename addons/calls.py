@@ -25,6 +25,21 @@ def call_of(flow: http.HTTPFlow) -> Call | None:
     return call if isinstance(call, Call) else None
 
 
+def own_path(flow: http.HTTPFlow) -> str | None:
+    """The path of a request to the gateway itself (its API, metrics, dashboard) not answered
+    yet, without query or trailing slash; None for a proxied request or one answered already."""
+    if flow.response or flow.server_conn.address is not None:
+        return None
+    return flow.request.path.partition("?")[0].rstrip("/")
+
+
+def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
+    """Answer a request to the gateway itself with an error in the OpenAI shape."""
+    flow.response = http.Response.make(
+        error.status, error.body(), {"content-type": "application/json", **error.headers}
+    )
+
+
 def refuse(flow: http.HTTPFlow, call: Call, error: GatewayError) -> None:
     """Answer locally in the OpenAI error shape; nothing goes upstream, the ledger audits it."""
     call.refusal = error

@@ -2,7 +2,8 @@
 
 The concerns run as one addon (`addons/pipeline.py`), in this order for every hook: routing finds
 the provider, auth swaps the forward token for the provider key, metering reads usage, and the
-ledger records and charges. The metering API answers `/v1/requests` and `/v1/usage` itself.
+ledger records and charges. The gateway answers its own paths itself: the metering API
+(`/v1/requests`, `/v1/usage`, `/v1/wallets`), `/metrics` and the dashboard.
 """
 
 import gc
@@ -12,15 +13,18 @@ from genai_prices.data_snapshot import get_snapshot
 from addons.api import MeteringApi
 from addons.auth import Auth
 from addons.cache import ResponseCache
+from addons.dashboard import Dashboard
 from addons.destinations import Destinations
 from addons.failures import UpstreamFailures
 from addons.ledger import Ledger
 from addons.limits import Limits
 from addons.metering import Metering
+from addons.metrics import Metrics
 from addons.pipeline import Pipeline
 from addons.resilience import Retries, UpstreamWatch
 from addons.routing import Routing
 from addons.settings import Settings
+from meterproxy.sessions import Sessions
 
 
 class Settled:
@@ -36,6 +40,7 @@ class Settled:
 ledger = Ledger()
 routing = Routing()
 auth = Auth()
+sessions = Sessions()
 # Order matters: the passthrough policy refuses a proxied destination before anything else sees
 # it; retries replace a failed answer before auth scrubs keys from it and metering
 # reads it; limits refuse before the pending row is written; the cache answers after admission
@@ -52,7 +57,9 @@ addons = [
         ResponseCache(ledger),
         UpstreamWatch(),
         UpstreamFailures(),
-        MeteringApi(ledger, routing),
+        Metrics(ledger),
+        MeteringApi(ledger, routing, sessions),
+        Dashboard(ledger, sessions),
         Settled(),
         Settings(),  # last: by its `load`, every meterproxy option is registered
     )

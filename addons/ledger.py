@@ -12,6 +12,7 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Optional
@@ -69,6 +70,10 @@ class Ledger:
         self.prices = PriceBook()
         self.limiter = RateLimiter()
         self.keeps_flows = False  # a UI or a save file keeps flows: show each its outcome
+        # Told of every row once it has committed completed or error (metrics, the dashboard's
+        # live view), and of every refusal.
+        self.settled: list[Callable[[dict], None]] = []
+        self.refused: list[Callable[[GatewayError], None]] = []
         # The tokenizer, off the event loop; the completions that wait for it, by its future.
         self.estimator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="meterproxy-estimate")
         self.estimating: dict[Future, tuple[http.HTTPFlow, Call, Outcome]] = {}
@@ -234,19 +239,23 @@ class Ledger:
             store.complete_request(call.request_id, fields, call.principal.wallet_id, wallet_cost)
             return fields
 
-        if not self.keeps_flows:
-            self.writer.post(complete, atomic=True)  # nobody to show the outcome to
-            return
-        self.writer.submit(complete, atomic=True, keep=True).add_done_callback(
-            lambda completion: self._settled(flow, call, completion)
-        )
+        self.writer.post(complete, atomic=True, then=lambda fields: self._settled(flow, call, outcome, fields))
 
-    def _settled(self, flow: http.HTTPFlow, call: Call, completion: asyncio.Future) -> None:
-        if completion.exception() is not None:
-            self.log.error("ledger row %s not completed: %r", call.request_id, completion.exception())
-            return
-        show_settled(flow, call, completion.result())
-        flow.metadata[CALL] = {"request_id": call.request_id, **completion.result()}
+    def _settled(self, flow: http.HTTPFlow, call: Call, outcome: Outcome, fields: dict) -> None:
+        """The row has committed: tell whoever watches, and the flow if it is kept."""
+        if self.settled:
+            self.announce({**opening_row(call, outcome.started), **fields})
+        if self.keeps_flows:
+            show_settled(flow, call, fields)
+            flow.metadata[CALL] = {"request_id": call.request_id, **fields}
+
+    def announce(self, row: dict) -> None:
+        """A row has committed completed or error (here, or through the metering API)."""
+        for observer in self.settled:
+            try:
+                observer(row)
+            except Exception:
+                self.log.exception("ledger observer failed")
 
     def audit(self, flow: http.HTTPFlow, request_id: str, refusal: GatewayError, target_host: str | None) -> None:
         """Record a refusal: when, why, from where, to where; never a secret."""
@@ -261,6 +270,8 @@ class Ledger:
         }
         if not self._stopped("the refusal of %s", request_id):
             self.writer.post(lambda store: store.record_audit(entry), at_once=True, atomic=True)
+        for observer in self.refused:
+            observer(refusal)
 
     def _stopped(self, what: str, *args) -> bool:
         """Whether the ledger has stopped: what ends after it (a call that mitmproxy lets finish

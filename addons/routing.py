@@ -20,7 +20,9 @@ from meterproxy.metadata import parse_metadata
 from meterproxy.providers import Registry, forward_target, target_host
 
 FORWARD_PATHS = ("/v1/forward", "/v1/forward/")
-API_PATHS = ("/v1/requests", "/v1/usage")  # the metering API's (addons/api.py)
+API_PATHS = ("/v1/requests", "/v1/usage", "/v1/wallets")  # the metering API's (addons/api.py)
+# What the gateway itself serves: the metering API, /metrics (addons/metrics.py), the dashboard.
+OWN_PATHS = (*API_PATHS, "/metrics", "/dashboard")
 METADATA_PREFIX = METADATA_HEADER.encode()
 
 
@@ -80,7 +82,7 @@ class Routing:
             if origin not in self.registry.by_origin:
                 return  # not a provider: passes through untouched, unmetered, unlogged
         elif path not in FORWARD_PATHS and path.split("/", 2)[1] not in self.registry.by_name:
-            if not path.startswith(API_PATHS) and PASSED_ON not in flow.metadata:
+            if not path.startswith(OWN_PATHS) and PASSED_ON not in flow.metadata:
                 # Meant for the gateway itself, naming nothing it serves (a base URL with a typo).
                 call = flow.metadata[CALL] = Call(new_id("req"), flow.request.method)
                 call.target_host = path.split("/", 2)[1]
@@ -112,7 +114,7 @@ class Routing:
         """Whether a request addressed to the gateway names something it serves."""
         path = path.partition("?")[0]
         name = path.split("/", 2)[1] if path.startswith("/") else ""
-        return path in FORWARD_PATHS or path.startswith(API_PATHS) or name in self.registry.by_name
+        return path in FORWARD_PATHS or path.startswith(OWN_PATHS) or name in self.registry.by_name
 
     def _route(self, flow: http.HTTPFlow, call: Call, path: str, query: str) -> dict[str, str]:
         """Find the call's target; returns the forward URL's other parameters."""

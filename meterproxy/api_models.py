@@ -74,13 +74,19 @@ class RequestRecord(UsageFigures):
     merchant_cost: str | None
     timestamp: str
     completed_at: str | None
+    merchant_id: str | None = None
+    attempts: int | None = None
+    latency_ms: int | None = None
+    ttfb_ms: int | None = None
 
     @classmethod
     def from_row(cls, row: dict) -> "RequestRecord":
-        fields = {name: row[name] for name in cls.model_fields if name in row and name != "metadata"}
-        fields.update({name: row[name] or 0 for name in (*FIGURES, "input_seconds", "output_seconds")})
-        fields.update({flag: bool(row[flag]) for flag in ("stream", "cache_hit")})
-        return cls(**fields, metadata=json.loads(row["metadata"] or "{}"), timestamp=row["created_at"])
+        """From a ledger row, or a row as it has just been completed (its metadata a dict)."""
+        fields = {name: row.get(name) for name in cls.model_fields if name not in ("metadata", "timestamp")}
+        fields.update({name: row.get(name) or 0 for name in (*FIGURES, "input_seconds", "output_seconds")})
+        fields.update({flag: bool(row.get(flag)) for flag in ("stream", "cache_hit")})
+        metadata = row["metadata"] if isinstance(row["metadata"], dict) else json.loads(row["metadata"] or "{}")
+        return cls(**fields, metadata=metadata, timestamp=row["created_at"])
 
 
 class RequestPage(BaseModel):
@@ -102,6 +108,7 @@ class ListQuery(BaseModel):
     created_before: datetime | None = None
     cursor: str | None = None
     limit: int = Field(20, ge=1, le=100)
+    group_by: str = "day"  # `GET /v1/usage`: day, model, connection, product, metadata.<key>, or several: day,model
     metadata: dict[str, str] = {}
 
     @field_validator("metadata")

@@ -161,11 +161,18 @@ def from_timestamp(value: float) -> datetime:
 
 
 def describe(row: dict) -> str:
-    """One line for a person looking at the flow (mitmweb's comment): what, how much, whose id."""
+    """One line for a person looking at the flow (mitmweb's comment), what matters first:
+    `$0.00000435 gpt-4o-mini 9→5 · openai · managed · req_…`."""
+    model = row["model"] or "(no model)"
+    whose = f"{row['provider']} · {row['key_mode']} · {row['request_id']}"
     if row["status"] == "error":
-        return f"{row['provider']} {row['model'] or ''} · error: {row['error_message']} · {row['request_id']}"
-    estimated = " (estimated)" if row.get("usage_source") == "estimated" else ""
+        return f"$0 {model} error: {row['error_message']} · {whose}"
+    estimated = " · estimated" if row.get("usage_source") == "estimated" else ""
     return (
-        f"{row['provider']} {row['model'] or ''} · {row['input_tokens']} in / {row['output_tokens']} out tokens"
-        f"{estimated} · ${row['total_cost']} · {row['key_mode']} · {row['request_id']}"
+        f"${plain_dollars(row['total_cost'])} {model} {row['input_tokens']}→{row['output_tokens']}{estimated} · {whose}"
     )
+
+
+def plain_dollars(amount: str) -> str:
+    """An exact amount without its trailing zeros: `"0.0000043500"` is `0.00000435`."""
+    return f"{Decimal(amount).normalize():f}" if Decimal(amount) else "0"

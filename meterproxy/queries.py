@@ -105,12 +105,15 @@ def group_key(by: str) -> Callable[[dict], str | None]:
 
 
 def rollup(rows: Iterable[dict], by: str) -> list[dict]:
-    """Requests, usage figures and exact costs per group, in group order."""
-    key_of = group_key(by)
+    """Requests, usage figures and exact costs per group, in group order. `by` may name
+    several groupings, comma-separated (`day,model`: each day's spend by model)."""
+    names = by.split(",")
+    keys = [group_key(name) for name in names]
     groups: dict = {}
     for row in rows:
         totals = groups.setdefault(
-            key_of(row), {"requests": 0, **dict.fromkeys(FIGURES, 0), **dict.fromkeys(COSTS, ZERO)}
+            tuple(key_of(row) for key_of in keys),
+            {"requests": 0, **dict.fromkeys(FIGURES, 0), **dict.fromkeys(COSTS, ZERO)},
         )
         totals["requests"] += 1
         for name in FIGURES:
@@ -118,9 +121,31 @@ def rollup(rows: Iterable[dict], by: str) -> list[dict]:
         for name in COSTS:
             totals[name] += Decimal(row[name] or 0)
     return [
-        {by: key, **totals, **{name: money_text(totals[name]) for name in COSTS}}
-        for key, totals in sorted(groups.items(), key=lambda item: (item[0] is None, item[0] or ""))
+        {**dict(zip(names, key)), **totals, **{name: money_text(totals[name]) for name in COSTS}}
+        for key, totals in sorted(groups.items(), key=lambda item: [(part is None, part or "") for part in item[0]])
     ]
+
+
+def wallet_ids(db: sqlite_utils.Database, merchant_id: str | None) -> list[str]:
+    """The wallets a merchant's connections draw on (every wallet for None, the operator)."""
+    if merchant_id is None:
+        return [wallet_id for (wallet_id,) in db.execute("SELECT id FROM wallets ORDER BY id")]
+    query = "SELECT DISTINCT wallet_id FROM connections WHERE merchant_id = ? ORDER BY wallet_id"
+    return [wallet_id for (wallet_id,) in db.execute(query, [merchant_id])]
+
+
+def names(db: sqlite_utils.Database, merchant_id: str | None) -> dict[str, str]:
+    """What a person calls a merchant, its products and its connections (a connection by its
+    wallet); every merchant's for None, the operator."""
+    mine, params = ("WHERE {}merchant_id = ?", [merchant_id]) if merchant_id else ("", [])
+    merchants = db.execute(f"SELECT id, name FROM merchants {'WHERE id = ?' if merchant_id else ''}", params)
+    products = db.execute(f"SELECT id, name FROM products {mine.format('')}", params)
+    connections = db.execute(
+        "SELECT connections.id, wallets.name FROM connections JOIN wallets ON wallets.id = connections.wallet_id "
+        + mine.format("connections."),
+        params,
+    )
+    return {row_id: name for row_id, name in [*merchants, *products, *connections]}
 
 
 def cache_stats(db: sqlite_utils.Database, merchant_id: str | None = None) -> list[dict]:

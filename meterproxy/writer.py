@@ -62,6 +62,12 @@ class LedgerWriter:
         self._locked_since: float | None = None  # when the database stopped taking writes
         self._outage_told = False  # the log has said so
         self._stopping = False
+        self.committed: Callable[[float], None] | None = None  # told how long each commit took (metrics)
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for their batch."""
+        return len(self._urgent) + len(self._posted)
 
     def submit(self, job: Callable[[Store], T], atomic: bool = False, keep: bool = False) -> "asyncio.Future[T]":
         """Queue `job` for the end of this turn of the loop; its future resolves after commit.
@@ -73,15 +79,22 @@ class LedgerWriter:
         self._run_soon()
         return future
 
-    def post(self, job: Callable[[Store], object], at_once: bool = False, atomic: bool = False) -> None:
+    def post(
+        self,
+        job: Callable[[Store], T],
+        at_once: bool = False,
+        atomic: bool = False,
+        then: Callable[[T], None] | None = None,
+    ) -> None:
         """Queue `job` with nobody waiting for it (a failure is logged). Unless `at_once`, it
         runs within POSTED_DELAY, in a batch of posted jobs only: a completion shares its commit
-        with the completions of other calls, and never makes an admission wait for it."""
+        with the completions of other calls, and never makes an admission wait for it. `then`
+        is given the job's result once it has committed."""
         if at_once:
-            self._urgent.append((job, None, atomic, True))
+            self._urgent.append((job, then, atomic, True))
             self._run_soon()
             return
-        self._posted.append((job, None, atomic, True))
+        self._posted.append((job, then, atomic, True))
         if self._later is None:
             self._later = asyncio.get_running_loop().call_later(POSTED_DELAY, self._run)
 
@@ -133,6 +146,7 @@ class LedgerWriter:
         """Run the next batch of `jobs`; False if the database was locked and it should be
         tried again."""
         batch = [jobs.popleft() for _ in range(min(self.max_batch, len(jobs)))]
+        started = time.perf_counter()
         try:
             outcomes = self._transact(batch)
         except sqlite3.OperationalError as error:  # locked, busy, full or the disk: nothing happened
@@ -140,6 +154,8 @@ class LedgerWriter:
         except Exception as error:
             log.exception("ledger batch failed")
             outcomes = [(False, error)] * len(batch)
+        if self.committed is not None:
+            self.committed(time.perf_counter() - started)
         if self._outage_told:
             log.warning("the ledger database takes writes again")
         self._locked_since, self._outage_told = None, False
@@ -169,11 +185,17 @@ class LedgerWriter:
 
     @staticmethod
     def _resolve(batch: list, outcomes: list) -> None:
-        """Resolve the futures of the batch's jobs; log the failures of those nobody waits for."""
+        """Resolve the futures of the batch's jobs; log the failures of those nobody waits for,
+        and tell the others' `then` their result."""
         for (_, future, _, _), (ok, value) in zip(batch, outcomes):
-            if future is None:
+            if not isinstance(future, asyncio.Future):  # posted: nobody waits, or a `then`
                 if not ok:
                     log.error("ledger job failed: %r", value)
+                elif future is not None:
+                    try:
+                        future(value)
+                    except Exception:
+                        log.exception("after a ledger job")
             elif future.cancelled():
                 continue  # whoever waited is gone; the job's work stands
             elif ok:

@@ -155,6 +155,8 @@ meterproxy: a development account was created in {args.db}
 
 Forward token (shown once; secrets are stored hashed):
   {token}
+Merchant secret key, to sign in at {args.gateway}/dashboard (shown once):
+  {secret_key}
 
 Try it once the gateway is up (it uses the OPENAI_API_KEY of the gateway's environment):
   curl '{args.gateway}/v1/forward?u={target}' \\

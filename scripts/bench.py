@@ -17,6 +17,8 @@ each is reported as its median round:
   n  -ledger     `mitmdump -s scripts/bench_no_ledger.py`: meterproxy without its ledger, for
                  reference (routing, keys, limits and usage, but no hold, no row, no price)
   d  meterproxy  `mitmdump -s addons/gateway.py`: full metering, pricing, wallet holds, ledger
+  l  +live page  d with a dashboard client following its live page (`scripts/bench_live.py`):
+                 its requests/s should be within 5 % of d's
   e  litellm     LiteLLM's proxy (`--peers`, installed into bench-results/peers/litellm)
   f  portkey     Portkey's gateway (`--peers`, installed into bench-results/peers/portkey)
 
@@ -65,7 +67,7 @@ BIG_WORD_BYTES = 1000
 UPSTREAM_KEY = "sk-bench-upstream-key"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-OWN_TARGETS = "abwcnd"  # in the order they are measured and shown; then the peers
+OWN_TARGETS = "abwcndl"  # in the order they are measured and shown; then the peers
 ALL_TARGETS = OWN_TARGETS + "ef"
 
 
@@ -344,8 +346,9 @@ def start_mitmdump(fake: Fake, streaming: bool = False, forward_addon: bool = Fa
     )
 
 
-def start_meterproxy(fake: Fake, ledger: bool = True) -> Target:
-    """meterproxy (d), or without its ledger (n), with an account whose token the clients send."""
+def start_meterproxy(fake: Fake, ledger: bool = True, live_page: bool = False) -> Target:
+    """meterproxy (d), or without its ledger (n), or with a dashboard client on its live page
+    (l), with an account whose token the clients send."""
     from meterproxy.store import Store
     from meterproxy.token import encode_token
     from pricing.fees import ProductFees
@@ -366,6 +369,8 @@ def start_meterproxy(fake: Fake, ledger: bool = True) -> Target:
     script, key, label = (
         ("addons/gateway.py", "d", "meterproxy") if ledger else ("scripts/bench_no_ledger.py", "n", "-ledger")
     )
+    if live_page:
+        key, label = "l", "+ live page"
     options = ["--set", f"meterproxy_db={db}"] if ledger else []
     proc = Proc(
         label,
@@ -382,6 +387,11 @@ def start_meterproxy(fake: Fake, ledger: bool = True) -> Target:
         target.ledger = ledger_summary(db)
 
     target.cleanup = [summarize, work.cleanup] if ledger else [work.cleanup]
+    if live_page:
+        from scripts.bench_live import LivePage
+
+        page = LivePage(target.port, secret_key)
+        target.cleanup.insert(0, lambda: target.notes.append(page.stop()))
     return target
 
 
@@ -1019,6 +1029,13 @@ FIGURES = [
 CHART_FIGURES = ("rps", "p50", "p99", "p50_c1", "sps", "ttfb", "mbps")
 
 
+def cpu_per_request(result: dict | None) -> float | None:
+    """The target's CPU seconds per non-streamed request at 16 connections, median of the rounds."""
+    rounds = get(result, "rounds", "throughput") or []
+    costs = [measured["target_cpu"] / measured["per_s"] for measured in rounds if measured["per_s"]]
+    return statistics.median(costs) if costs else None
+
+
 def checks(results: dict, writer: dict | None) -> list[dict]:
     def value(key: str, figure: str):
         spec = next(f for f in FIGURES if f[0] == figure)
@@ -1062,6 +1079,19 @@ def checks(results: dict, writer: dict | None) -> list[dict]:
     out.append(
         check(
             "big stream RSS growth of d", r, "< 30 MB", r is not None and r < 30, f"{r:.1f} MB" if r is not None else ""
+        )
+    )
+    d, live = value("d", "rps"), value("l", "rps")
+    r = live / d if live is not None and d else None
+    out.append(
+        check("throughput with a live page l/d", r, ">= 0.95", r is not None and r >= 0.95, f"{r:.2f}x" if r else "")
+    )
+    # The same comparison, robust to a busy machine: the target's CPU time per request.
+    d, live = cpu_per_request(results.get("d")), cpu_per_request(results.get("l"))
+    r = live / d if live is not None and d else None
+    out.append(
+        check(
+            "CPU per request with a live page l/d", r, "<= 1.05", r is not None and r <= 1.05, f"{r:.3f}x" if r else ""
         )
     )
     r = get(writer, "rows_per_s")
@@ -1109,6 +1139,11 @@ def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> s
         for row in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
+    for name in ("throughput with a live page l/d", "CPU per request with a live page l/d"):
+        live = verdicts[name]
+        if live["value"] is not None:
+            verdict = "PASS" if live["pass"] else "FAIL"
+            lines.append(f"{name}: {live['shown']}   target {live['target']}   {verdict}")
     if settings.rounds > 1:
         lines.append(f"each wrk figure: the median of {settings.rounds} rounds, interleaved across targets:")
         for run, figure in ROUND_RUNS.items():
@@ -1195,6 +1230,7 @@ COLOURS = {
     "c": (110, 170, 230),
     "n": (240, 180, 120),
     "d": (220, 110, 40),
+    "l": (180, 60, 30),
     "e": (90, 170, 90),
     "f": (160, 90, 170),
 }
@@ -1331,7 +1367,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--writer-rows", type=int, default=20000, help="rows for the writer benchmark")
     parser.add_argument("--writer-calls", type=int, default=16, help="concurrent calls in the writer benchmark")
-    parser.add_argument("--targets", default=OWN_TARGETS, help="which of a, b, w, c, n, d to run (default abwcnd)")
+    parser.add_argument("--targets", default=OWN_TARGETS, help="which of a, b, w, c, n, d, l to run (default all)")
     parser.add_argument("--peers", action="store_true", help="add LiteLLM's proxy (e) and Portkey's gateway (f)")
     parser.add_argument("--writer-only", action="store_true", help="only the ledger writer micro-benchmark")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (2 s runs, fewer streams)")
@@ -1394,6 +1430,7 @@ def main(argv: list[str]) -> int:
                 "c": lambda: start_mitmdump(fake, streaming=True),
                 "n": lambda: start_meterproxy(fake, ledger=False),
                 "d": lambda: start_meterproxy(fake),
+                "l": lambda: start_meterproxy(fake, live_page=True),
                 "e": lambda: start_litellm(fake, settings.out),
                 "f": lambda: start_portkey(fake, settings.out),
             }

@@ -185,6 +185,10 @@ def test_create_prices_charges_and_records_usage(gateway, account, client):
         "merchant_cost": as_text(merchant),
         "timestamp": record["timestamp"],
         "completed_at": record["timestamp"],
+        "merchant_id": account.merchant_id,  # what the dashboard's operator view needs
+        "attempts": 0,
+        "latency_ms": None,
+        "ttfb_ms": None,
     }
     assert ISO_MS.fullmatch(record["timestamp"]) and record["timestamp"] >= started
     assert balance(gateway, account) == before - wallet

@@ -19,7 +19,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import genai_prices
-import httpx2
 import openai
 import pytest
 from cryptography import x509
@@ -204,50 +203,7 @@ def test_a_host_that_is_not_a_provider_passes_byte_for_byte(trusting_gateway, fa
     assert fake.requests() == []
 
 
-# --- mitmweb ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def test_mitmweb_shows_provider_model_tokens_cost_key_mode_and_request_id(fake, tmp_path):
-    web_port = free_port()
-    args = ("--no-web-open-browser", "--web-host", "127.0.0.1", "--web-port", str(web_port))
-    web = Gateway(tmp_path, fake, program="mitmweb", args=args)
-    try:
-        account = make_account(web.store)
-        client = openai.OpenAI(base_url=f"{web.url}/openai/v1", api_key=account.token(), max_retries=0)
-        raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
-        request_id = raw.headers["x-lava-request-id"]
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{web.url}/openai/v1", api_key="garbage", max_retries=0).chat.completions.create(
-                model="gpt-4o-mini", messages=MESSAGES
-            )
-        row = web.row(request_id)
-        deadline = time.monotonic() + 5
-        while True:
-            flows = httpx2.get(f"http://127.0.0.1:{web_port}/flows").json()
-            notes = [(flow["comment"], flow["marked"]) for flow in flows]
-            if all(comment for comment, _ in notes) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert notes == [
-            (
-                f"openai gpt-4o-mini · {PROMPT_TOKENS} in / 5 out tokens · ${row['total_cost']} · managed"
-                f" · {request_id}",
-                "\N{MONEY BAG}",  # mitmweb shows ":moneybag:" as the emoji
-            ),
-            ("refused 401 invalid_token: forward token is not base64-encoded JSON", "\N{NO ENTRY}"),
-        ]
-        saved = httpx2.get(f"http://127.0.0.1:{web_port}/flows/dump")  # the flows serialize: plain data on them
-        assert saved.status_code == 200 and request_id.encode() in saved.content
-        shown = json.dumps(flows)
-        assert MANAGED_KEYS["OPENAI_API_KEY"] not in shown and account.token() not in shown
-    finally:
-        web.stop()
+# --- saved flows (mitmweb itself: tests/test_mitmweb.py) ------------------------------------
 
 
 def test_flows_saved_as_they_end_carry_their_request_id_and_no_secret(fake, tmp_path):
