@@ -17,6 +17,7 @@ from addons.dashboard import Dashboard
 from addons.destinations import Destinations
 from addons.failures import UpstreamFailures
 from addons.ledger import Ledger
+from addons.inspection import Inspection
 from addons.limits import Limits
 from addons.metering import Metering
 from addons.metrics import Metrics
@@ -60,6 +61,7 @@ addons = [
         Metrics(ledger),
         MeteringApi(ledger, routing, sessions),
         Dashboard(ledger, sessions),
+        Inspection(),
         Settled(),
         Settings(),  # last: by its `load`, every meterproxy option is registered
     )

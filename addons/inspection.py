@@ -40,3 +40,14 @@ def show_settled(flow: http.HTTPFlow, call: Call, fields: dict) -> None:
     flow.request.url = call.target.url.partition("?")[0]
     if hasattr(ctx.master, "view"):  # a UI shows the flow (mitmweb): tell it
         ctx.master.addons.trigger(UpdateHook([flow]))
+
+
+class Inspection:
+    """Under a UI that keeps flows (mitmweb), a streamed answer's body is kept too (mitmproxy 12's
+    `store_streamed_bodies`), so that a stream's flow shows what the client got; the client still
+    gets it chunk by chunk. `--set store_streamed_bodies=…` given explicitly is left alone."""
+
+    def running(self):
+        option = "store_streamed_bodies"
+        if hasattr(ctx.master, "view") and ctx.options.default(option) == getattr(ctx.options, option):
+            setattr(ctx.options, option, True)

@@ -110,3 +110,19 @@ def test_mitmweb_flow_list_shows_cost_model_and_tokens_without_opening_the_flow(
         path = metered.locator("td.col-path").inner_text()
         assert "https://api.openai.com/v1/chat/completions" in path and "\N{HEAVY CHECK MARK}" in path
         assert page.locator("tr", has_text="refused 401 invalid_token").count() == 1
+
+
+def test_mitmweb_keeps_a_streamed_answers_body_that_the_client_got_chunk_by_chunk(mitmweb):
+    """mitmproxy 12's store_streamed_bodies, turned on under mitmweb: a stream's flow shows it."""
+    account = make_account(mitmweb.store)
+    client = openai.OpenAI(base_url=f"{mitmweb.url}/openai/v1", api_key=account.token(), max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    chunks = list(raw.parse())
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == "w0 w1 w2 w3 w4"
+    [flow] = comments(mitmweb, 1)
+    body = httpx2.get(
+        f"{mitmweb.web_api}/flows/{flow['id']}/response/content.data", params={"token": mitmweb.web_token}
+    )
+    assert body.status_code == 200
+    assert all(f'"content": "{word}'.encode() in body.content.replace(b'":"', b'": "') for word in ("w0", " w4"))
+    assert body.content.rstrip().endswith(b"data: [DONE]")
