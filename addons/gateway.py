@@ -22,6 +22,7 @@ from addons.limits import Limits
 from addons.metering import Metering
 from addons.metrics import Metrics
 from addons.pipeline import Pipeline
+from addons.proxy_credentials import ProxyCredentials
 from addons.resilience import Retries, UpstreamWatch
 from addons.routing import Routing
 from addons.settings import Settings
@@ -42,12 +43,14 @@ ledger = Ledger()
 routing = Routing()
 auth = Auth()
 sessions = Sessions()
-# Order matters: the passthrough policy refuses a proxied destination before anything else sees
+# Order matters: mitmproxy's refusal of missing proxy credentials is answered in the OpenAI shape
+# first; the passthrough policy refuses a proxied destination before anything else sees
 # it; retries replace a failed answer before auth scrubs keys from it and metering
 # reads it; limits refuse before the pending row is written; the cache answers after admission
 # and keeps an answer once it is metered; the upstream watch runs last before forwarding.
 addons = [
     Pipeline(
+        ProxyCredentials(),
         Destinations(routing),
         routing,
         Retries(auth),

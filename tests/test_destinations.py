@@ -301,12 +301,17 @@ def test_mitmproxys_proxyauth_guards_the_proxy_and_the_gateways_own_calls(fake, 
     try:
         account = make_account(gateway.store)
         credentials = "Basic " + base64.b64encode(b"ops:s3cret-proxy").decode()
-        status, headers, _ = raw_exchange(gateway.port, connect("example.test", 443))
+        audited = len(gateway.audit())
+        status, headers, body = raw_exchange(gateway.port, connect("example.test", 443))
         assert (status, headers["proxy-authenticate"]) == (407, 'Basic realm="mitmproxy"')
+        assert json.loads(body)["error"]["code"] == "proxy_auth_required"
         anonymous = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=account.token(), max_retries=0)
         with pytest.raises(openai.APIStatusError) as refused:
             anonymous.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
-        assert refused.value.status_code == 407
+        assert (refused.value.status_code, refused.value.code) == (407, "proxy_auth_required")
+        entries = gateway.audit_since(audited, 2)
+        assert [entry["code"] for entry in entries] == ["proxy_auth_required"] * 2
+        assert entries[1]["request_id"] == refused.value.response.headers["x-lava-request-id"]
         client = openai.OpenAI(
             base_url=f"{gateway.url}/openai/v1",
             api_key=account.token(),
