@@ -16,8 +16,8 @@ from addons.cache import ResponseCache
 from addons.dashboard import Dashboard
 from addons.destinations import Destinations
 from addons.failures import UpstreamFailures
-from addons.ledger import Ledger
 from addons.inspection import Inspection
+from addons.ledger import Ledger
 from addons.limits import Limits
 from addons.metering import Metering
 from addons.metrics import Metrics
