@@ -11,7 +11,7 @@ import httpx2
 
 from meterproxy.store import Store
 from meterproxy.token import decode_token
-from tests.harness import MANAGED_KEYS, ROOT, _start, _stop
+from tests.harness import MANAGED_KEYS, _start, _stop
 
 BIN = Path(sys.executable).parent
 
