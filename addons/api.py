@@ -15,7 +15,6 @@ the ledger's `StoreThread`, a usage record on its writer.
 """
 
 import json
-import sqlite3
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from addons.ledger import Ledger
 from addons.routing import API_PATHS, Routing
 from meterproxy import queries
 from meterproxy.api_models import CreateRequest, DailyUsage, ListQuery, RequestPage, RequestRecord, UsageReport
+from meterproxy.database import LedgerUnavailable
 from meterproxy.errors import GatewayError, ledger_unavailable
 from meterproxy.ids import new_id
 from meterproxy.ledger import priced
@@ -172,7 +172,7 @@ class MeteringApi:
 
         try:
             row, created = await self.ledger.writer.call(create)
-        except sqlite3.OperationalError:  # the writer has said why in the log
+        except LedgerUnavailable:  # the writer has said why in the log
             raise ledger_unavailable() from None
         if created:
             self.ledger.announce(row)

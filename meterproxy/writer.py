@@ -36,6 +36,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TypeVar
 
+from meterproxy.database import LedgerUnavailable
 from meterproxy.store import Store
 
 T = TypeVar("T")
@@ -149,7 +150,7 @@ class LedgerWriter:
         started = time.perf_counter()
         try:
             outcomes = self._transact(batch)
-        except sqlite3.OperationalError as error:  # locked, busy, full or the disk: nothing happened
+        except self.store.db.unavailable as error:  # locked, busy, full, the disk or the server: nothing happened
             return self._not_written(jobs, batch, error)
         except Exception as error:
             log.exception("ledger batch failed")
@@ -162,13 +163,13 @@ class LedgerWriter:
         self._resolve(batch, outcomes)
         return True
 
-    def _not_written(self, jobs: deque, batch: list, error: sqlite3.OperationalError) -> bool:
+    def _not_written(self, jobs: deque, batch: list, error: Exception) -> bool:
         """A batch the database did not take: queued again, or failed (see the module); False
         if jobs wait to be tried again."""
         now = time.monotonic()
         if self._locked_since is None:
             self._locked_since = now
-        busy = (error.sqlite_errorcode or 0) & 0xFF in BUSY  # the primary code of an extended one
+        busy = (getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF in BUSY  # the primary code of an extended one
         if (busy or self._stopping) and now - self._locked_since < LOCKED_PATIENCE:
             jobs.extendleft(reversed(batch))
             return False
@@ -180,7 +181,7 @@ class LedgerWriter:
             _, _, _, keep = item
             (kept if keep and not self._stopping else failed).append(item)
         jobs.extendleft(reversed(kept))
-        self._resolve(failed, [(False, error)] * len(failed))
+        self._resolve(failed, [(False, LedgerUnavailable(str(error)))] * len(failed))
         return not kept
 
     @staticmethod
@@ -208,12 +209,15 @@ class LedgerWriter:
         own: a job that fails takes nothing else with it."""
         store = self.store
         outcomes = []
+        store.db.reconnect()
         with store.transaction():
             for job, _, atomic, _ in batch:
                 try:
-                    with nullcontext() if atomic else store.savepoint():
+                    # On PostgreSQL a statement that fails aborts the whole transaction: every
+                    # job has a savepoint there.
+                    with nullcontext() if atomic and store.db.kind == "sqlite" else store.savepoint():
                         outcomes.append((True, job(store)))
-                except sqlite3.OperationalError:
+                except store.db.unavailable:
                     raise  # the database itself: retry the whole batch
                 except Exception as error:
                     outcomes.append((False, error))
@@ -222,10 +226,12 @@ class LedgerWriter:
 
 class StoreThread:
     """Jobs one at a time on a thread of their own, each in its own transaction (a writing
-    job's takes the write lock up front, waiting for it if need be); a checkpoint every second."""
+    job's takes the write lock up front, waiting for it if need be); between them, the periodic
+    jobs: a WAL checkpoint every second, and whatever `every` adds (the gateway's lease)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, every: tuple[tuple[float, Callable[[Store], object]], ...] = ()):
         self.path = path
+        self._periodic = [(CHECKPOINT_EVERY, Store.checkpoint), *every]
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._started: Future = Future()
         self._thread = threading.Thread(target=self._serve, name="meterproxy-store", daemon=True)
@@ -252,28 +258,42 @@ class StoreThread:
             self._started.set_exception(error)
             return
         self._started.set_result(None)
-        next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
+        due = [time.monotonic() + period for period, _ in self._periodic]
         while True:
             try:
-                item = self._jobs.get(timeout=max(0.0, next_checkpoint - time.monotonic()))
+                item = self._jobs.get(timeout=max(0.0, min(due) - time.monotonic()))
             except queue.Empty:
                 item = None
             if item is _STOP:
                 break
             if item is not None:
                 self._run(store, *item)
-            if time.monotonic() >= next_checkpoint:
-                store.checkpoint()
-                next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
+            for index, (period, job) in enumerate(self._periodic):
+                if time.monotonic() >= due[index]:
+                    self._periodically(store, job)
+                    due[index] = time.monotonic() + period
         store.close()
+
+    @staticmethod
+    def _periodically(store: Store, job: Callable[[Store], object]) -> None:
+        """A periodic job that fails is logged and tried again next time."""
+        try:
+            store.db.reconnect()
+            job(store)
+        except Exception as error:
+            log.warning("%s failed: %r", getattr(job, "__name__", "a periodic ledger job"), error)
+            store.db.rollback()
 
     @staticmethod
     def _run(store: Store, job, future: Future, writes: bool) -> None:
         if not future.set_running_or_notify_cancel():
             return
         try:
+            store.db.reconnect()
             with store.transaction(immediate=writes):
                 result = job(store)
+        except store.db.unavailable as error:
+            future.set_exception(LedgerUnavailable(str(error)))
         except Exception as error:
             future.set_exception(error)
         else:

@@ -264,7 +264,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    store = Store(Path(args.db))
+    store = Store(args.db)
     try:
         args.handler(store, args)
     except KeyError as missing:
