@@ -69,10 +69,10 @@ class Ledger:
         )
         loader.add_option(
             "meterproxy_lease",
-            float,
+            int,
             DEFAULT_LEASE,
             "Seconds after which the calls of a gateway that stopped renewing its lease (it died) are "
-            "interrupted by the gateways that live.",
+            "interrupted by the gateways that live (at least 1).",
         )
         loader.add_option(
             "meterproxy_prices",
@@ -104,7 +104,7 @@ class Ledger:
         # Load the tokenizer now, so that the first estimate does not wait for it.
         threading.Thread(target=estimate.encoding, args=(estimate.DEFAULT,), daemon=True).start()
         self._close_database()  # what an open that failed had started
-        self.lease = lease = ctx.options.meterproxy_lease
+        self.lease = lease = max(1, ctx.options.meterproxy_lease)
         gateway = GATEWAYS.get(target) or new_gateway(lease)
         try:
             self.store_thread = StoreThread(target, every=((lease / 4, self._renew),))

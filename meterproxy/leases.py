@@ -13,7 +13,7 @@ from pathlib import Path
 from meterproxy.ids import new_id
 from meterproxy.store import iso
 
-DEFAULT_LEASE = 20.0  # seconds; renewed every quarter of it
+DEFAULT_LEASE = 20  # seconds; renewed every quarter of it
 
 
 def machine() -> str:

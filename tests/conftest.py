@@ -1,6 +1,7 @@
 import pytest
 from mitmproxy.test import taddons
 
+from tests.backends import BACKENDS, ledger_target
 from tests.harness import FakeProvider, Gateway
 
 
@@ -40,3 +41,9 @@ def _taddons_contexts_leave_no_log_handler():
     taddons.context.__exit__ = exit_and_uninstall
     yield
     taddons.context.__exit__ = original_exit
+
+
+@pytest.fixture(params=BACKENDS)
+def ledger(request, tmp_path) -> str:
+    """An empty ledger on each backend in turn: a SQLite file or a PostgreSQL database."""
+    return ledger_target(request.param, tmp_path)

@@ -156,37 +156,6 @@ def test_a_script_reload_leaves_the_calls_in_flight_to_complete_with_their_holds
         gateway.stop()
 
 
-def test_a_second_gateway_on_the_same_database_stops_and_leaves_the_calls_in_flight_alone(fake, tmp_path):
-    """Its start would take the first one's calls in flight for interrupted ones."""
-    gateway = Gateway(tmp_path, fake)
-    try:
-        account = make_account(gateway.store)
-        fake.behave({"first_byte_delay": 1})
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            in_flight = pool.submit(
-                client_for(gateway, account.token()).chat.completions.with_raw_response.create,
-                model="gpt-4o-mini",
-                messages=MESSAGES,
-            )
-            deadline = time.monotonic() + 10
-            while not fake.requests() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            second = Gateway(tmp_path, fake)
-            try:
-                assert second.process.wait(timeout=10) != 0
-                while "one gateway per database" not in "".join(second.output):  # the rest of its output
-                    assert time.monotonic() < deadline, "".join(second.output)
-                    time.sleep(0.02)
-            finally:
-                second.stop()
-            assert "another gateway process serves it (one gateway per database)" in "".join(second.output)
-            raw = in_flight.result()
-        row = gateway.row(raw.headers["x-lava-request-id"])
-        assert (row["status"], row["error_message"]) == ("completed", None)
-    finally:
-        gateway.stop()
-
-
 def test_a_stop_completes_the_calls_in_flight_and_charges_what_they_delivered(fake, tmp_path):
     """A stop (SIGTERM, Ctrl-C) ends the calls in flight, and mitmproxy tells of their end only
     after the ledger has stopped: a stream is charged for what it delivered (estimated), a call
