@@ -186,7 +186,9 @@ class PostgresDatabase(Rows):
         self.conn.close()
 
     def execute(self, sql: str, params=()):
-        return self.conn.execute(sql.replace("%", "%%").replace("?", "%s"), list(params))
+        """`?` placeholders, as SQLite's; flags as the integers SQLite keeps them as."""
+        values = [int(value) if isinstance(value, bool) else value for value in params]
+        return self.conn.execute(sql.replace("%", "%%").replace("?", "%s"), values)
 
     def lock(self, table: str, row_id: str) -> None:
         """Hold the row until the transaction ends: the admissions that count a connection's

@@ -1,6 +1,7 @@
 """The gateway's database work, kept from ever blocking mitmproxy's event loop for long.
 
-`LedgerWriter` runs the ledger's writes on the event loop itself. Jobs (functions of a `Store`)
+`LedgerWriter` runs the ledger's writes on the event loop itself for SQLite, and on a thread of
+its own for PostgreSQL, whose round trips to a server must never hold the loop. Jobs (functions of a `Store`)
 submitted during one turn of the loop run together right after it: one transaction, in which a
 failing job takes nothing else with it: a job either writes with one statement, its last (the
 ledger's hot jobs, `atomic`), or runs in a savepoint of its own. A job's future resolves only
@@ -14,9 +15,10 @@ later instead of waited for, and checkpoints (which fsync) run on the `StoreThre
 
 A database that cannot be written (locked for longer than LOCKED_PATIENCE, or full, or failing)
 fails the jobs somebody waits for, so that their calls are refused rather than forwarded
-unrecorded; a full or failing one at once. Jobs that record what has happened (completions,
+unrecorded; a full or failing one, or a PostgreSQL server that cannot be reached, at once. Jobs that record what has happened (completions,
 audit entries: every posted job, and the submitted ones marked `keep`) are never given up while
-the gateway runs: they stay queued and are tried again until the database takes them.
+the gateway runs: they stay queued and are tried again until the database takes them (a
+PostgreSQL connection that the server dropped is made again, see meterproxy/database.py).
 
 `StoreThread` is one thread with its own connection for work that may take long and that no
 call's admission waits on: the metering API's reports, the response cache's bodies, and a WAL
@@ -31,7 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TypeVar
@@ -55,6 +57,11 @@ class LedgerWriter:
         self.path = path
         self.max_batch = max_batch
         self.store = Store(path, busy_timeout=0, checkpoints=False)
+        # PostgreSQL: a round trip to a server (which may be slow, or gone) never runs on the
+        # event loop: each batch's transaction runs on this thread, one at a time.
+        self._thread = ThreadPoolExecutor(1, "meterproxy-ledger") if self.store.db.kind != "sqlite" else None
+        self._draining: asyncio.Task | None = None
+        self._in_flight: tuple | None = None  # (queue, batch, its transaction's future) on the thread
         self._urgent: deque = deque()  # jobs somebody waits for, and audit entries
         self._posted: deque = deque()  # completions: nobody waits for them
         self._soon: asyncio.Handle | None = None  # the urgent jobs' run, next turn of the loop
@@ -115,6 +122,11 @@ class LedgerWriter:
             if handle is not None:
                 handle.cancel()
         self._soon = self._later = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)  # the batch it runs ends; its jobs are resolved here
+            if self._in_flight is not None:
+                jobs, batch, attempt = self._in_flight
+                self._after(jobs, batch, attempt.result())
         for jobs in (self._urgent, self._posted):
             while jobs:
                 if not self._flush(jobs):
@@ -123,13 +135,37 @@ class LedgerWriter:
 
     def _run_urgent(self) -> None:
         self._soon = None
-        self._drain(self._urgent)
+        if self._thread is not None:
+            self._drain_off_loop()
+        else:
+            self._drain(self._urgent)
 
     def _run(self) -> None:
         """The posted jobs' turn, or a retry after a lock: every queued job."""
         self._later, self._retrying = None, False
-        if self._drain(self._urgent):
+        if self._thread is not None:
+            self._drain_off_loop()
+        elif self._drain(self._urgent):
             self._drain(self._posted)
+
+    def _drain_off_loop(self) -> None:
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.get_running_loop().create_task(self._drain_on_thread())
+
+    async def _drain_on_thread(self) -> None:
+        """Run every queued job in batches on the writer's thread, those somebody waits for
+        first; a database that takes nothing is tried again a little later."""
+        while (jobs := self._urgent or self._posted) and not self._stopping:
+            batch = self._next_batch(jobs)
+            attempt = self._thread.submit(self._attempt, batch)
+            self._in_flight = (jobs, batch, attempt)
+            outcome = await asyncio.wrap_future(attempt)
+            if self._stopping:
+                return  # `stop` resolves it
+            self._in_flight = None
+            if not self._after(jobs, batch, outcome):
+                waited = time.monotonic() - self._locked_since
+                await asyncio.sleep(min(MAX_RETRY, max(FIRST_RETRY, waited)))
 
     def _drain(self, jobs: deque) -> bool:
         """Run `jobs` in batches; False if the database was locked, and then retry later."""
@@ -146,17 +182,34 @@ class LedgerWriter:
     def _flush(self, jobs: deque) -> bool:
         """Run the next batch of `jobs`; False if the database was locked and it should be
         tried again."""
-        batch = [jobs.popleft() for _ in range(min(self.max_batch, len(jobs)))]
+        batch = self._next_batch(jobs)
+        return self._after(jobs, batch, self._attempt(batch))
+
+    def _next_batch(self, jobs: deque) -> list:
+        return [jobs.popleft() for _ in range(min(self.max_batch, len(jobs)))]
+
+    def _attempt(self, batch: list) -> tuple[bool, object]:
+        """Run the batch's transaction: (True, the jobs' outcomes), or (False, the error that
+        kept the database from taking it: then nothing happened)."""
         started = time.perf_counter()
         try:
             outcomes = self._transact(batch)
-        except self.store.db.unavailable as error:  # locked, busy, full, the disk or the server: nothing happened
-            return self._not_written(jobs, batch, error)
+        except self.store.db.unavailable as error:  # locked, busy, full, the disk or the server
+            return False, error
         except Exception as error:
             log.exception("ledger batch failed")
             outcomes = [(False, error)] * len(batch)
         if self.committed is not None:
             self.committed(time.perf_counter() - started)
+        return True, outcomes
+
+    def _after(self, jobs: deque, batch: list, attempt: tuple[bool, object]) -> bool:
+        """Resolve a batch's jobs, or queue them again (see `_not_written`); False if jobs wait
+        to be tried again."""
+        written, result = attempt
+        if not written:
+            return self._not_written(jobs, batch, result)
+        outcomes = result
         if self._outage_told:
             log.warning("the ledger database takes writes again")
         self._locked_since, self._outage_told = None, False
