@@ -13,9 +13,17 @@ def fake():
 
 
 @pytest.fixture(scope="module")
-def gateway(fake, tmp_path_factory):
+def backend(request) -> str:
+    """The ledger backend of a module's gateway: SQLite, unless the module runs on both
+    (`pytestmark = ON_BOTH_BACKENDS`)."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="module")
+def gateway(fake, backend, tmp_path_factory):
     """One gateway per test module, as the state of its tests allows."""
-    gateway = Gateway(tmp_path_factory.mktemp("gateway"), fake)
+    folder = tmp_path_factory.mktemp("gateway")
+    gateway = Gateway(folder, fake, db=ledger_target(backend, folder))
     yield gateway
     gateway.stop()
 

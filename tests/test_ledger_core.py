@@ -682,8 +682,9 @@ def test_a_database_that_cannot_be_opened_fails_the_constructor(tmp_path):
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path / "accounts.sqlite")
+def store(ledger):
+    """The accounts store on each backend."""
+    store = Store(ledger)
     yield store
     store.close()
 
@@ -847,8 +848,10 @@ def test_secrets_are_stored_only_hashed(tmp_path):
         assert hash_secret(secret).encode() in closed
 
 
-def test_the_database_is_in_wal_mode(store, tmp_path):
+def test_the_sqlite_database_is_in_wal_mode(tmp_path):
+    store = Store(tmp_path / "accounts.sqlite")
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
     other = sqlite3.connect(tmp_path / "accounts.sqlite")
     try:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent, for every opener
@@ -925,7 +928,7 @@ def held_is_the_pending_rows(store: Store, wallet_id: str) -> bool:
     return store.held(wallet_id) == sum((Decimal(row["held"]) for row in pending), Decimal(0))
 
 
-def test_a_revocation_by_another_connection_is_refused_once_the_principal_is_stale(store, tmp_path):
+def test_a_revocation_by_another_connection_is_refused_once_the_principal_is_stale(store, ledger):
     """Principals are remembered for PRINCIPAL_STALENESS at most; money never: a top-up by the
     admin command (another connection) is spendable at once."""
     accounts = make_accounts(store)
@@ -936,7 +939,7 @@ def test_a_revocation_by_another_connection_is_refused_once_the_principal_is_sta
     with store.transaction():
         assert store.authorize(token).connection_id == accounts["connection"]["id"]
         store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("4.5"))
-    admin = Store(tmp_path / "accounts.sqlite")
+    admin = Store(ledger)
     admin.top_up(principal.wallet_id, Decimal("2"))
     admin.revoke_connection(accounts["connection"]["id"])
     admin.close()
