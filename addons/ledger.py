@@ -174,7 +174,7 @@ class Ledger:
             store.open_request(row, worst_case_hold(call, body, prices, started))
 
         try:
-            await self.writer.call(admit)
+            await self.writer.call(admit, atomic=True)  # its refusals come before its writes
         except GatewayError as error:
             refuse(flow, call, error)
             return

@@ -48,6 +48,7 @@ class Rows:
 
     kind: str
     unavailable: tuple[type[Exception], ...]  # the database cannot take the work now: try again later
+    error: type[Exception]  # a statement failed
 
     def rows(self, sql: str, params=()) -> list[dict]:
         cursor = self.execute(sql, params)
@@ -82,6 +83,7 @@ class SQLiteDatabase(sqlite_utils.Database, Rows):
 
     kind = "sqlite"
     unavailable = (sqlite3.OperationalError,)
+    error = sqlite3.Error  # a statement failed
 
     def __init__(self, path: str | Path, busy_timeout: float = 30):
         self.path = path
@@ -168,6 +170,7 @@ class PostgresDatabase(Rows):
         self.path = url
         self.url = url
         self.unavailable = (psycopg.OperationalError, LedgerUnavailable)
+        self.error = psycopg.Error
         self.conn = self._connect()
 
     def _connect(self):

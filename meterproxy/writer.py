@@ -3,8 +3,9 @@
 `LedgerWriter` runs the ledger's writes on the event loop itself for SQLite, and on a thread of
 its own for PostgreSQL, whose round trips to a server must never hold the loop. Jobs (functions of a `Store`)
 submitted during one turn of the loop run together right after it: one transaction, in which a
-failing job takes nothing else with it: a job either writes with one statement, its last (the
-ledger's hot jobs, `atomic`), or runs in a savepoint of its own. A job's future resolves only
+failing job takes nothing else with it: a job either refuses before it writes (the ledger's hot
+jobs, `atomic`: a statement of theirs that fails has the batch run again with savepoints), or
+runs in a savepoint of its own. A job's future resolves only
 once its batch has committed, so an awaited `pending` row is on disk before the call goes out.
 Completions, which nobody waits for, are posted: they gather for a few milliseconds and commit in
 batches of their own, so that an admission never waits for another call's completion.
@@ -259,22 +260,36 @@ class LedgerWriter:
 
     def _transact(self, batch: list) -> list[tuple[bool, object]]:
         """Run the batch in one transaction, each job that is not atomic in a savepoint of its
-        own: a job that fails takes nothing else with it."""
+        own: a job that fails takes nothing else with it. An atomic job whose statement fails
+        (a constraint; on PostgreSQL that aborts the whole transaction) has the batch run again,
+        every job in a savepoint."""
+        try:
+            return self._run_batch(batch, savepoints=False)
+        except _StatementFailed:
+            return self._run_batch(batch, savepoints=True)
+
+    def _run_batch(self, batch: list, savepoints: bool) -> list[tuple[bool, object]]:
         store = self.store
         outcomes = []
         store.db.reconnect()
         with store.transaction():
             for job, _, atomic, _ in batch:
                 try:
-                    # On PostgreSQL a statement that fails aborts the whole transaction: every
-                    # job has a savepoint there.
-                    with nullcontext() if atomic and store.db.kind == "sqlite" else store.savepoint():
+                    with store.savepoint() if savepoints or not atomic else nullcontext():
                         outcomes.append((True, job(store)))
                 except store.db.unavailable:
                     raise  # the database itself: retry the whole batch
+                except store.db.error as error:
+                    if atomic and not savepoints:
+                        raise _StatementFailed from error
+                    outcomes.append((False, error))
                 except Exception as error:
                     outcomes.append((False, error))
         return outcomes
+
+
+class _StatementFailed(Exception):
+    """A statement of a job run without a savepoint failed."""
 
 
 class StoreThread:

@@ -440,6 +440,26 @@ def test_atomic_jobs_run_without_savepoints_and_one_refused_before_writing_leave
     assert not [statement for statement in statements if "SAVEPOINT" in statement]
 
 
+def test_an_atomic_job_whose_statement_fails_has_the_batch_run_again_with_savepoints(writer):
+    """On PostgreSQL a failed statement aborts the transaction; on both, an atomic job's first
+    write may stand when its second fails: the batch runs again, each job in a savepoint."""
+    statements = []
+    writer.store.db.conn.set_trace_callback(statements.append)
+
+    def twice(store):
+        store.record_audit({"id": 7, "created_at": "t", "status": 403, "code": "c", "reason": "first of two"})
+        store.record_audit({"id": 7, "created_at": "t", "status": 403, "code": "c", "reason": "same id"})
+
+    async def scenario():
+        jobs = [insert_audit("a"), twice, insert_audit("c")]
+        return await asyncio.gather(*(writer.submit(job, atomic=True) for job in jobs), return_exceptions=True)
+
+    a, failed, c = asyncio.run(scenario())
+    assert isinstance(failed, sqlite3.IntegrityError) and (a, c) == (1, 2)
+    assert committed_reasons(writer.path) == ["a", "c"]
+    assert len([statement for statement in statements if statement.startswith("SAVEPOINT")]) == 3
+
+
 def test_debits_of_a_batch_survive_a_failed_savepoint(store):
     principal = funded_principal(store)
     wallet_id, balance = principal.wallet_id, store.wallet_balance(principal.wallet_id)
