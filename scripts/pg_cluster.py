@@ -32,8 +32,10 @@ def free_port() -> int:
 class Cluster:
     """One cluster in `folder`: data, socket and log."""
 
-    def __init__(self, folder: Path, port: int | None = None):
+    def __init__(self, folder: Path, port: int | None = None, listen: tuple[str, ...] = ("127.0.0.1",)):
+        """`listen`: the addresses it listens on (a test's veth links, say), trusted."""
         self.folder = folder
+        self.listen = listen
         self.data = folder / "data"
         self.port_file = folder / "port"
         self.port = port or (int(self.port_file.read_text()) if self.port_file.exists() else free_port())
@@ -54,11 +56,13 @@ class Cluster:
             shutil.chown(self.folder, "postgres", "postgres")
         self._run(binary("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
         self.port_file.write_text(str(self.port))
+        with open(self.data / "pg_hba.conf", "a") as hba:
+            hba.writelines(f"host all all {address}/24 trust\n" for address in self.listen if address != "127.0.0.1")
         self.start()
 
     def start(self) -> None:
         options = (
-            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+            f"-p {self.port} -k {self.folder} -c listen_addresses={','.join(self.listen)} -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         self._run(binary("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"), "-w", "start")

@@ -1,9 +1,15 @@
 """Many gateways, one ledger (SPEC §9), on each backend: no wallet overdrawn by their
 concurrency, rate limits and revocations that hold across all of them, and each gateway's
-calls its own: a dead gateway's calls are interrupted once its lease expires, a live one's never."""
+calls its own: a dead gateway's calls are interrupted once its lease expires, a live one's never.
+Where root and `ip netns` allow, two gateways on two hosts (network namespaces) share one
+PostgreSQL over veth links."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,12 +17,15 @@ from decimal import Decimal
 from pathlib import Path
 
 import openai
+import psycopg
 import pytest
 
 from meterproxy.limits import ProductLimits
-from meterproxy.store import INTERRUPTED
+from meterproxy.store import INTERRUPTED, Store
 from pricing.fees import ProductFees
+from scripts.pg_cluster import Cluster, binary
 from tests.harness import ROOT, Gateway, make_account
+from tests.test_destinations import namespaces_unavailable
 
 MESSAGES = [{"role": "user", "content": "one more question"}]
 FEE = Decimal("0.001")  # the whole cost of a BYOK call: held, then charged, exactly
@@ -180,3 +189,75 @@ def test_a_gateway_restarted_while_the_other_serves_leaves_the_others_calls_alon
         raw = in_flight.result()
     row = second.row(raw.headers["x-lava-request-id"])
     assert (row["status"], row["error_message"]) == ("completed", None)
+
+
+# --- two hosts: network namespaces of the test's own, PostgreSQL over veth links ---------------
+
+
+@pytest.fixture
+def two_hosts():
+    """Two namespaces (two hosts), each linked to this one by a veth pair, and a PostgreSQL
+    cluster here listening on this side of both links; yields the ledger's URL as each host
+    reaches it, and the cluster."""
+    if binary("initdb") is None:
+        pytest.skip("PostgreSQL 15 (initdb) is not installed")
+    suffix = os.getpid() % 10000
+    hosts = [(f"mp-ledger-{name}-{suffix}", f"ml{name}{suffix}", f"mn{name}{suffix}", net)
+             for name, net in (("a", "10.31.1"), ("b", "10.31.2"))]
+    folder = Path(tempfile.mkdtemp(prefix="meterproxy-pg-"))
+    folder.chmod(0o755)  # the cluster inside it belongs to the postgres user
+    cluster = None
+    try:
+        for namespace, here, there, net in hosts:
+            for command in (
+                f"netns add {namespace}",
+                f"link add {here} type veth peer name {there}",
+                f"link set {there} netns {namespace}",
+                f"addr add {net}.1/24 dev {here}",
+                f"link set {here} up",
+                f"-n {namespace} link set lo up",
+                f"-n {namespace} link set {there} up",
+                f"-n {namespace} addr add {net}.2/24 dev {there}",
+            ):
+                subprocess.run(["ip", *command.split()], check=True, capture_output=True)
+        cluster = Cluster(folder / "cluster", listen=("127.0.0.1", *(f"{net}.1" for *_, net in hosts)))
+        cluster.create()
+        with psycopg.connect(cluster.url, autocommit=True) as admin:
+            admin.execute("CREATE DATABASE ledger")
+        yield [(namespace, f"postgresql://postgres@{net}.1:{cluster.port}/ledger") for namespace, *_, net in hosts], cluster
+    finally:
+        if cluster is not None:
+            cluster.remove()
+        shutil.rmtree(folder, ignore_errors=True)
+        for namespace, here, *_ in hosts:  # deleting a namespace deletes its end of the veth
+            subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
+            subprocess.run(["ip", "link", "delete", here], capture_output=True)
+
+
+@pytest.mark.skipif(namespaces_unavailable() is not None, reason=str(namespaces_unavailable()))
+def test_two_gateways_on_two_hosts_share_one_postgresql_ledger_over_the_network(two_hosts):
+    hosts, cluster = two_hosts
+    store = Store(cluster.url.rsplit("/", 1)[0] + "/ledger")
+    try:
+        account = make_account(store, ProductFees(fixed_fee=FEE), balance=FEE * 10)
+        token = account.token(provider_key="sk-customer-own-key-9a41")
+        scenarios = [
+            subprocess.Popen(
+                ["ip", "netns", "exec", namespace, sys.executable, "tests/netns_ledger_scenario.py", url, token, "25"],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for namespace, url in hosts
+        ]
+        reports = [scenario.communicate(timeout=300) for scenario in scenarios]
+        for scenario, (_, errors) in zip(scenarios, reports):
+            assert scenario.returncode == 0, errors[-3000:]
+        outcomes = [outcome for out, _ in reports for outcome in json.loads(out.strip().splitlines()[-1])]
+        served = [request_id for status, request_id in outcomes if status == 200]
+        assert (len(served), [status for status, _ in outcomes].count(402)) == (10, 40)
+        rows = store.db.rows("SELECT request_id, status, wallet_cost FROM requests")
+        assert sorted(row["request_id"] for row in rows) == sorted(served)
+        assert {(row["status"], row["wallet_cost"]) for row in rows} == {("completed", f"{FEE:.10f}")}
+        wallet = store.wallet(account.wallet_id)
+        assert (wallet["balance"], wallet["held"]) == ("0.0000000000", "0.0000000000")
+    finally:
+        store.close()
