@@ -24,11 +24,11 @@ from pathlib import Path
 
 import sqlite_utils
 
-from meterproxy.database import open_database
+from meterproxy.database import PG_TYPES, open_database
 from meterproxy.errors import GatewayError
 from meterproxy.ids import new_id
 from meterproxy.limits import ProductLimits, RateWindow
-from meterproxy.schema import FEE_COLUMNS, LIMIT_COLUMNS, migrate
+from meterproxy.schema import FEE_COLUMNS, LIMIT_COLUMNS, REQUEST_COLUMNS, migrate
 from meterproxy.token import ForwardToken
 from pricing.fees import ProductFees
 from pricing.money import ZERO, money_text
@@ -304,33 +304,46 @@ class Store:
     def open_request(self, row: dict, hold: Decimal) -> None:
         """Hold the request's worst-case cost on its wallet and write its `pending` row, before
         the call goes upstream; refuse (402) when the wallet's available balance cannot cover
-        it, checked by the statement that takes the hold, whatever other gateways hold."""
+        it, checked by the statement that takes the hold, whatever other gateways hold. On
+        PostgreSQL the hold and the row are one statement (one round trip)."""
         wallet_id = row.get("wallet_id")
         row = {**row, "status": "pending", "metadata": json.dumps(row.get("metadata") or {})}
-        if wallet_id:
-            held = money_text(hold)
-            taken = self.db.execute(
-                "UPDATE wallets SET held = money_add(held, ?) WHERE id = ? AND money_covers(balance, held, ?)",
-                [held, wallet_id, held],
-            )
-            if taken.rowcount != 1:
+        if not wallet_id:
+            self._insert("requests", row)
+            return
+        held = row["held"] = money_text(hold)
+        take = "UPDATE wallets SET held = money_add(held, ?) WHERE id = ? AND money_covers(balance, held, ?)"
+        if self.db.kind == "postgresql":
+            columns = ", ".join(row)
+            typed = ", ".join(f"?::{PG_TYPES[REQUEST_COLUMNS[name]]}" for name in row)
+            query = f"WITH taken AS ({take} RETURNING id) INSERT INTO requests ({columns}) SELECT {typed} FROM taken"
+            if self.db.execute(query, [held, wallet_id, held, *row.values()]).rowcount != 1:
                 raise GatewayError(402, *INSUFFICIENT)
-            row["held"] = held
+            return
+        if self.db.execute(take, [held, wallet_id, held]).rowcount != 1:
+            raise GatewayError(402, *INSUFFICIENT)
         self._insert("requests", row)
 
     def complete_request(self, request_id: str, fields: dict, wallet_id: str | None, wallet_cost: Decimal) -> bool:
-        """Finish the row, release its hold and debit the wallet, in one transaction. False when
-        the row was no longer pending (another gateway took it for interrupted after this
-        one's lease expired): nothing is written or charged."""
+        """Finish the row, release its hold and debit the wallet, in one transaction (on
+        PostgreSQL in one statement). False when the row was no longer pending (another gateway
+        took it for interrupted after this one's lease expired): nothing is written or charged."""
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        query = f"UPDATE requests SET {assignments} WHERE request_id = ? AND status = 'pending' RETURNING held"
-        released = self.db.execute(query, [*fields.values(), request_id]).fetchone()
+        finish = f"UPDATE requests SET {assignments} WHERE request_id = ? AND status = 'pending' RETURNING held"
+        cost = money_text(wallet_cost)
+        if self.db.kind == "postgresql":
+            query = (
+                f"WITH done AS ({finish}), charged AS (UPDATE wallets SET held = money_sub(wallets.held, done.held), "
+                "balance = money_sub(wallets.balance, ?) FROM done WHERE wallets.id = ?) SELECT COUNT(*) FROM done"
+            )
+            return self.db.scalar(query, [*fields.values(), request_id, cost, wallet_id]) == 1
+        released = self.db.execute(finish, [*fields.values(), request_id]).fetchone()
         if released is None:
             return False
         if wallet_id and (released[0] or wallet_cost):
             self.db.execute(
                 "UPDATE wallets SET held = money_sub(held, ?), balance = money_sub(balance, ?) WHERE id = ?",
-                [str(released[0] or 0), money_text(wallet_cost), wallet_id],
+                [str(released[0] or 0), cost, wallet_id],
             )
         return True
 
