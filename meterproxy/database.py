@@ -105,7 +105,8 @@ class SQLiteDatabase(sqlite_utils.Database, Rows):
     def create(self, table: str, columns: dict[str, str], pk: str, foreign_keys=()) -> None:
         from meterproxy.schema import PYTHON_TYPES
 
-        self[table].create({name: PYTHON_TYPES[kind] for name, kind in columns.items()}, pk=pk, foreign_keys=foreign_keys)
+        types = {name: PYTHON_TYPES[kind] for name, kind in columns.items()}
+        self[table].create(types, pk=pk, foreign_keys=foreign_keys)
 
     def add_column(self, table: str, name: str, kind: str) -> None:
         from meterproxy.schema import PYTHON_TYPES

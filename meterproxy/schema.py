@@ -138,9 +138,9 @@ GATEWAYS = {
     "started_at": "time",
     "lease_until": "time",  # renewed while the gateway lives; after it, its calls are interrupted
 }
-BEFORE_UPGRADE = "gw_before_versioning"
+BEFORE_UPGRADE = "gw_before_versioning"  # the gateway that left rows pending before version 2
 # Every column of `requests` at the latest version, by kind.
-REQUEST_COLUMNS = {**TABLES_V1["requests"][0], "gateway_id": "text", "rate_tokens": "integer"}  # the gateway that left rows pending before version 2
+REQUEST_COLUMNS = {**TABLES_V1["requests"][0], "gateway_id": "text", "rate_tokens": "integer"}
 
 
 def _v1_release_schema(db) -> None:

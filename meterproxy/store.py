@@ -436,7 +436,8 @@ class Store:
             if row["wallet_id"] and row["held"]:
                 released[row["wallet_id"]] = released.get(row["wallet_id"], ZERO) + Decimal(row["held"])
         for wallet_id, amount in released.items():
-            self.db.execute("UPDATE wallets SET held = money_sub(held, ?) WHERE id = ?", [money_text(amount), wallet_id])
+            release = "UPDATE wallets SET held = money_sub(held, ?) WHERE id = ?"
+            self.db.execute(release, [money_text(amount), wallet_id])
         return len(interrupted)
 
     def record_audit(self, entry: dict) -> None:

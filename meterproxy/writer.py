@@ -16,9 +16,9 @@ later instead of waited for, and checkpoints (which fsync) run on the `StoreThre
 
 A database that cannot be written (locked for longer than LOCKED_PATIENCE, or full, or failing)
 fails the jobs somebody waits for, so that their calls are refused rather than forwarded
-unrecorded; a full or failing one, or a PostgreSQL server that cannot be reached, at once. Jobs that record what has happened (completions,
-audit entries: every posted job, and the submitted ones marked `keep`) are never given up while
-the gateway runs: they stay queued and are tried again until the database takes them (a
+unrecorded; a full or failing one, or a PostgreSQL server that cannot be reached, at once.
+Jobs that record what has happened (completions, audit entries: every posted job, and the
+submitted ones marked `keep`) are never given up while the gateway runs: they stay queued and are tried again until the database takes them (a
 PostgreSQL connection that the server dropped is made again, see meterproxy/database.py).
 
 `StoreThread` is one thread with its own connection for work that may take long and that no

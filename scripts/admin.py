@@ -7,7 +7,6 @@ import os
 import sys
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 
 from tabulate import tabulate
 

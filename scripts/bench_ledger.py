@@ -124,7 +124,9 @@ def measure(fake: Fake, db: str, workers: int, settings, work: Path) -> dict:
     return {
         "requests_per_s": round(run["per_s"], 1),
         "gateway_cpu_ms_per_request": round(1000 * gateway_cpu / max(1, run["requests"]), 3),
-        "haproxy_cpu_ms_per_request": round(1000 * sum(after[p] - before[p] for p in haproxy) / max(1, run["requests"]), 3),
+        "haproxy_cpu_ms_per_request": round(
+            1000 * sum(after[pid] - before[pid] for pid in haproxy) / max(1, run["requests"]), 3
+        ),
         "wrk_requests": run["requests"],
         "rows": counts,
         "error_rows": {row["error_message"]: row["n"] for row in errors},
@@ -187,11 +189,18 @@ def main() -> None:
             if line.startswith("model name")
         ),
         "results": results,
+        # Per core: requests per second of the gateways' own CPU (the target 0.9 is on this);
+        # the wall-clock throughput also carries the load CPU's share (PostgreSQL, wrk, fake).
         "postgresql_over_sqlite_per_core": round(
+            results["sqlite"]["gateway_cpu_ms_per_request"] / results["postgresql"]["gateway_cpu_ms_per_request"], 3
+        ),
+        "postgresql_over_sqlite_throughput": round(
             results["postgresql"]["requests_per_s"] / results["sqlite"]["requests_per_s"], 3
         ),
         "cpu_per_request_2_workers_over_1": round(
-            results["2 workers sqlite"]["gateway_cpu_ms_per_request"] / results["sqlite"]["gateway_cpu_ms_per_request"], 3
+            results["2 workers sqlite"]["gateway_cpu_ms_per_request"]
+            / results["sqlite"]["gateway_cpu_ms_per_request"],
+            3,
         ),
     }
     settings.out.mkdir(exist_ok=True)

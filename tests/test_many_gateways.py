@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -26,14 +25,11 @@ from pricing.fees import ProductFees
 from scripts.pg_cluster import Cluster, binary
 from tests.harness import ROOT, Gateway, make_account
 from tests.test_destinations import namespaces_unavailable
+from tests.test_wallet_holds import client_for, spend_concurrently
 
 MESSAGES = [{"role": "user", "content": "one more question"}]
 FEE = Decimal("0.001")  # the whole cost of a BYOK call: held, then charged, exactly
 LEASE = "2"  # seconds: a dead gateway's calls are interrupted soon after
-
-
-def client_for(gateway: Gateway, token: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=token, max_retries=0, timeout=30)
 
 
 @pytest.fixture
@@ -65,40 +61,15 @@ def test_fifty_concurrent_requests_on_two_gateways_spend_exactly_what_the_wallet
     account = make_account(first.store, ProductFees(fixed_fee=FEE), balance=FEE * 10)
     token = account.token(provider_key="sk-customer-own-key-2c5e")
     fake.behave(*[{"first_byte_delay": 0.2}] * 50)  # keep them in flight together
-    lowest = [FEE * 10]
-    watching = threading.Event()
-
-    def watch_balance() -> None:
-        while not watching.is_set():
-            lowest[0] = min(lowest[0], first.store.wallet_balance(account.wallet_id))
-            time.sleep(0.005)
-
-    def one_request(index: int) -> str | int:
-        try:
-            raw = client_for(two[index % 2], token).chat.completions.with_raw_response.create(
-                model="gpt-4o-mini", messages=MESSAGES, max_tokens=5
-            )
-            return raw.headers["x-lava-request-id"]
-        except openai.APIStatusError as refused:
-            assert refused.code == "insufficient_balance", refused
-            return refused.status_code
-
-    watcher = threading.Thread(target=watch_balance)
-    watcher.start()
-    with ThreadPoolExecutor(max_workers=50) as pool:
-        outcomes = list(pool.map(one_request, range(50)))
-    watching.set()
-    watcher.join()
-
-    served = [outcome for outcome in outcomes if isinstance(outcome, str)]
-    assert (len(served), outcomes.count(402)) == (10, 40)
+    served, refused, lowest = spend_concurrently(two, account, token)
+    assert (len(served), refused) == (10, [402] * 40)
     rows = [first.row(request_id) for request_id in served]
     assert {(row["status"], row["wallet_cost"]) for row in rows} == {("completed", f"{FEE:.10f}")}
     assert sorted(row["request_id"] for row in first.rows()) == sorted(served)  # a 402 writes no row
     wallet = first.store.wallet(account.wallet_id)
     spent = sum(Decimal(row["wallet_cost"]) for row in rows)
     assert (Decimal(wallet["balance"]), wallet["held"]) == (FEE * 10 - spent, "0.0000000000")
-    assert Decimal(wallet["balance"]) == 0 and min(lowest) >= 0
+    assert Decimal(wallet["balance"]) == 0 and lowest >= 0
 
 
 def test_a_rate_limit_holds_for_the_sum_of_both_gateways(two):
@@ -118,7 +89,8 @@ def test_a_revoked_connection_is_refused_by_every_gateway_within_a_second(two, l
     clients = [client_for(gateway, account.token()) for gateway in two]
     for client in clients:  # both remember the principal now
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-    admin = [Path(sys.executable).with_name("meterproxy"), "--db", ledger, "connection", "revoke", account.connection_id]
+    meterproxy = Path(sys.executable).with_name("meterproxy")
+    admin = [meterproxy, "--db", ledger, "connection", "revoke", account.connection_id]
     subprocess.run(admin, check=True, cwd=ROOT, capture_output=True)
     revoked = time.monotonic()
     time.sleep(max(0.0, revoked + 1 - time.monotonic()))  # the promise: within a second
@@ -224,7 +196,8 @@ def two_hosts():
         cluster.create()
         with psycopg.connect(cluster.url, autocommit=True) as admin:
             admin.execute("CREATE DATABASE ledger")
-        yield [(namespace, f"postgresql://postgres@{net}.1:{cluster.port}/ledger") for namespace, *_, net in hosts], cluster
+        urls = [(namespace, f"postgresql://postgres@{net}.1:{cluster.port}/ledger") for namespace, *_, net in hosts]
+        yield urls, cluster
     finally:
         if cluster is not None:
             cluster.remove()
