@@ -14,6 +14,7 @@ every worker, each completing its calls in flight.
     python scripts/workers.py N HOST PORT -- <mitmdump arguments>
 """
 
+import ctypes
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from pathlib import Path
 
 RESTART_DELAY = 1.0  # seconds between a worker's death and its restart
 HEALTH_INTERVAL_MS = 1000
+PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -92,7 +94,7 @@ class Workers:
             "--listen-port",
             str(self.ports[index]),
         ]
-        self.processes[index] = subprocess.Popen(command)
+        self.processes[index] = subprocess.Popen(command, preexec_fn=_stop_with_parent)
 
     def run(self) -> int:
         # The first worker alone until it listens: it creates mitmproxy's CA in the confdir,
@@ -108,7 +110,7 @@ class Workers:
                 return 1
         config = self.folder / "haproxy.cfg"
         config.write_text(haproxy_config(self.host, self.port, self.ports))
-        self.haproxy = subprocess.Popen(["haproxy", "-f", str(config), "-db"])
+        self.haproxy = subprocess.Popen(["haproxy", "-f", str(config), "-db"], preexec_fn=_stop_with_parent)
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         reachable = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host.strip("[]")
@@ -150,6 +152,12 @@ class Workers:
         for path in self.folder.iterdir():
             path.unlink()
         self.folder.rmdir()
+
+
+def _stop_with_parent() -> None:
+    """In the child: SIGTERM when this supervisor dies, however it dies (Linux), so that no
+    worker outlives it holding the ledger's calls and a port."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def main() -> int:
