@@ -4,6 +4,7 @@ creating products with every rate."""
 
 import json
 import subprocess
+import time
 from decimal import Decimal
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import openai
 import pytest
 
 from meterproxy.ids import new_id
-from meterproxy.store import Store, utc_now
+from meterproxy.store import PRINCIPAL_STALENESS, Store, utc_now
 from pricing.fees import Payer, ProductFees
 from tests.backends import ON_BOTH_BACKENDS, ledger_target
 from tests.harness import make_account
@@ -162,6 +163,7 @@ def test_a_revoked_connection_is_refused_by_the_running_gateway(gateway, fake):
     balance = gateway.store.wallet_balance(account.wallet_id)
 
     [revoked] = json.loads(meterproxy(gateway.db, "--json", "connection", "revoke", account.connection_id))
+    time.sleep(PRINCIPAL_STALENESS)  # every gateway refuses it within that time (docs/ledger.md)
     with pytest.raises(openai.AuthenticationError) as refusal:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 
+import httpx2
 import openai
 import psycopg
 import pytest
@@ -85,12 +86,16 @@ def test_a_ledger_server_stopped_for_ten_seconds_under_load_loses_nothing(cluste
             while time.monotonic() < stopped + OUTAGE:  # load meanwhile
                 during.append(pool.submit(one_call, len(during)))
                 time.sleep(0.1)
+            listing = httpx2.get(  # the metering API's reads too
+                f"{gateways[0].url}/v1/requests", headers={"authorization": f"Bearer {account.secret_key}"}
+            )
             for call in in_flight + during:
                 call.result()
             upstream_during = len(fake.requests())
             cluster.start()
         assert len(answered) == IN_FLIGHT and len(refused) == len(during)  # every new call refused
         assert upstream_during == IN_FLIGHT  # and none of them forwarded
+        assert (listing.status_code, listing.json()["error"]["code"]) == (503, "ledger_unavailable")
 
         # Back: the completions that waited commit, and both gateways serve again.
         for gateway in gateways:  # the test's own connections went with the server
