@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 
 BACKENDS = ("sqlite", "postgresql")
-# For a module whose tests run on both backends: its `gateway` fixture is made once for each.
-ON_BOTH_BACKENDS = pytest.mark.parametrize("backend", BACKENDS, indirect=True, scope="module")
 PG_URL = os.environ.get("METERPROXY_TEST_PG")
 
 

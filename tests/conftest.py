@@ -12,10 +12,16 @@ def fake():
     provider.stop()
 
 
+def pytest_generate_tests(metafunc):
+    """A module that sets ON_BOTH_BACKENDS runs each test that uses `backend` (its `gateway`,
+    say) on SQLite and on PostgreSQL, with one gateway per backend."""
+    if getattr(metafunc.module, "ON_BOTH_BACKENDS", False) and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", BACKENDS, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
 def backend(request) -> str:
-    """The ledger backend of a module's gateway: SQLite, unless the module runs on both
-    (`pytestmark = ON_BOTH_BACKENDS`)."""
+    """The ledger backend of a module's gateway: SQLite, unless the module sets ON_BOTH_BACKENDS."""
     return getattr(request, "param", "sqlite")
 
 

@@ -14,13 +14,13 @@ import pytest
 from meterproxy.ids import new_id
 from meterproxy.store import PRINCIPAL_STALENESS, Store, utc_now
 from pricing.fees import Payer, ProductFees
-from tests.backends import ON_BOTH_BACKENDS, ledger_target
+from tests.backends import ledger_target
 from tests.harness import make_account
 from tests.test_commands import BIN, meterproxy
 from tests.test_forward_openai import FEES, MESSAGES, client_for
 from tests.test_metering_api import api, assert_error, seed, totals, usage_body
 
-pytestmark = ON_BOTH_BACKENDS
+ON_BOTH_BACKENDS = True  # the gateway and the ledgers of this module's tests (tests/conftest.py)
 REPORT_COLUMNS = ["requests", "input_tokens", "output_tokens", "total_cost", "wallet_cost", "merchant_cost"]
 
 

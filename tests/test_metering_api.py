@@ -17,11 +17,10 @@ import pytest
 from meterproxy.ids import new_id
 from meterproxy.queries import COSTS, FIGURES
 from meterproxy.store import Store, utc_now
-from tests.backends import ON_BOTH_BACKENDS
 from tests.harness import Account, make_account
 from tests.test_forward_openai import FEES, MESSAGES, PROMPT_TOKENS, as_text, client_for, expected_costs
 
-pytestmark = ON_BOTH_BACKENDS
+ON_BOTH_BACKENDS = True  # the gateway and the ledgers of this module's tests (tests/conftest.py)
 
 ZERO_TEXT = "0.0000000000"
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
