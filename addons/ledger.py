@@ -49,6 +49,7 @@ class Ledger:
         self.store_thread: StoreThread | None = None
         self.prices = PriceBook()
         self.gateway: dict | None = None
+        self.retired = False  # the process stops: this gateway has left the ledger
         self.lease = DEFAULT_LEASE
         self.keeps_flows = False  # a UI or a save file keeps flows: show each its outcome
         # Told of every row once it has committed completed or error (metrics, the dashboard's
@@ -142,6 +143,7 @@ class Ledger:
             self._estimated(working_out)
         self.estimator.shutdown()
         if stopping and self.writer is not None:
+            self.retired = True
             self.writer.stop()
             self.writer = None
             gateway = GATEWAYS.pop(self.store_thread.path)
@@ -179,6 +181,9 @@ class Ledger:
             refuse(flow, call, error)
             return
         except LedgerUnavailable:  # not forwarded unrecorded; the writer has said why in the log
+            refuse(flow, call, ledger_unavailable())
+            return
+        if self.retired:  # the gateway stopped meanwhile and left the ledger: its row is interrupted
             refuse(flow, call, ledger_unavailable())
             return
         call.opened = True

@@ -1,11 +1,12 @@
 """`scripts/gateway --workers N` (SPEC §9): N gateway processes behind one port (HAProxy in TCP
 mode, scripts/workers.py) on one ledger, on each backend: 200 concurrent requests on a wallet
 that affords exactly 100 of them, every request recorded exactly once; a worker that dies is
-restarted."""
+restarted; SIGTERM stops them all, each completing its calls in flight."""
 
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ def workers(ledger, fake, tmp_path):
         pytest.skip("HAProxy is not installed (scripts/test installs it where it can)")
     providers = tmp_path / "providers.toml"
     providers.write_text("".join(f'[providers.{name}]\nupstream = "{fake.url}/{name}"\n\n' for name in ("openai",)))
-    with __import__("socket").socket() as probe:
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     environment = {key: value for key, value in os.environ.items() if not key.endswith("_API_KEY")}
@@ -106,3 +107,37 @@ def test_a_worker_that_dies_is_restarted_and_the_port_keeps_serving(workers, fak
         for _ in range(2 * WORKERS)
     ]
     assert statuses == [200] * (2 * WORKERS)
+
+
+def test_sigterm_stops_every_worker_each_completing_its_calls_in_flight(workers, fake):
+    url, store, process, _ = workers
+    account = make_account(store)
+    fake.behave(*[{"chunk_delay": 0.2, "words": 40}] * WORKERS)
+    started = []
+
+    def stream(_: int) -> None:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        headers = {"authorization": f"Bearer {account.token()}"}
+        try:
+            with httpx2.stream("POST", f"{url}/openai/v1/chat/completions", json=body, headers=headers) as response:
+                for _ in response.iter_bytes():
+                    started.append(response.headers["x-lava-request-id"])
+        except httpx2.HTTPError:
+            pass  # cut by the stop
+
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        calls = [pool.submit(stream, index) for index in range(WORKERS)]
+        deadline = time.monotonic() + 30
+        while len(set(started)) < WORKERS:
+            assert time.monotonic() < deadline, "the streams did not start"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        for call in calls:
+            call.result()
+    assert process.wait(timeout=60) == 0
+    rows = store.db.rows("SELECT status, usage_source, wallet_cost FROM requests")
+    assert len(rows) == WORKERS
+    assert {(row["status"], row["usage_source"]) for row in rows} == {("completed", "estimated")}  # charged
+    assert all(Decimal(row["wallet_cost"]) > 0 for row in rows)  # for what they delivered
+    assert store.db.scalar("SELECT COUNT(*) FROM gateways") == 0  # every worker left the ledger
+    assert store.wallet(account.wallet_id)["held"] == "0.0000000000"
