@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx2
+import openai
 import pytest
 
 from meterproxy.store import Store
@@ -141,3 +142,30 @@ def test_sigterm_stops_every_worker_each_completing_its_calls_in_flight(workers,
     assert all(Decimal(row["wallet_cost"]) > 0 for row in rows)  # for what they delivered
     assert store.db.scalar("SELECT COUNT(*) FROM gateways") == 0  # every worker left the ledger
     assert store.wallet(account.wallet_id)["held"] == "0.0000000000"
+
+
+def test_explicit_proxy_mode_works_behind_the_workers_port(workers, fake, tmp_path, monkeypatch):
+    """HAProxy passes CONNECT and the TLS inside it through untouched: a legacy client with
+    HTTPS_PROXY (trusting mitmproxy's CA) is metered as by a single gateway."""
+    url, store, _, _ = workers
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "mitmproxy" / "mitmproxy-ca-cert.pem"))
+    account = make_account(store)
+    client = openai.OpenAI(api_key=account.token(), max_retries=0)  # base_url stays https://api.openai.com/v1
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.parse().choices[0].message.content == "w0 w1 w2 w3 w4"
+    request_id = raw.headers["x-lava-request-id"]
+    deadline = time.monotonic() + 30
+    while (store.request(request_id) or {}).get("status") in (None, "pending"):
+        assert time.monotonic() < deadline, "the row was not completed"
+        time.sleep(0.02)
+    row = store.request(request_id)
+    assert (row["status"], row["endpoint"], row["connection_id"]) == (
+        "completed",
+        "POST https://api.openai.com/v1/chat/completions",
+        account.connection_id,
+    )
