@@ -25,7 +25,6 @@ import os
 import sys
 import tempfile
 import time
-from decimal import Decimal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,6 +38,7 @@ from scripts.bench import (  # noqa: E402
     Fake,
     Proc,
     Target,
+    bench_account,
     chat_body,
     ensure_venv,
     free_port,
@@ -70,22 +70,8 @@ def children(pid: int, name: str) -> list[int]:
     return found
 
 
-def account(db: str) -> str:
-    from meterproxy.store import Store
-    from meterproxy.token import encode_token
-    from pricing.fees import ProductFees
-
-    store = Store(db)
-    merchant, secret_key = store.create_merchant("bench merchant")
-    _, product_secret = store.create_product(merchant["id"], "bench product", ProductFees(fixed_fee=Decimal("0.0001")))
-    wallet = store.create_wallet("bench wallet", Decimal("1000000"))
-    _, connection_secret = store.create_connection(merchant["id"], wallet["id"])
-    store.close()
-    return encode_token(secret_key=secret_key, connection_secret=connection_secret, product_secret=product_secret)
-
-
 def start(fake: Fake, db: str, workers: int, work: Path) -> Target:
-    token = account(db)
+    token = bench_account(db)
     providers = work / "providers.toml"
     providers.write_text(f'[providers.openai]\nupstream = "{fake.url}/openai"\n')
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
