@@ -27,7 +27,8 @@ from meterproxy.errors import GatewayError, ledger_unavailable
 from meterproxy.leases import DEFAULT_LEASE, dead_here, lease_end, new_gateway
 from meterproxy.ledger import Outcome, closing_fields, from_timestamp, needs_estimate, opening_row, worst_case_hold
 from meterproxy.store import Store, utc_now
-from meterproxy.writer import LedgerWriter, StoreThread
+from meterproxy.store_thread import StoreThread
+from meterproxy.writer import LedgerWriter
 from pricing.prices import DEFAULT_OVERRIDES, PriceBook
 
 # This process's gateway in each ledger it serves (its row in `gateways`, meterproxy/leases.py).

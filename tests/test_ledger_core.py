@@ -24,7 +24,8 @@ from meterproxy.database import LedgerUnavailable
 from meterproxy.store import INTERRUPTED, PRINCIPAL_STALENESS, Principal, Store, hash_secret
 from meterproxy.token import ForwardToken
 from meterproxy.usage import Reply, Usage
-from meterproxy.writer import POSTED_DELAY, LedgerWriter, StoreThread
+from meterproxy.store_thread import StoreThread
+from meterproxy.writer import POSTED_DELAY, LedgerWriter
 from pricing.fees import Payer, ProductFees
 from pricing.prices import ModelPrice, PriceBook
 
