@@ -96,6 +96,11 @@ def measure(fake: Fake, db: str, workers: int, settings, work: Path) -> dict:
     target = start(fake, db, workers, work)
     store = Store(db)
     try:
+        deadline = time.monotonic() + 120
+        while store.db.scalar("SELECT COUNT(*) FROM gateways") < workers:  # every worker has joined
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers did not all join the ledger")
+            time.sleep(0.1)
         pids = [row["pid"] for row in store.db.rows("SELECT pid FROM gateways")]
         haproxy = children(target.proc.pid, "haproxy") if workers > 1 else []
         before = {pid: cpu_seconds(pid) for pid in pids + haproxy}
