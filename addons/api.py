@@ -15,7 +15,6 @@ the ledger's `StoreThread`, a usage record on its writer.
 """
 
 import json
-import sqlite3
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from addons.ledger import Ledger
 from addons.routing import API_PATHS, Routing
 from meterproxy import queries
 from meterproxy.api_models import CreateRequest, DailyUsage, ListQuery, RequestPage, RequestRecord, UsageReport
+from meterproxy.database import LedgerUnavailable
 from meterproxy.errors import GatewayError, ledger_unavailable
 from meterproxy.ids import new_id
 from meterproxy.ledger import priced
@@ -74,7 +74,7 @@ class MeteringApi:
         """The merchant whose records the request may read; None for the operator."""
         secret_key = bearer(request.headers.get("authorization"))
         if secret_key:
-            return (await self.ledger.store_thread.call(lambda store: store.merchant(secret_key)))["id"]
+            return (await self._read(lambda store: store.merchant(secret_key)))["id"]
         session = self.sessions.viewer(request.cookies.get(COOKIE), time.time())
         if session is None or request.method != "GET":  # a session only reads
             raise GatewayError(401, "send your merchant secret key as a bearer token", "invalid_secret_key")
@@ -82,19 +82,18 @@ class MeteringApi:
 
     async def _answer(self, request: http.Request, path: str) -> tuple[int, dict]:
         merchant_id = await self._viewer(request)
-        reader = self.ledger.store_thread
         if request.method == "POST" and path == "/v1/requests":
             return await self._create(_parse(CreateRequest, request.content or b"{}", json_body=True), merchant_id)
         if request.method != "GET":
             raise GatewayError(405, f"{request.method} is not allowed on {path}", "method_not_allowed")
         if path.startswith("/v1/requests/"):
             request_id = path.removeprefix("/v1/requests/")
-            row = await reader.call(lambda store: store.request(request_id))
+            row = await self._read(lambda store: store.request(request_id))
             if row is None or merchant_id not in (None, row["merchant_id"]):
                 raise GatewayError(404, f"no request {request_id}", "request_not_found")
             return 200, RequestRecord.from_row(row).model_dump(mode="json")
         if path == "/v1/wallets":
-            return 200, {"data": await reader.call(lambda store: _wallets(store, merchant_id))}
+            return 200, {"data": await self._read(lambda store: _wallets(store, merchant_id))}
         query = _list_query(request)
         where = LedgerFilter(
             merchant_id,
@@ -107,7 +106,7 @@ class MeteringApi:
         )
         if path == "/v1/requests":
             try:
-                rows, cursor = await reader.call(lambda store: queries.page(store.db, where, query.cursor, query.limit))
+                rows, cursor = await self._read(lambda store: queries.page(store.db, where, query.cursor, query.limit))
             except ValueError as error:
                 raise GatewayError(400, str(error), "invalid_cursor") from None
             page = RequestPage(
@@ -131,13 +130,20 @@ class MeteringApi:
             groups = queries.rollup(queries.matching(store.db, where), by)
             return groups, queries.names(store.db, where.merchant_id) if named else {}
 
-        groups, names = await self.ledger.store_thread.call(report)
+        groups, names = await self._read(report)
         if by == "day":
             return UsageReport(data=[DailyUsage(date=day.pop("day"), **day) for day in groups]).model_dump(mode="json")
         for group in groups:
             for name in named:
                 group[f"{name}_name"] = names.get(group[name])
         return {"group_by": by, "data": groups}
+
+    async def _read(self, job):
+        """A read on the store thread; a ledger that cannot be read is a 503 SDKs try again."""
+        try:
+            return await self.ledger.store_thread.call(job)
+        except LedgerUnavailable:
+            raise ledger_unavailable() from None
 
     async def _create(self, record: CreateRequest, merchant_id: str) -> tuple[int, dict]:
         provider = self.routing.registry.by_name.get(record.provider)
@@ -172,7 +178,7 @@ class MeteringApi:
 
         try:
             row, created = await self.ledger.writer.call(create)
-        except sqlite3.OperationalError:  # the writer has said why in the log
+        except LedgerUnavailable:  # the writer has said why in the log
             raise ledger_unavailable() from None
         if created:
             self.ledger.announce(row)

@@ -18,6 +18,7 @@ from mitmproxy import ctx, http
 from addons.calls import call_of
 from addons.ledger import Ledger
 from meterproxy.cache import OPT_IN_HEADER, cache_key, directive
+from meterproxy.database import LedgerUnavailable
 from meterproxy.store import Store, iso
 from meterproxy.usage import Usage, UsageSource
 from pricing.money import money_text
@@ -52,7 +53,10 @@ class ResponseCache:
 
     async def _look_up(self, flow: http.HTTPFlow, call, key: str, ttl: int) -> None:
         now = iso(datetime.now(UTC))
-        entry = await self.ledger.store_thread.call(lambda store: store.cached(key, now), writes=True)
+        try:
+            entry = await self.ledger.store_thread.call(lambda store: store.cached(key, now), writes=True)
+        except LedgerUnavailable:  # a miss: the admission that follows answers 503
+            entry = None
         if entry is None:
             _missed(call, key, ttl)
             return

@@ -7,15 +7,13 @@ awaited. Reads that may take long (the metering API) and the response cache's bo
 """
 
 import asyncio
-import fcntl
 import logging
-import os
-import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Optional
+from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
 
@@ -24,38 +22,21 @@ from addons.inspection import show_refusal, show_settled
 from addons.limits import limit_rate
 from meterproxy import estimate
 from meterproxy.call import Call
+from meterproxy.database import LedgerUnavailable, is_postgres
 from meterproxy.errors import GatewayError, ledger_unavailable
+from meterproxy.leases import DEFAULT_LEASE, dead_here, lease_end, new_gateway
 from meterproxy.ledger import Outcome, closing_fields, from_timestamp, needs_estimate, opening_row, worst_case_hold
-from meterproxy.limits import RateLimiter
 from meterproxy.store import Store, utc_now
-from meterproxy.writer import LedgerWriter, StoreThread
+from meterproxy.store_thread import StoreThread
+from meterproxy.writer import LedgerWriter
 from pricing.prices import DEFAULT_OVERRIDES, PriceBook
 
-# The databases this process serves, each with the descriptor of its lock file: a lock held
-# until the process ends, so that no second gateway takes the database (its start would take
-# the calls this one has in flight for interrupted ones). A script reload makes a new Ledger in
-# the same process (this module is not loaded again), which finds its database held already.
-HELD: dict[str, int] = {}
-
-
-def hold_database(path: str) -> bool:
-    """Make this process the database's one gateway; True the first time, when rows still
-    pending are the last stop's."""
-    database = os.path.realpath(path)
-    if database in HELD:
-        return False
-    lock = os.open(database + ".gateway-lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock)
-        raise RuntimeError("another gateway process serves it (one gateway per database)") from None
-    HELD[database] = lock
-    return True
-
-
+# This process's gateway in each ledger it serves (its row in `gateways`, meterproxy/leases.py).
+# A script reload makes a new Ledger in the same process (this module is not loaded again): it
+# is the same gateway, and the calls in flight (IN_FLIGHT) stay its own.
+GATEWAYS: dict[str, dict] = {}
 # The calls admitted and not completed in this process, by request id: a reload's new Ledger
-# completes the calls of the one before it (see HELD), and completes them all when the process stops.
+# completes the calls of the one before it, and completes them all when the process stops.
 IN_FLIGHT: dict[str, http.HTTPFlow] = {}
 STOPPED = "the gateway stopped during the call"
 CLIENT_LEFT = ("Client disconnected", "stream reset by client")  # mitmproxy's words, HTTP/1 and HTTP/2
@@ -68,7 +49,9 @@ class Ledger:
         self.writer: LedgerWriter | None = None
         self.store_thread: StoreThread | None = None
         self.prices = PriceBook()
-        self.limiter = RateLimiter()
+        self.gateway: dict | None = None
+        self.retired = False  # the process stops: this gateway has left the ledger
+        self.lease = DEFAULT_LEASE
         self.keeps_flows = False  # a UI or a save file keeps flows: show each its outcome
         # Told of every row once it has committed completed or error (metrics, the dashboard's
         # live view), and of every refusal.
@@ -79,7 +62,20 @@ class Ledger:
         self.estimating: dict[Future, tuple[http.HTTPFlow, Call, Outcome]] = {}
 
     def load(self, loader):
-        loader.add_option("meterproxy_db", str, "meterproxy.sqlite", "SQLite database of the ledger and accounts.")
+        loader.add_option(
+            "meterproxy_db",
+            str,
+            "meterproxy.sqlite",
+            "The ledger and accounts: a SQLite file, or postgresql://user@host/db (the password from "
+            "PGPASSWORD or ~/.pgpass, never here).",
+        )
+        loader.add_option(
+            "meterproxy_lease",
+            int,
+            DEFAULT_LEASE,
+            "Seconds after which the calls of a gateway that stopped renewing its lease (it died) are "
+            "interrupted by the gateways that live (at least 1).",
+        )
         loader.add_option(
             "meterproxy_prices",
             Optional[str],
@@ -98,39 +94,61 @@ class Ledger:
         if "meterproxy_db" in updated:
             self._open(ctx.options.meterproxy_db)
 
-    def _open(self, path: str) -> None:
+    def _open(self, target: str) -> None:
         """The database, once: a call completes in the database that admitted it, so another
         one cannot take its place while calls may be in flight."""
         if self.writer is not None:
-            if os.path.realpath(path) == os.path.realpath(self.writer.path):
+            if target == self.writer.path:
                 return
             raise exceptions.OptionsError("meterproxy_db cannot change while the gateway runs: restart it")
+        if is_postgres(target) and urlsplit(target).password is not None:
+            raise exceptions.OptionsError("meterproxy_db must not carry a password: use PGPASSWORD or ~/.pgpass")
         # Load the tokenizer now, so that the first estimate does not wait for it.
         threading.Thread(target=estimate.encoding, args=(estimate.DEFAULT,), daemon=True).start()
         self._close_database()  # what an open that failed had started
+        self.lease = lease = max(1, ctx.options.meterproxy_lease)
+        gateway = GATEWAYS.get(target) or new_gateway(lease)
         try:
-            first = hold_database(path)
-            self.store_thread = StoreThread(path)
-            # Before any admission: rows still pending were interrupted by the last stop.
-            interrupted = self.store_thread.submit(Store.recover, writes=True).result() if first else 0
-            self.writer = LedgerWriter(path)
+            self.store_thread = StoreThread(target, every=((lease / 4, self._renew),))
+            interrupted = 0
+            if target not in GATEWAYS:  # before any admission: what its dead predecessors left
+                interrupted = self.store_thread.submit(lambda store: _register(store, gateway), writes=True).result()
+            self.writer = LedgerWriter(target)
         except Exception as error:
-            raise exceptions.OptionsError(f"cannot open {path}: {error}") from None
+            raise exceptions.OptionsError(f"cannot open {_shown(target)}: {error}") from None
+        GATEWAYS[target], self.gateway = gateway, gateway
         if interrupted:
-            self.log.warning("%d requests were interrupted by the last stop; marked as errors", interrupted)
+            self.log.warning("%d requests were interrupted by gateways that stopped; marked as errors", interrupted)
+
+    def _renew(self, store: Store) -> None:
+        """Renew this gateway's lease, and interrupt the calls of gateways whose lease expired."""
+        with store.transaction():
+            if not store.renew_lease(self.gateway, lease_end(self.lease)):
+                self.log.error("this gateway's lease had expired: its calls then in flight were taken for interrupted")
+            interrupted = store.recover(dead_here)
+        if interrupted:
+            self.log.warning("%d requests of gateways that stopped were interrupted; marked as errors", interrupted)
 
     def done(self):
         """Stop, for good or for a reload. A process that stops ends the calls in flight, and
         mitmproxy tells of their end only after this: they are completed first, charged for what
-        they delivered. A reload leaves them to the next Ledger. Either way, the calls whose
-        estimates are being worked out are completed before the writer stops."""
-        if ctx.master.should_exit.is_set():
+        they delivered, and the gateway leaves the ledger. A reload leaves them to the next
+        Ledger. Either way, the calls whose estimates are being worked out are completed before
+        the writer stops."""
+        stopping = ctx.master.should_exit.is_set()
+        if stopping:
             for flow in list(IN_FLIGHT.values()):
                 self._close(flow, call_of(flow), error=STOPPED, stopping=True)
         wait(list(self.estimating))
         for working_out in list(self.estimating):
             self._estimated(working_out)
         self.estimator.shutdown()
+        if stopping and self.writer is not None:
+            self.retired = True
+            self.writer.stop()
+            self.writer = None
+            gateway = GATEWAYS.pop(self.store_thread.path)
+            self.store_thread.submit(lambda store: store.retire_gateway(gateway["id"]), writes=True).result()
         self._close_database()
 
     def _close_database(self) -> None:
@@ -149,20 +167,24 @@ class Ledger:
         if call is None or call.refusal:
             return
         started = from_timestamp(flow.request.timestamp_start)
-        body, prices, limiter = flow.request.raw_content or b"", self.prices, self.limiter
+        body, prices, gateway_id = flow.request.raw_content or b"", self.prices, self.gateway["id"]
 
         def admit(store: Store) -> None:
             if call.token is not None:
                 call.principal = store.authorize(call.token)
-            limit_rate(limiter, call, len(body))
-            store.open_request(opening_row(call, started), worst_case_hold(call, body, prices, started))
+            rate_tokens = limit_rate(store, call, len(body), started)
+            row = {**opening_row(call, started), "gateway_id": gateway_id, "rate_tokens": rate_tokens}
+            store.open_request(row, worst_case_hold(call, body, prices, started))
 
         try:
-            await self.writer.call(admit, atomic=True)
+            await self.writer.call(admit, atomic=True)  # its refusals come before its writes
         except GatewayError as error:
             refuse(flow, call, error)
             return
-        except sqlite3.OperationalError:  # not forwarded unrecorded; the writer has said why in the log
+        except LedgerUnavailable:  # not forwarded unrecorded; the writer has said why in the log
+            refuse(flow, call, ledger_unavailable())
+            return
+        if self.retired:  # the gateway stopped meanwhile and left the ledger: its row is interrupted
             refuse(flow, call, ledger_unavailable())
             return
         call.opened = True
@@ -217,7 +239,7 @@ class Ledger:
         )
         call.opened = False  # one completion per call, whichever hook comes first
         del IN_FLIGHT[call.request_id]
-        if self._stopped("the completion of %s (its row stays pending until the next start)", call.request_id):
+        if self._stopped("the completion of %s (its row is interrupted)", call.request_id):
             return
         if needs_estimate(call, outcome) and not stopping:  # the tokenizer runs off the event loop first
             working_out = self.estimator.submit(call.dialect.metered_usage, call.request_body)
@@ -236,7 +258,9 @@ class Ledger:
 
         def complete(store: Store) -> dict:
             fields, wallet_cost = closing_fields(call, outcome, prices)
-            store.complete_request(call.request_id, fields, call.principal.wallet_id, wallet_cost)
+            if not store.complete_request(call.request_id, fields, call.principal.wallet_id, wallet_cost):
+                self.log.error("%s was taken for interrupted while it ran (this gateway's lease had expired): "
+                               "not charged", call.request_id)
             return fields
 
         self.writer.post(complete, atomic=True, then=lambda fields: self._settled(flow, call, outcome, fields))
@@ -279,3 +303,14 @@ class Ledger:
         if self.writer is None:
             self.log.warning("the ledger has stopped: " + what + " is not recorded", *args)
         return self.writer is None
+
+
+def _register(store: Store, gateway: dict) -> int:
+    """Join the ledger's gateways, and interrupt the calls of those that are gone."""
+    store.register_gateway(gateway)
+    return store.recover(dead_here)
+
+
+def _shown(target: str) -> str:
+    """The database's name as a log may show it."""
+    return target.split("?", 1)[0]

@@ -3,28 +3,33 @@ tokens per minute from its product (429 with Retry-After and OpenAI's x-ratelimi
 The rate limit is checked in the ledger's admission (it needs the product); either refusal
 comes before the pending row, so it is audited and never charged."""
 
+from datetime import datetime
+
 from mitmproxy import ctx, http
 
 from addons.calls import call_of, fail_closed, refuse
 from meterproxy.call import Call
 from meterproxy.errors import GatewayError
-from meterproxy.limits import RateLimiter
+from meterproxy.store import Store
 
 BYTES_PER_TOKEN = 4  # the usual estimate for a prompt's size in tokens
 
 
-def limit_rate(limiter: RateLimiter, call: Call, body_size: int) -> None:
-    """Count the call against its connection's limits; GatewayError 429 when over."""
+def limit_rate(store: Store, call: Call, body_size: int, now: datetime) -> int | None:
+    """Judge the call against its connection's limits, counted over every gateway's admissions
+    (in the admission's transaction); GatewayError 429 when over. The tokens its row counts
+    against the limits, None when the connection has none."""
     limits = call.principal.limits
     if limits is None or not limits.active:
-        return
+        return None
     worst = call.dialect.worst_case(call.request_body or {}, body_size // BYTES_PER_TOKEN) if call.dialect else None
     tokens = worst.input_tokens + worst.output_tokens if worst else body_size // BYTES_PER_TOKEN
-    verdict = limiter.admit(call.principal.connection_id, limits, tokens)
+    verdict = store.rate_window(call.principal.connection_id, now).verdict(limits, tokens, now.timestamp())
     call.rate_headers = verdict.headers
     if not verdict.allowed:
         message = "rate limit of this connection reached: retry after the Retry-After seconds"
         raise GatewayError(429, message, "rate_limit_exceeded", verdict.headers)
+    return tokens
 
 
 class Limits:

@@ -1,6 +1,8 @@
 """Reading the ledger: filtered, paginated listings and rollups (SPEC §1.4, §8).
 
-Filters become one parameterised WHERE clause; pages are keyed on (created_at, request_id),
+Backend-agnostic (meterproxy/database.py): the same calls read a SQLite or a PostgreSQL ledger,
+and give rows in one shape (money as exact text, times as ISO 8601 UTC). Filters become one
+parameterised WHERE clause; pages are keyed on (created_at, request_id),
 newest first, so a cursor stays valid while rows are added. Rollups add costs as Decimal in
 Python: SQLite would add the 10-decimal strings as floats.
 """
@@ -11,8 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-import sqlite_utils
-
+from meterproxy.database import Database
 from pricing.money import ZERO, money_text
 
 COSTS = ("total_cost", "wallet_cost", "merchant_cost")
@@ -41,22 +42,24 @@ class LedgerFilter:
     created_after: str | None = None  # ISO 8601, inclusive
     created_before: str | None = None  # ISO 8601, exclusive
 
-    def where(self) -> tuple[str, list]:
+    def where(self, db: Database) -> tuple[str, list]:
+        """One parameterised WHERE clause, in the backend's dialect where it has one (JSON)."""
         clauses, params = [], []
         for column in ("merchant_id", "connection_id", "product_id", "model", "status"):
             if getattr(self, column) is not None:
                 clauses.append(f"{column} = ?")
                 params.append(getattr(self, column))
         for key, value in self.metadata.items():
-            clauses.append("json_extract(metadata, ?) = ?")
-            params += [f'$."{key}"', value]
+            field, field_params = db.json_text("metadata", key)
+            clauses.append(f"{field} = ?")
+            params += [*field_params, value]
         if self.created_after:
             clauses.append("created_at >= ?")
             params.append(self.created_after)
         if self.created_before:
             clauses.append("created_at < ?")
             params.append(self.created_before)
-        return " and ".join(clauses) or "1", params
+        return " and ".join(clauses) or "1 = 1", params
 
 
 def encode_cursor(row: dict) -> str:
@@ -74,11 +77,9 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     return created_at, request_id
 
 
-def page(
-    db: sqlite_utils.Database, where: LedgerFilter, cursor: str | None, limit: int
-) -> tuple[list[dict], str | None]:
+def page(db: Database, where: LedgerFilter, cursor: str | None, limit: int) -> tuple[list[dict], str | None]:
     """One page of rows, newest first, and the cursor of the next page (None on the last)."""
-    clause, params = where.where()
+    clause, params = where.where(db)
     if cursor:
         clause += " and (created_at, request_id) < (?, ?)"
         params += list(decode_cursor(cursor))
@@ -86,8 +87,8 @@ def page(
     return rows[:limit], encode_cursor(rows[limit - 1]) if len(rows) > limit else None
 
 
-def matching(db: sqlite_utils.Database, where: LedgerFilter) -> Iterator[dict]:
-    clause, params = where.where()
+def matching(db: Database, where: LedgerFilter) -> Iterator[dict]:
+    clause, params = where.where(db)
     return db["requests"].rows_where(clause, params)
 
 
@@ -126,7 +127,7 @@ def rollup(rows: Iterable[dict], by: str) -> list[dict]:
     ]
 
 
-def wallet_ids(db: sqlite_utils.Database, merchant_id: str | None) -> list[str]:
+def wallet_ids(db: Database, merchant_id: str | None) -> list[str]:
     """The wallets a merchant's connections draw on (every wallet for None, the operator)."""
     if merchant_id is None:
         return [wallet_id for (wallet_id,) in db.execute("SELECT id FROM wallets ORDER BY id")]
@@ -134,7 +135,7 @@ def wallet_ids(db: sqlite_utils.Database, merchant_id: str | None) -> list[str]:
     return [wallet_id for (wallet_id,) in db.execute(query, [merchant_id])]
 
 
-def names(db: sqlite_utils.Database, merchant_id: str | None) -> dict[str, str]:
+def names(db: Database, merchant_id: str | None) -> dict[str, str]:
     """What a person calls a merchant, its products and its connections (a connection by its
     wallet); every merchant's for None, the operator."""
     mine, params = ("WHERE {}merchant_id = ?", [merchant_id]) if merchant_id else ("", [])
@@ -148,7 +149,7 @@ def names(db: sqlite_utils.Database, merchant_id: str | None) -> dict[str, str]:
     return {row_id: name for row_id, name in [*merchants, *products, *connections]}
 
 
-def cache_stats(db: sqlite_utils.Database, merchant_id: str | None = None) -> list[dict]:
+def cache_stats(db: Database, merchant_id: str | None = None) -> list[dict]:
     """Per product: answers kept, their hits, the share of the product's completed requests
     answered from the cache, and the provider cost those hits saved (exact)."""
     mine, params = ("WHERE merchant_id = ?", [merchant_id]) if merchant_id else ("", [])

@@ -1,143 +1,44 @@
-"""The SQLite database: merchants, products, wallets, connections, the ledger and the audit log.
+"""The ledger database: merchants, products, wallets, connections, the ledger, the audit log,
+the response cache and the gateways' leases, on SQLite or PostgreSQL (meterproxy/database.py).
 
-One file in WAL mode, shared by the gateway (its `LedgerWriter` and `StoreThread`) and the
-`meterproxy` admin command. Money is stored as exact 10-decimal strings; secrets only as
-SHA-256 hashes (they are 256-bit random, so a plain hash is enough and lookups stay indexed).
+Shared by any number of gateways (each a `LedgerWriter` and a `StoreThread`) and the
+`meterproxy` admin command. Nothing a gateway remembers can let two gateways spend the same
+money: a wallet's available balance is checked by the statement that takes the hold. Principals
+are remembered for at most PRINCIPAL_STALENESS, so a revoked connection is refused everywhere
+within it. Money is exact (10-decimal text on SQLite, NUMERIC on PostgreSQL); secrets are stored
+only as SHA-256 hashes (they are 256-bit random, so a plain hash is enough and lookups stay
+indexed).
 """
 
 import hashlib
 import hmac
 import json
 import secrets
-import sqlite3
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import sqlite_utils
 
+from meterproxy.database import PG_TYPES, open_database
 from meterproxy.errors import GatewayError
 from meterproxy.ids import new_id
-from meterproxy.limits import ProductLimits
+from meterproxy.limits import ProductLimits, RateWindow
+from meterproxy.schema import FEE_COLUMNS, LIMIT_COLUMNS, REQUEST_COLUMNS, migrate
 from meterproxy.token import ForwardToken
 from pricing.fees import ProductFees
 from pricing.money import ZERO, money_text
 
-TOKEN_COLUMNS = {
-    "input_tokens": int,
-    "output_tokens": int,
-    "cached_input_tokens": int,
-    "cache_write_tokens": int,
-    "reasoning_tokens": int,
-    "input_characters": int,
-    "output_characters": int,
-    "input_seconds": str,
-    "output_seconds": str,
-}
-LEDGER_COLUMNS = {
-    "request_id": str,
-    "status": str,
-    "provider": str,
-    "endpoint": str,
-    "key_mode": str,
-    "model": str,
-    "provider_response_id": str,
-    "connection_id": str,
-    "product_id": str,
-    "merchant_id": str,
-    "wallet_id": str,
-    "metadata": str,
-    **TOKEN_COLUMNS,
-    "usage_source": str,
-    "stream": int,
-    "cache_hit": int,
-    "attempts": int,
-    "upstream_status": int,
-    "error_message": str,
-    "total_cost": str,
-    "wallet_cost": str,
-    "merchant_cost": str,
-    "created_at": str,
-    "completed_at": str,
-    "latency_ms": int,
-    "ttfb_ms": int,
-}
-
-
-ACCOUNT = {"id": str, "created_at": str}
-FEE_COLUMNS = {name: str for name in ProductFees.model_fields}
-LIMIT_COLUMNS = {name: int for name in ProductLimits.model_fields}
-SCHEMA = {
-    "merchants": ({**ACCOUNT, "name": str, "secret_hash": str}, {"pk": "id"}),
-    "products": (
-        {
-            **ACCOUNT,
-            "merchant_id": str,
-            "name": str,
-            "secret_hash": str,
-            **FEE_COLUMNS,
-            **LIMIT_COLUMNS,
-            "cache_ttl": int,
-        },
-        {"pk": "id", "foreign_keys": [("merchant_id", "merchants")]},
-    ),
-    "wallets": ({**ACCOUNT, "name": str, "balance": str}, {"pk": "id"}),
-    "connections": (
-        {**ACCOUNT, "merchant_id": str, "wallet_id": str, "secret_hash": str, "revoked_at": str},
-        {"pk": "id", "foreign_keys": [("merchant_id", "merchants"), ("wallet_id", "wallets")]},
-    ),
-    # `held`: the worst-case cost held on the wallet when the call was admitted. A wallet can
-    # spend its balance less what its `pending` rows hold.
-    "requests": ({**LEDGER_COLUMNS, "held": str}, {"pk": "request_id"}),
-    # Answers kept for the same question (addons/cache.py); one merchant's never reach another.
-    "cache_entries": (
-        {
-            "key": str,
-            "merchant_id": str,
-            "product_id": str,
-            "provider": str,
-            "endpoint": str,
-            "content_type": str,
-            "body": bytes,
-            "usage": str,  # the metered usage of the answer, JSON: a hit is metered with it
-            "provider_cost": str,  # what the answer cost: each hit saves it
-            "created_at": str,
-            "expires_at": str,
-            "hits": int,
-        },
-        {"pk": "key"},
-    ),
-    "audit": (
-        {
-            "id": int,
-            "created_at": str,
-            "request_id": str,
-            "status": int,
-            "code": str,
-            "reason": str,
-            "client_address": str,
-            "target_host": str,
-        },
-        {"pk": "id"},
-    ),
-}
-INDEXES = (
-    ("merchants", ["secret_hash"], True),
-    ("products", ["secret_hash"], True),
-    ("connections", ["secret_hash"], True),
-    ("requests", ["merchant_id", "created_at"], False),
-)
-# Only the rows in flight: a small index that the hot path keeps hot, for the holds of a wallet
-# and for the recovery after a crash.
-PENDING_INDEX = "CREATE INDEX IF NOT EXISTS requests_pending ON requests (wallet_id) WHERE status = 'pending'"
-# What earlier versions had: a table of holds and an index of every row's status.
-OBSOLETE = ("DROP TABLE IF EXISTS holds", "DROP INDEX IF EXISTS idx_requests_status")
 MAX_REMEMBERED = 10_000  # principals kept in memory; all are forgotten when there are more
+PRINCIPAL_STALENESS = 0.5  # seconds a principal is remembered: a revocation reaches every gateway within it
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file keeps when it starts over
 RESTART_PATIENCE_MS = 20  # the longest a checkpoint holds writers off, waiting for a reader
 INTERRUPTED = "interrupted: the gateway stopped before the call completed"
+INSUFFICIENT = ("wallet balance cannot cover this request", "insufficient_balance")
 
 
 IDEMPOTENT_FIELDS = (
@@ -194,78 +95,59 @@ class Principal:
 
 
 class Store:
-    def __init__(self, path: str | Path, busy_timeout: float = 30, checkpoints: bool = True):
-        """`busy_timeout`: seconds to wait for another connection's write lock. `checkpoints`:
-        False leaves the WAL's checkpoints (which fsync) to another connection."""
-        conn = sqlite3.connect(str(path), timeout=busy_timeout, check_same_thread=False)
-        self.db = sqlite_utils.Database(conn)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # in WAL: durable across process crashes
-        self._busy_timeout_ms = int(busy_timeout * 1000)
-        self.db.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
-        self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")  # the WAL shrinks back when it starts over
-        if not checkpoints:
-            self.db.execute("PRAGMA wal_autocheckpoint=0")
-        self.ensure_schema()
-        # What the gateway's writer keeps between transactions: principals by their token's
-        # secrets, and each wallet's [balance, held]. Accounts change rarely, and but for the
-        # gateway's own holds and debits only through other connections (the admin command):
-        # SQLite's data_version tells when another connection has committed, and then all of it
-        # is forgotten, as it is when a transaction or savepoint rolls back.
-        self._data_version: int | None = None
-        self._principals: dict[tuple, Principal] = {}
-        self._wallets: dict[str, list[Decimal]] = {}
-        # Wallets debited in memory and not yet written: written once each, before a commit
-        # (or a savepoint), however many calls of the batch they paid for.
-        self._unsettled: set[str] = set()
+    def __init__(self, target: str | Path, busy_timeout: float = 30, checkpoints: bool = True):
+        """`target`: a SQLite file or a PostgreSQL URL. `busy_timeout`: seconds to wait for
+        another SQLite connection's write lock. `checkpoints`: False leaves SQLite's WAL
+        checkpoints (which fsync) to another connection."""
+        self.db = open_database(target, busy_timeout)
+        if self.db.kind == "sqlite":
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # in WAL: durable across process crashes
+            self._busy_timeout_ms = int(busy_timeout * 1000)
+            self.db.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+            self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")  # the WAL shrinks back when it starts over
+            if not checkpoints:
+                self.db.execute("PRAGMA wal_autocheckpoint=0")
+        self.migrated = migrate(self.db)
+        # Principals by their token's secrets, each with the moment it must be read again.
+        self.clock = time.monotonic
+        self._principals: dict[tuple, tuple[Principal, float]] = {}
 
     def close(self) -> None:
         self.db.close()
 
     @contextmanager
     def transaction(self, immediate: bool = True):
-        """A transaction that, by default, takes the write lock up front, so that it waits for
-        other writers (busy_timeout) instead of failing on a lock upgrade. `immediate=False`
+        """A transaction that, by default, takes SQLite's write lock up front, so that it waits
+        for other writers (busy_timeout) instead of failing on a lock upgrade. `immediate=False`
         for reading: a consistent snapshot that holds no lock."""
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-        version = conn.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._data_version:
-            self._data_version = version
-            self.forget()
+        self.db.begin(immediate)
         try:
             yield self
-            self._settle()
         except BaseException:
-            conn.rollback()
-            self.forget()
+            self.db.rollback()
             raise
-        conn.commit()
+        self.db.commit()
 
     @contextmanager
     def savepoint(self):
         """A nested transaction: an exception undoes only what ran inside it."""
-        conn = self.db.conn
-        self._settle()  # what ran before it stays, whatever happens inside
-        conn.execute("SAVEPOINT job")
+        self.db.execute("SAVEPOINT job")
         try:
             yield self
         except BaseException:
-            if conn.in_transaction:  # on some errors (a full disk) SQLite has ended it all itself
-                conn.execute("ROLLBACK TO job")
-                conn.execute("RELEASE job")
-            self.forget()
+            if self.db.in_transaction:  # on some errors (a full disk) SQLite has ended it all itself
+                self.db.execute("ROLLBACK TO job")
+                self.db.execute("RELEASE job")
             raise
-        conn.execute("RELEASE job")
+        self.db.execute("RELEASE job")
 
     def forget(self) -> None:
-        """Drop what is remembered of accounts and wallets: read them again when next needed."""
+        """Drop the principals remembered: read them again when next needed."""
         self._principals.clear()
-        self._wallets.clear()
-        self._unsettled.clear()
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database file, and let the next write start the WAL over.
+        """SQLite: copy the WAL into the database file, and let the next write start the WAL over.
 
         A passive checkpoint alone never catches up with a steady stream of writes (frames keep
         coming while it copies), and then the WAL grows without end, and every read with it. So
@@ -274,6 +156,8 @@ class Store:
         writer tries again a few milliseconds later). A RESTART also waits for readers of older
         snapshots, and holds writers off while it waits: it is tried only when no reader kept the
         passive copy from finishing, and it gives up after RESTART_PATIENCE_MS."""
+        if self.db.kind != "sqlite":
+            return
         _, frames, copied = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         if copied < frames:
             return  # a reader still needs part of the WAL: the next checkpoint tries again
@@ -282,20 +166,6 @@ class Store:
             self.db.execute("PRAGMA wal_checkpoint(RESTART)")
         finally:
             self.db.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
-
-    def ensure_schema(self) -> None:
-        """Create the tables, or bring an older database's tables up to this schema."""
-        for table, (columns, extra) in SCHEMA.items():
-            if self.db[table].exists():
-                missing = {name: kind for name, kind in columns.items() if name not in self.db[table].columns_dict}
-                for name, kind in missing.items():
-                    self.db[table].add_column(name, kind)
-            else:
-                self.db[table].create(columns, **extra)
-        for table, columns, unique in INDEXES:
-            self.db[table].create_index(columns, unique=unique, if_not_exists=True)
-        for statement in (PENDING_INDEX, *OBSOLETE):
-            self.db.execute(statement)
 
     # --- administration -------------------------------------------------------------------
 
@@ -313,29 +183,29 @@ class Store:
         return self._create("products", "prd", fields, secret_prefix="psk")
 
     def create_wallet(self, name: str, balance: Decimal = ZERO) -> dict:
-        return self._create("wallets", "wal", {"name": name, "balance": money_text(balance)})[0]
+        fields = {"name": name, "balance": money_text(balance), "held": money_text(ZERO)}
+        return self._create("wallets", "wal", fields)[0]
 
     def top_up(self, wallet_id: str, amount: Decimal) -> Decimal:
         with self.transaction():
-            balance = self.wallet_balance(wallet_id) + amount
-            self.db["wallets"].update(wallet_id, {"balance": money_text(balance)})
-        self.forget()
-        return balance
+            self._require("wallets", wallet_id)
+            self.db.execute("UPDATE wallets SET balance = money_add(balance, ?) WHERE id = ?", [str(amount), wallet_id])
+            return self.wallet_balance(wallet_id)
 
     def wallet_balance(self, wallet_id: str) -> Decimal:
-        found = self.db.execute("SELECT balance FROM wallets WHERE id = ?", [wallet_id]).fetchone()
+        found = self.db.scalar("SELECT balance FROM wallets WHERE id = ?", [wallet_id])
         if found is None:
             raise KeyError(f"no wallet {wallet_id}")
-        return Decimal(found[0])
+        return Decimal(found)
 
     def held(self, wallet_id: str) -> Decimal:
         """What the wallet's requests in flight hold."""
-        query = "SELECT held FROM requests WHERE wallet_id = ? AND status = 'pending'"
-        return sum((Decimal(amount) for (amount,) in self.db.execute(query, [wallet_id]) if amount), ZERO)
+        return Decimal(self.db.scalar("SELECT held FROM wallets WHERE id = ?", [wallet_id]) or 0)
 
     def wallet(self, wallet_id: str) -> dict:
         """The wallet with what it holds for requests in flight and what it can still spend."""
-        wallet, held = self._require("wallets", wallet_id), self.held(wallet_id)
+        wallet = self._require("wallets", wallet_id)
+        held = Decimal(wallet["held"] or 0)
         return {**wallet, "held": money_text(held), "available": money_text(Decimal(wallet["balance"]) - held)}
 
     def create_connection(self, merchant_id: str, wallet_id: str) -> tuple[dict, str]:
@@ -354,15 +224,14 @@ class Store:
         if secret:
             row["secret_hash"] = hash_secret(secret)
         with self.transaction():
-            self.db[table].insert(row)
-        self.forget()
+            self._insert(table, row)
         return row, secret
 
     def revoke_connection(self, connection_id: str) -> None:
+        """Refused by every gateway within PRINCIPAL_STALENESS."""
         self._require("connections", connection_id)
         with self.transaction():
-            self.db["connections"].update(connection_id, {"revoked_at": utc_now()})
-        self.forget()
+            self.db.execute("UPDATE connections SET revoked_at = ? WHERE id = ?", [utc_now(), connection_id])
 
     def _require(self, table: str, row_id: str) -> dict:
         try:
@@ -371,21 +240,21 @@ class Store:
             raise KeyError(f"no {table[:-1]} {row_id}") from None
 
     # --- the gateway's side (called in the writer's transactions) -------------------------------
-    # `open_request` and `complete_request` each write with one statement, after every check
-    # that can refuse (debits are written at commit): the writer runs the ledger's jobs, which
-    # call them, without savepoints, since one that fails has written nothing.
+    # Every check that can refuse comes before the first write, and each write that moves money
+    # checks and moves it in one statement.
 
     def authorize(self, token: ForwardToken) -> Principal:
-        """The principal a token's secrets name (401 if none), remembered by them (the decoded
-        tokens themselves are kept too, by `decode_token`)."""
+        """The principal a token's secrets name (401 if none), remembered by them for at most
+        PRINCIPAL_STALENESS (the decoded tokens themselves are kept too, by `decode_token`)."""
         key = (token.secret_key, token.connection_secret, token.product_secret)
-        principal = self._principals.get(key)
-        if principal is None:
+        now = self.clock()
+        principal, fresh_until = self._principals.get(key, (None, 0.0))
+        if principal is None or now >= fresh_until:
             merchant = self.merchant(token.secret_key)
             principal = self.principal(merchant["id"], token.connection_secret, token.product_secret)
             if len(self._principals) >= MAX_REMEMBERED:
                 self._principals.clear()
-            self._principals[key] = principal
+            self._principals[key] = (principal, now + PRINCIPAL_STALENESS)
         return principal
 
     def merchant(self, secret_key: str) -> dict:
@@ -413,64 +282,76 @@ class Store:
     def _by_secret(self, table: str, secret: str, merchant_id: str | None = None) -> dict | None:
         """The row a secret names, if it belongs to `merchant_id` (when given)."""
         digest = hash_secret(secret)
-        cursor = self.db.execute(f"SELECT * FROM {table} WHERE secret_hash = ? LIMIT 1", [digest])
-        found = cursor.fetchone()
-        row = None if found is None else dict(zip([column[0] for column in cursor.description], found))
+        row = self.db.row(f"SELECT * FROM {table} WHERE secret_hash = ? LIMIT 1", [digest])
         # The lookup compares hashes of 256-bit secrets, which tells a timing attacker nothing
         # about any secret; the comparison here is constant-time all the same.
         if row is None or not hmac.compare_digest(row["secret_hash"], digest):
             return None
         return row if merchant_id is None or row["merchant_id"] == merchant_id else None
 
+    def rate_window(self, connection_id: str, now: datetime) -> RateWindow:
+        """The connection's admissions of the last minute, on every gateway; the connection is
+        held until the transaction ends, so that no other gateway counts meanwhile."""
+        self.db.lock("connections", connection_id)
+        since = iso(now - timedelta(seconds=RateWindow.SECONDS))
+        query = (
+            "SELECT created_at, rate_tokens FROM requests WHERE connection_id = ? AND rate_tokens IS NOT NULL "
+            "AND created_at > ? ORDER BY created_at"
+        )
+        rows = self.db.rows(query, [connection_id, since])
+        return RateWindow([(parse_iso(row["created_at"]).timestamp(), row["rate_tokens"]) for row in rows])
+
     def open_request(self, row: dict, hold: Decimal) -> None:
         """Hold the request's worst-case cost on its wallet and write its `pending` row, before
-        the call goes upstream; refuse (402) when the wallet's available balance cannot cover it."""
+        the call goes upstream; refuse (402) when the wallet's available balance cannot cover
+        it, checked by the statement that takes the hold, whatever other gateways hold. On
+        PostgreSQL the hold and the row are one statement (one round trip)."""
         wallet_id = row.get("wallet_id")
         row = {**row, "status": "pending", "metadata": json.dumps(row.get("metadata") or {})}
-        if wallet_id:
-            figures = self._wallet_figures(wallet_id)
-            if figures[0] - figures[1] < hold:
-                raise GatewayError(402, "wallet balance cannot cover this request", "insufficient_balance")
-            row["held"] = money_text(hold)
+        if not wallet_id:
+            self._insert("requests", row)
+            return
+        held = row["held"] = money_text(hold)
+        take = "UPDATE wallets SET held = money_add(held, ?) WHERE id = ? AND money_covers(balance, held, ?)"
+        if self.db.kind == "postgresql":
+            columns = ", ".join(row)
+            typed = ", ".join(f"?::{PG_TYPES[REQUEST_COLUMNS[name]]}" for name in row)
+            query = f"WITH taken AS ({take} RETURNING id) INSERT INTO requests ({columns}) SELECT {typed} FROM taken"
+            if self.db.execute(query, [held, wallet_id, held, *row.values()]).rowcount != 1:
+                raise GatewayError(402, *INSUFFICIENT)
+            return
+        if self.db.execute(take, [held, wallet_id, held]).rowcount != 1:
+            raise GatewayError(402, *INSUFFICIENT)
         self._insert("requests", row)
-        if wallet_id:
-            figures[1] += Decimal(row["held"])
 
-    def complete_request(self, request_id: str, fields: dict, wallet_id: str | None, wallet_cost: Decimal) -> None:
-        """Finish the row, release its hold and debit the wallet, in one transaction."""
+    def complete_request(self, request_id: str, fields: dict, wallet_id: str | None, wallet_cost: Decimal) -> bool:
+        """Finish the row, release its hold and debit the wallet, in one transaction (on
+        PostgreSQL in one statement). False when the row was no longer pending (another gateway
+        took it for interrupted after this one's lease expired): nothing is written or charged."""
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        query = f"UPDATE requests SET {assignments} WHERE request_id = ? RETURNING held"
-        released = self.db.conn.execute(query, [*fields.values(), request_id]).fetchone()
-        # Wallet figures not remembered are read again, without this row, which is not pending now.
-        if released and released[0] and wallet_id in self._wallets:
-            self._wallets[wallet_id][1] -= Decimal(released[0])
-        if wallet_id and wallet_cost:
-            self._debit(wallet_id, wallet_cost)
-
-    def _wallet_figures(self, wallet_id: str) -> list[Decimal]:
-        """The wallet's [balance, held], remembered; the caller updates it with what it writes."""
-        figures = self._wallets.get(wallet_id)
-        if figures is None:
-            figures = self._wallets[wallet_id] = [self.wallet_balance(wallet_id), self.held(wallet_id)]
-        return figures
+        finish = f"UPDATE requests SET {assignments} WHERE request_id = ? AND status = 'pending' RETURNING held"
+        cost = money_text(wallet_cost)
+        if self.db.kind == "postgresql":
+            query = (
+                f"WITH done AS ({finish}), charged AS (UPDATE wallets SET held = money_sub(wallets.held, done.held), "
+                "balance = money_sub(wallets.balance, ?) FROM done WHERE wallets.id = ?) SELECT COUNT(*) FROM done"
+            )
+            return self.db.scalar(query, [*fields.values(), request_id, cost, wallet_id]) == 1
+        released = self.db.execute(finish, [*fields.values(), request_id]).fetchone()
+        if released is None:
+            return False
+        if wallet_id and (released[0] or wallet_cost):
+            self.db.execute(
+                "UPDATE wallets SET held = money_sub(held, ?), balance = money_sub(balance, ?) WHERE id = ?",
+                [str(released[0] or 0), cost, wallet_id],
+            )
+        return True
 
     def _insert(self, table: str, row: dict) -> None:
         """A plain INSERT: the gateway's hot path, where the table's shape is known."""
         columns = ", ".join(row)
         marks = ", ".join("?" * len(row))
-        self.db.conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
-
-    def _debit(self, wallet_id: str, amount: Decimal) -> None:
-        """In memory; written by `_settle`, within the same transaction."""
-        figures = self._wallet_figures(wallet_id)
-        figures[0] = Decimal(money_text(figures[0] - amount))
-        self._unsettled.add(wallet_id)
-
-    def _settle(self) -> None:
-        for wallet_id in self._unsettled:
-            balance = money_text(self._wallets[wallet_id][0])
-            self.db.conn.execute("UPDATE wallets SET balance = ? WHERE id = ?", [balance, wallet_id])
-        self._unsettled.clear()
+        self.db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
 
     def record_usage(self, row: dict, wallet_id: str | None, wallet_cost: Decimal) -> tuple[dict, bool]:
         """A finished row for usage metered elsewhere, charged at once; idempotent on its
@@ -481,22 +362,24 @@ class Store:
                 raise GatewayError(409, "request_id was already used for other figures", "request_id_conflict")
             return existing, False
         if wallet_id:
-            balance, held = self._wallet_figures(wallet_id)
-            if balance - held < wallet_cost:
-                raise GatewayError(402, "wallet balance cannot cover this request", "insufficient_balance")
-        self.db["requests"].insert({**row, "metadata": json.dumps(row["metadata"])})
-        if wallet_id and wallet_cost:
-            self._debit(wallet_id, wallet_cost)
+            cost = money_text(wallet_cost)
+            charged = self.db.execute(
+                "UPDATE wallets SET balance = money_sub(balance, ?) WHERE id = ? AND money_covers(balance, held, ?)",
+                [cost, wallet_id, cost],
+            )
+            if charged.rowcount != 1:
+                raise GatewayError(402, *INSUFFICIENT)
+        self._insert("requests", {**row, "metadata": json.dumps(row["metadata"])})
         return self.request(row["request_id"]), True
 
     def cached(self, key: str, now: str) -> dict | None:
         """The live entry for `key`, counted as a hit."""
         query = "SELECT content_type, body, usage FROM cache_entries WHERE key = ? AND expires_at > ?"
-        found = self.db.execute(query, [key, now]).fetchone()
+        found = self.db.row(query, [key, now])
         if found is None:
             return None
         self.db.execute("UPDATE cache_entries SET hits = hits + 1 WHERE key = ?", [key])
-        return {"content_type": found[0], "body": found[1], "usage": json.loads(found[2])}
+        return {**found, "usage": json.loads(found["usage"])}
 
     def keep(self, entry: dict, max_bytes: int) -> None:
         """Store an answer, replacing an older one for the same question; then drop expired
@@ -504,7 +387,7 @@ class Store:
         stale = "DELETE FROM cache_entries WHERE key = ? OR expires_at <= ?"
         self.db.execute(stale, [entry["key"], entry["created_at"]])
         self._insert("cache_entries", {**entry, "hits": 0})
-        total = self.db.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM cache_entries").fetchone()[0]
+        total = self.db.scalar("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM cache_entries")
         for key, size in self.db.execute("SELECT key, LENGTH(body) FROM cache_entries ORDER BY created_at").fetchall():
             if total <= max_bytes:
                 break
@@ -515,16 +398,47 @@ class Store:
         with self.transaction():
             return self.db.execute("DELETE FROM cache_entries WHERE product_id = ?", [product_id]).rowcount
 
-    def recover(self) -> int:
-        """After a crash or a restart: no row stays `pending` and no hold stays open."""
+    # --- leases: many gateways on one ledger (meterproxy/leases.py) -----------------------------
+
+    def register_gateway(self, gateway: dict) -> None:
+        self._insert("gateways", gateway)
+
+    def renew_lease(self, gateway: dict, lease_until: str) -> bool:
+        """Extend the gateway's lease; False if its row was gone (its lease had expired and
+        another gateway had taken its calls), and then it is registered again."""
+        renewed = self.db.execute("UPDATE gateways SET lease_until = ? WHERE id = ?", [lease_until, gateway["id"]])
+        if renewed.rowcount == 1:
+            return True
+        self.register_gateway({**gateway, "lease_until": lease_until})
+        return False
+
+    def retire_gateway(self, gateway_id: str) -> int:
+        """A gateway's clean stop: whatever it leaves pending is interrupted now."""
+        self.db.execute("DELETE FROM gateways WHERE id = ?", [gateway_id])
+        return self.recover()
+
+    def recover(self, gone: Callable[[dict], bool] = lambda gateway: False) -> int:
+        """Interrupt the calls of gateways that are gone: whose lease has expired, or that
+        `gone` says are (a dead process on this machine), or whose row is missing. Their
+        pending rows become `error` rows that charge nothing, and their holds are released."""
         now = utc_now()
-        cursor = self.db.execute(
+        for gateway in self.db.rows("SELECT * FROM gateways"):
+            if gateway["lease_until"] < now or gone(gateway):
+                self.db.execute("DELETE FROM gateways WHERE id = ?", [gateway["id"]])
+        interrupted = self.db.rows(
             "UPDATE requests SET status = 'error', error_message = ?, completed_at = ?, "
-            "total_cost = ?, wallet_cost = ?, merchant_cost = ? WHERE status = 'pending'",
+            "total_cost = ?, wallet_cost = ?, merchant_cost = ? WHERE status = 'pending' "
+            "AND (gateway_id IS NULL OR gateway_id NOT IN (SELECT id FROM gateways)) RETURNING wallet_id, held",
             [INTERRUPTED, now, *[money_text(ZERO)] * 3],
         )
-        self.forget()
-        return cursor.rowcount
+        released: dict[str, Decimal] = {}
+        for row in interrupted:
+            if row["wallet_id"] and row["held"]:
+                released[row["wallet_id"]] = released.get(row["wallet_id"], ZERO) + Decimal(row["held"])
+        for wallet_id, amount in released.items():
+            release = "UPDATE wallets SET held = money_sub(held, ?) WHERE id = ?"
+            self.db.execute(release, [money_text(amount), wallet_id])
+        return len(interrupted)
 
     def record_audit(self, entry: dict) -> None:
         self._insert("audit", entry)
@@ -532,8 +446,12 @@ class Store:
     # --- reading -----------------------------------------------------------------------------
 
     def request(self, request_id: str) -> dict | None:
-        rows = self.db["requests"].rows_where("request_id = ?", [request_id])
-        return next(iter(rows), None)
+        return self.db.row("SELECT * FROM requests WHERE request_id = ?", [request_id])
 
     def recent_requests(self, limit: int = 20) -> list[dict]:
-        return list(self.db["requests"].rows_where(order_by="created_at desc, request_id desc", limit=limit))
+        return self.db.rows("SELECT * FROM requests ORDER BY created_at DESC, request_id DESC LIMIT ?", [limit])
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+

@@ -1,9 +1,11 @@
 """The gateway's database work, kept from ever blocking mitmproxy's event loop for long.
 
-`LedgerWriter` runs the ledger's writes on the event loop itself. Jobs (functions of a `Store`)
+`LedgerWriter` runs the ledger's writes on the event loop itself for SQLite, and on a thread of
+its own for PostgreSQL, whose round trips to a server must never hold the loop. Jobs (functions of a `Store`)
 submitted during one turn of the loop run together right after it: one transaction, in which a
-failing job takes nothing else with it: a job either writes with one statement, its last (the
-ledger's hot jobs, `atomic`), or runs in a savepoint of its own. A job's future resolves only
+failing job takes nothing else with it: a job either refuses before it writes (the ledger's hot
+jobs, `atomic`: a statement of theirs that fails has the batch run again with savepoints), or
+runs in a savepoint of its own. A job's future resolves only
 once its batch has committed, so an awaited `pending` row is on disk before the call goes out.
 Completions, which nobody waits for, are posted: they gather for a few milliseconds and commit in
 batches of their own, so that an admission never waits for another call's completion.
@@ -14,28 +16,28 @@ later instead of waited for, and checkpoints (which fsync) run on the `StoreThre
 
 A database that cannot be written (locked for longer than LOCKED_PATIENCE, or full, or failing)
 fails the jobs somebody waits for, so that their calls are refused rather than forwarded
-unrecorded; a full or failing one at once. Jobs that record what has happened (completions,
-audit entries: every posted job, and the submitted ones marked `keep`) are never given up while
-the gateway runs: they stay queued and are tried again until the database takes them.
+unrecorded; a full or failing one, or a PostgreSQL server that cannot be reached, at once.
+Jobs that record what has happened (completions, audit entries: every posted job, and the
+submitted ones marked `keep`) are never given up while the gateway runs: they stay queued and
+are tried again until the database takes them (a PostgreSQL connection that the server dropped
+is made again, see meterproxy/database.py).
 
-`StoreThread` is one thread with its own connection for work that may take long and that no
-call's admission waits on: the metering API's reports, the response cache's bodies, and a WAL
-checkpoint every second.
+The `StoreThread` (meterproxy/store_thread.py) does the work that may take long and that no
+call's admission waits on.
 """
 
 import asyncio
 import logging
-import queue
 import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TypeVar
 
+from meterproxy.database import LedgerUnavailable
 from meterproxy.store import Store
 
 T = TypeVar("T")
@@ -45,8 +47,6 @@ LOCKED_PATIENCE = 30.0  # seconds a batch keeps trying while another process hol
 FIRST_RETRY = 0.002  # seconds before the first retry; then as long as the lock has lasted, up to MAX_RETRY
 MAX_RETRY = 0.1
 BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # another connection holds the lock: it will let go
-CHECKPOINT_EVERY = 1.0  # seconds
-_STOP = object()
 
 
 class LedgerWriter:
@@ -54,6 +54,11 @@ class LedgerWriter:
         self.path = path
         self.max_batch = max_batch
         self.store = Store(path, busy_timeout=0, checkpoints=False)
+        # PostgreSQL: a round trip to a server (which may be slow, or gone) never runs on the
+        # event loop: each batch's transaction runs on this thread, one at a time.
+        self._thread = ThreadPoolExecutor(1, "meterproxy-ledger") if self.store.db.kind != "sqlite" else None
+        self._draining: asyncio.Task | None = None
+        self._in_flight: tuple | None = None  # (queue, batch, its transaction's future) on the thread
         self._urgent: deque = deque()  # jobs somebody waits for, and audit entries
         self._posted: deque = deque()  # completions: nobody waits for them
         self._soon: asyncio.Handle | None = None  # the urgent jobs' run, next turn of the loop
@@ -114,6 +119,11 @@ class LedgerWriter:
             if handle is not None:
                 handle.cancel()
         self._soon = self._later = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)  # the batch it runs ends; its jobs are resolved here
+            if self._in_flight is not None:
+                jobs, batch, attempt = self._in_flight
+                self._after(jobs, batch, attempt.result())
         for jobs in (self._urgent, self._posted):
             while jobs:
                 if not self._flush(jobs):
@@ -122,13 +132,37 @@ class LedgerWriter:
 
     def _run_urgent(self) -> None:
         self._soon = None
-        self._drain(self._urgent)
+        if self._thread is not None:
+            self._drain_off_loop()
+        else:
+            self._drain(self._urgent)
 
     def _run(self) -> None:
         """The posted jobs' turn, or a retry after a lock: every queued job."""
         self._later, self._retrying = None, False
-        if self._drain(self._urgent):
+        if self._thread is not None:
+            self._drain_off_loop()
+        elif self._drain(self._urgent):
             self._drain(self._posted)
+
+    def _drain_off_loop(self) -> None:
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.get_running_loop().create_task(self._drain_on_thread())
+
+    async def _drain_on_thread(self) -> None:
+        """Run every queued job in batches on the writer's thread, those somebody waits for
+        first; a database that takes nothing is tried again a little later."""
+        while (jobs := self._urgent or self._posted) and not self._stopping:
+            batch = self._next_batch(jobs)
+            attempt = self._thread.submit(self._attempt, batch)
+            self._in_flight = (jobs, batch, attempt)
+            outcome = await asyncio.wrap_future(attempt)
+            if self._stopping:
+                return  # `stop` resolves it
+            self._in_flight = None
+            if not self._after(jobs, batch, outcome):
+                waited = time.monotonic() - self._locked_since
+                await asyncio.sleep(min(MAX_RETRY, max(FIRST_RETRY, waited)))
 
     def _drain(self, jobs: deque) -> bool:
         """Run `jobs` in batches; False if the database was locked, and then retry later."""
@@ -145,30 +179,47 @@ class LedgerWriter:
     def _flush(self, jobs: deque) -> bool:
         """Run the next batch of `jobs`; False if the database was locked and it should be
         tried again."""
-        batch = [jobs.popleft() for _ in range(min(self.max_batch, len(jobs)))]
+        batch = self._next_batch(jobs)
+        return self._after(jobs, batch, self._attempt(batch))
+
+    def _next_batch(self, jobs: deque) -> list:
+        return [jobs.popleft() for _ in range(min(self.max_batch, len(jobs)))]
+
+    def _attempt(self, batch: list) -> tuple[bool, object]:
+        """Run the batch's transaction: (True, the jobs' outcomes), or (False, the error that
+        kept the database from taking it: then nothing happened)."""
         started = time.perf_counter()
         try:
             outcomes = self._transact(batch)
-        except sqlite3.OperationalError as error:  # locked, busy, full or the disk: nothing happened
-            return self._not_written(jobs, batch, error)
+        except self.store.db.unavailable as error:  # locked, busy, full, the disk or the server
+            return False, error
         except Exception as error:
             log.exception("ledger batch failed")
             outcomes = [(False, error)] * len(batch)
         if self.committed is not None:
             self.committed(time.perf_counter() - started)
+        return True, outcomes
+
+    def _after(self, jobs: deque, batch: list, attempt: tuple[bool, object]) -> bool:
+        """Resolve a batch's jobs, or queue them again (see `_not_written`); False if jobs wait
+        to be tried again."""
+        written, result = attempt
+        if not written:
+            return self._not_written(jobs, batch, result)
+        outcomes = result
         if self._outage_told:
             log.warning("the ledger database takes writes again")
         self._locked_since, self._outage_told = None, False
         self._resolve(batch, outcomes)
         return True
 
-    def _not_written(self, jobs: deque, batch: list, error: sqlite3.OperationalError) -> bool:
+    def _not_written(self, jobs: deque, batch: list, error: Exception) -> bool:
         """A batch the database did not take: queued again, or failed (see the module); False
         if jobs wait to be tried again."""
         now = time.monotonic()
         if self._locked_since is None:
             self._locked_since = now
-        busy = (error.sqlite_errorcode or 0) & 0xFF in BUSY  # the primary code of an extended one
+        busy = (getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF in BUSY  # the primary code of an extended one
         if (busy or self._stopping) and now - self._locked_since < LOCKED_PATIENCE:
             jobs.extendleft(reversed(batch))
             return False
@@ -180,7 +231,7 @@ class LedgerWriter:
             _, _, _, keep = item
             (kept if keep and not self._stopping else failed).append(item)
         jobs.extendleft(reversed(kept))
-        self._resolve(failed, [(False, error)] * len(failed))
+        self._resolve(failed, [(False, LedgerUnavailable(str(error)))] * len(failed))
         return not kept
 
     @staticmethod
@@ -205,76 +256,33 @@ class LedgerWriter:
 
     def _transact(self, batch: list) -> list[tuple[bool, object]]:
         """Run the batch in one transaction, each job that is not atomic in a savepoint of its
-        own: a job that fails takes nothing else with it."""
+        own: a job that fails takes nothing else with it. An atomic job whose statement fails
+        (a constraint; on PostgreSQL that aborts the whole transaction) has the batch run again,
+        every job in a savepoint."""
+        try:
+            return self._run_batch(batch, savepoints=False)
+        except _StatementFailed:
+            return self._run_batch(batch, savepoints=True)
+
+    def _run_batch(self, batch: list, savepoints: bool) -> list[tuple[bool, object]]:
         store = self.store
         outcomes = []
+        store.db.reconnect()
         with store.transaction():
             for job, _, atomic, _ in batch:
                 try:
-                    with nullcontext() if atomic else store.savepoint():
+                    with store.savepoint() if savepoints or not atomic else nullcontext():
                         outcomes.append((True, job(store)))
-                except sqlite3.OperationalError:
+                except store.db.unavailable:
                     raise  # the database itself: retry the whole batch
+                except store.db.error as error:
+                    if atomic and not savepoints:
+                        raise _StatementFailed from error
+                    outcomes.append((False, error))
                 except Exception as error:
                     outcomes.append((False, error))
         return outcomes
 
 
-class StoreThread:
-    """Jobs one at a time on a thread of their own, each in its own transaction (a writing
-    job's takes the write lock up front, waiting for it if need be); a checkpoint every second."""
-
-    def __init__(self, path: str | Path):
-        self.path = path
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._started: Future = Future()
-        self._thread = threading.Thread(target=self._serve, name="meterproxy-store", daemon=True)
-        self._thread.start()
-        self._started.result()  # raise here if the database cannot be opened
-
-    def submit(self, job: Callable[[Store], T], writes: bool = False) -> "Future[T]":
-        future: Future = Future()
-        self._jobs.put((job, future, writes))
-        return future
-
-    async def call(self, job: Callable[[Store], T], writes: bool = False) -> T:
-        return await asyncio.wrap_future(self.submit(job, writes))
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._jobs.put(_STOP)
-            self._thread.join()
-
-    def _serve(self) -> None:
-        try:
-            store = Store(self.path)
-        except Exception as error:
-            self._started.set_exception(error)
-            return
-        self._started.set_result(None)
-        next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
-        while True:
-            try:
-                item = self._jobs.get(timeout=max(0.0, next_checkpoint - time.monotonic()))
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                break
-            if item is not None:
-                self._run(store, *item)
-            if time.monotonic() >= next_checkpoint:
-                store.checkpoint()
-                next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
-        store.close()
-
-    @staticmethod
-    def _run(store: Store, job, future: Future, writes: bool) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            with store.transaction(immediate=writes):
-                result = job(store)
-        except Exception as error:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+class _StatementFailed(Exception):
+    """A statement of a job run without a savepoint failed."""

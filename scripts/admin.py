@@ -7,7 +7,6 @@ import os
 import sys
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 
 from tabulate import tabulate
 
@@ -264,7 +263,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    store = Store(Path(args.db))
+    store = Store(args.db)
     try:
         args.handler(store, args)
     except KeyError as missing:

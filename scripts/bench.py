@@ -346,22 +346,28 @@ def start_mitmdump(fake: Fake, streaming: bool = False, forward_addon: bool = Fa
     )
 
 
-def start_meterproxy(fake: Fake, ledger: bool = True, live_page: bool = False) -> Target:
-    """meterproxy (d), or without its ledger (n), or with a dashboard client on its live page
-    (l), with an account whose token the clients send."""
+def bench_account(db: str | Path) -> str:
+    """A merchant, product, funded wallet and connection in the ledger `db`: the forward token
+    the benchmark's clients send."""
     from meterproxy.store import Store
     from meterproxy.token import encode_token
     from pricing.fees import ProductFees
 
-    work = tempfile.TemporaryDirectory(prefix="bench-meterproxy-")
-    db = Path(work.name) / "ledger.sqlite"
     store = Store(db)
     merchant, secret_key = store.create_merchant("bench merchant")
     _, product_secret = store.create_product(merchant["id"], "bench product", ProductFees(fixed_fee=Decimal("0.0001")))
     wallet = store.create_wallet("bench wallet", Decimal("1000000"))
     _, connection_secret = store.create_connection(merchant["id"], wallet["id"])
     store.close()
-    token = encode_token(secret_key=secret_key, connection_secret=connection_secret, product_secret=product_secret)
+    return encode_token(secret_key=secret_key, connection_secret=connection_secret, product_secret=product_secret)
+
+
+def start_meterproxy(fake: Fake, ledger: bool = True, live_page: bool = False) -> Target:
+    """meterproxy (d), or without its ledger (n), or with a dashboard client on its live page
+    (l), with an account whose token the clients send."""
+    work = tempfile.TemporaryDirectory(prefix="bench-meterproxy-")
+    db = Path(work.name) / "ledger.sqlite"
+    token = bench_account(db)
     providers = Path(work.name) / "providers.toml"
     providers.write_text(f'[providers.openai]\nupstream = "{fake.url}/openai"\n')
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}

@@ -1,6 +1,7 @@
 import pytest
 from mitmproxy.test import taddons
 
+from tests.backends import BACKENDS, ledger_target
 from tests.harness import FakeProvider, Gateway
 
 
@@ -11,10 +12,24 @@ def fake():
     provider.stop()
 
 
+def pytest_generate_tests(metafunc):
+    """A module that sets ON_BOTH_BACKENDS runs each test that uses `backend` (its `gateway`,
+    say) on SQLite and on PostgreSQL, with one gateway per backend."""
+    if getattr(metafunc.module, "ON_BOTH_BACKENDS", False) and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", BACKENDS, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def gateway(fake, tmp_path_factory):
+def backend(request) -> str:
+    """The ledger backend of a module's gateway: SQLite, unless the module sets ON_BOTH_BACKENDS."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="module")
+def gateway(fake, backend, tmp_path_factory):
     """One gateway per test module, as the state of its tests allows."""
-    gateway = Gateway(tmp_path_factory.mktemp("gateway"), fake)
+    folder = tmp_path_factory.mktemp("gateway")
+    gateway = Gateway(folder, fake, db=ledger_target(backend, folder))
     yield gateway
     gateway.stop()
 
@@ -40,3 +55,9 @@ def _taddons_contexts_leave_no_log_handler():
     taddons.context.__exit__ = exit_and_uninstall
     yield
     taddons.context.__exit__ = original_exit
+
+
+@pytest.fixture(params=BACKENDS)
+def ledger(request, tmp_path) -> str:
+    """An empty ledger on each backend in turn: a SQLite file or a PostgreSQL database."""
+    return ledger_target(request.param, tmp_path)

@@ -113,8 +113,11 @@ class Gateway:
         env: dict[str, str] | None = None,
         more_providers: str = "",
         script: Path = ROOT / "addons" / "gateway.py",
+        db: str | None = None,
     ):
+        """`db`: the ledger (a PostgreSQL URL, say); by default a SQLite file in `tmp`."""
         self.db_path = tmp / "ledger.sqlite"
+        self.db = db or str(self.db_path)
         self.ca_cert = tmp / "mitmproxy" / "mitmproxy-ca-cert.pem"  # what clients trust in proxy mode
         providers = tmp / "providers.toml"
         providers.write_text(
@@ -143,7 +146,7 @@ class Gateway:
                 "-s",
                 "tests/leak_recorder.py",
                 "--set",
-                f"meterproxy_db={self.db_path}",
+                f"meterproxy_db={self.db}",
                 "--set",
                 f"meterproxy_providers={providers}",
             ],
@@ -152,7 +155,7 @@ class Gateway:
         )
         self.port = int(match.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
-        self.store = Store(self.db_path)
+        self.store = Store(self.db)
         GATEWAYS.append(self)
 
     def traces(self) -> bytes:

@@ -27,6 +27,7 @@ from meterproxy.providers import Registry
 from meterproxy.store import Store
 from meterproxy.stream import StreamMeter
 from meterproxy.token import encode_token
+from meterproxy.leases import DEFAULT_LEASE, new_gateway
 from meterproxy.writer import LedgerWriter
 from pricing.fees import ProductFees
 
@@ -381,6 +382,7 @@ def accounts(tmp_path):
     store.close()
     ledger = Ledger()
     ledger.writer = LedgerWriter(path)
+    ledger.gateway = new_gateway(DEFAULT_LEASE)
     auth = Auth()
     auth.managed_keys = ManagedKeys({"OPENAI_API_KEY": "sk-managed-1,sk-managed-2", "ANTHROPIC_API_KEY": "ant-managed"})
     secrets = dict(secret_key=secret_key, connection_secret=connection_secret, product_secret=product_secret)
@@ -461,8 +463,9 @@ def test_the_database_stays_while_the_gateway_runs(tmp_path):
     assert not (tmp_path / "two.sqlite").exists()
 
 
-def test_a_call_that_ends_after_the_ledger_stopped_is_left_to_the_next_start(accounts, caplog):
-    """mitmproxy may let an admission finish during a stop, after the ledger's `done`."""
+def test_a_call_that_ends_after_the_ledger_stopped_is_not_recorded_and_says_so(accounts, caplog):
+    """mitmproxy may let an admission finish during a stop, after the ledger's `done`: the
+    gateway's retirement has interrupted its row (or the next sweep will)."""
     auth, ledger, secrets = accounts
     flow = admitted(ledger, keyed(auth, "/openai/v1/chat/completions", encode_token(**secrets)))
     writer, ledger.writer = ledger.writer, None  # as `done` leaves it
@@ -472,7 +475,7 @@ def test_a_call_that_ends_after_the_ledger_stopped_is_left_to_the_next_start(acc
     finally:
         ledger.writer = writer
     request_id = call_of(flow).request_id
-    assert f"the completion of {request_id} (its row stays pending until the next start) is not recorded" in caplog.text
+    assert f"the completion of {request_id} (its row is interrupted) is not recorded" in caplog.text
     assert writer.store.request(request_id)["status"] == "pending"
 
 

@@ -4,6 +4,7 @@ creating products with every rate."""
 
 import json
 import subprocess
+import time
 from decimal import Decimal
 from types import SimpleNamespace
 
@@ -11,13 +12,15 @@ import openai
 import pytest
 
 from meterproxy.ids import new_id
-from meterproxy.store import Store, utc_now
+from meterproxy.store import PRINCIPAL_STALENESS, Store, utc_now
 from pricing.fees import Payer, ProductFees
+from tests.backends import ledger_target
 from tests.harness import make_account
 from tests.test_commands import BIN, meterproxy
 from tests.test_forward_openai import FEES, MESSAGES, client_for
 from tests.test_metering_api import api, assert_error, seed, totals, usage_body
 
+ON_BOTH_BACKENDS = True  # the gateway and the ledgers of this module's tests (tests/conftest.py)
 REPORT_COLUMNS = ["requests", "input_tokens", "output_tokens", "total_cost", "wallet_cost", "merchant_cost"]
 
 
@@ -36,9 +39,9 @@ def table(output: str) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def ledger(tmp_path_factory):
+def ledger(backend, tmp_path_factory):
     """Merchant `a` (two connections, two products, two models, three days) and merchant `b`."""
-    db = tmp_path_factory.mktemp("reports") / "ledger.sqlite"
+    db = ledger_target(backend, tmp_path_factory.mktemp("reports"))
     store = Store(db)
     a, b = make_account(store, FEES), make_account(store, FEES)
     con2, _ = store.create_connection(a.merchant_id, a.wallet_id)
@@ -134,16 +137,17 @@ def test_report_by_an_unknown_grouping_is_a_usage_error(ledger):
     assert all(grouping in result.stderr for grouping in ("connection", "product", "model", "day", "metadata.<key>"))
 
 
-def test_wallet_show_gives_balance_held_and_available(tmp_path):
-    store = Store(tmp_path / "wallets.sqlite")
+def test_wallet_show_gives_balance_held_and_available(backend, tmp_path):
+    db = ledger_target(backend, tmp_path)
+    store = Store(db)
     wallet = store.create_wallet("Customer", Decimal("5"))
     with store.transaction():  # a request in flight, as the gateway opens it
         row = {"request_id": new_id("req"), "wallet_id": wallet["id"], "created_at": utc_now(), "metadata": {}}
         store.open_request(row, Decimal("1.25"))
     store.close()
 
-    [shown] = json.loads(meterproxy(tmp_path / "wallets.sqlite", "--json", "wallet", "show", wallet["id"]))
-    header, line = table(meterproxy(tmp_path / "wallets.sqlite", "wallet", "show", wallet["id"]))
+    [shown] = json.loads(meterproxy(db, "--json", "wallet", "show", wallet["id"]))
+    header, line = table(meterproxy(db, "wallet", "show", wallet["id"]))
 
     amounts = {"balance": "5.0000000000", "held": "1.2500000000", "available": "3.7500000000"}
     assert shown == {**wallet, **amounts}
@@ -158,7 +162,8 @@ def test_a_revoked_connection_is_refused_by_the_running_gateway(gateway, fake):
     assert gateway.row(served.headers["x-lava-request-id"])["status"] == "completed"
     balance = gateway.store.wallet_balance(account.wallet_id)
 
-    [revoked] = json.loads(meterproxy(gateway.db_path, "--json", "connection", "revoke", account.connection_id))
+    [revoked] = json.loads(meterproxy(gateway.db, "--json", "connection", "revoke", account.connection_id))
+    time.sleep(PRINCIPAL_STALENESS)  # every gateway refuses it within that time (docs/ledger.md)
     with pytest.raises(openai.AuthenticationError) as refusal:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
 
@@ -182,16 +187,16 @@ def test_a_revoked_connection_is_refused_by_the_running_gateway(gateway, fake):
     ],
     ids=["connection without product", "product without connection", "nothing to bill or key"],
 )
-def test_token_mint_refuses_a_token_the_gateway_would_refuse(tmp_path, secrets, reason):
-    result = refused(tmp_path / "tokens.sqlite", "token", "mint", "--secret-key", "msk_merchant", *secrets)
+def test_token_mint_refuses_a_token_the_gateway_would_refuse(backend, tmp_path, secrets, reason):
+    result = refused(ledger_target(backend, tmp_path), "token", "mint", "--secret-key", "msk_merchant", *secrets)
 
     assert result.returncode == 2
     assert reason in result.stderr
     assert all(secret not in result.stderr for secret in ("msk_merchant", *secrets[1:]))
 
 
-def test_product_create_stores_every_rate(tmp_path):
-    db = tmp_path / "products.sqlite"
+def test_product_create_stores_every_rate(backend, tmp_path):
+    db = ledger_target(backend, tmp_path)
     [merchant] = json.loads(meterproxy(db, "--json", "merchant", "create", "Acme"))
     rates = {
         "--fixed-fee": "0.002",

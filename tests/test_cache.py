@@ -12,6 +12,8 @@ import pytest
 from pricing.fees import ProductFees
 from tests.harness import make_account
 
+ON_BOTH_BACKENDS = True  # the gateway and the ledgers of this module's tests (tests/conftest.py)
+
 FEES = ProductFees(fixed_fee=Decimal("0.001"))
 DAY = 24 * 3600
 
@@ -151,12 +153,12 @@ def test_the_admin_command_shows_hits_and_savings_and_purges(gateway, fake, tmp_
     saved_each = Decimal(missed["total_cost"]) - Decimal("0.001")
     [stats] = [
         entry
-        for entry in json.loads(meterproxy(gateway.db_path, "--json", "cache", "stats"))
+        for entry in json.loads(meterproxy(gateway.db, "--json", "cache", "stats"))
         if entry["product_id"] == account.product_id
     ]
     assert (stats["entries"], stats["hits"], stats["hit_ratio"]) == (1, 2, "0.667")
     assert Decimal(stats["saved"]) == 2 * saved_each
-    [purged] = json.loads(meterproxy(gateway.db_path, "--json", "cache", "purge", account.product_id))
+    [purged] = json.loads(meterproxy(gateway.db, "--json", "cache", "purge", account.product_id))
     assert purged["purged"] == 1
     assert ask(gateway, account, "count my savings").headers["x-meterproxy-cache"] == "miss"
 

@@ -15,6 +15,7 @@ import genai_prices
 import openai
 import pytest
 
+from meterproxy.store import PRINCIPAL_STALENESS
 from meterproxy.token import encode_token
 from pricing.fees import Payer, ProductFees
 from tests.harness import MANAGED_KEYS, SELF_HOSTED, make_account
@@ -306,11 +307,13 @@ def test_another_merchants_connection_is_refused(gateway, fake, account):
     )
 
 
-def test_a_revoked_connection_is_refused_on_the_next_request(gateway, fake):
+def test_a_revoked_connection_is_refused_once_the_remembered_principal_is_stale(gateway, fake):
+    """Within PRINCIPAL_STALENESS (under the second SPEC §9 allows every gateway)."""
     account = make_account(gateway.store)
     client_for(gateway, account.token()).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     fake.reset()
     gateway.store.revoke_connection(account.connection_id)
+    time.sleep(PRINCIPAL_STALENESS)  # the promise is about time: the next request after it
     refused(
         gateway,
         fake,

@@ -20,10 +20,12 @@ from meterproxy.errors import GatewayError
 from meterproxy.ledger import MAX_ERROR_MESSAGE, Outcome, closing_fields, opening_row, worst_case_hold
 from meterproxy.limits import ProductLimits
 from meterproxy.providers import Registry
-from meterproxy.store import INTERRUPTED, Principal, Store, hash_secret
+from meterproxy.database import LedgerUnavailable
+from meterproxy.store import INTERRUPTED, PRINCIPAL_STALENESS, Principal, Store, hash_secret
 from meterproxy.token import ForwardToken
 from meterproxy.usage import Reply, Usage
-from meterproxy.writer import POSTED_DELAY, LedgerWriter, StoreThread
+from meterproxy.store_thread import StoreThread
+from meterproxy.writer import POSTED_DELAY, LedgerWriter
 from pricing.fees import Payer, ProductFees
 from pricing.prices import ModelPrice, PriceBook
 
@@ -439,26 +441,42 @@ def test_atomic_jobs_run_without_savepoints_and_one_refused_before_writing_leave
     assert not [statement for statement in statements if "SAVEPOINT" in statement]
 
 
-def test_debits_of_a_batch_are_written_once_per_wallet_and_survive_a_failed_savepoint(store):
+def test_an_atomic_job_whose_statement_fails_has_the_batch_run_again_with_savepoints(writer):
+    """On PostgreSQL a failed statement aborts the transaction; on both, an atomic job's first
+    write may stand when its second fails: the batch runs again, each job in a savepoint."""
+    statements = []
+    writer.store.db.conn.set_trace_callback(statements.append)
+
+    def twice(store):
+        store.record_audit({"id": 7, "created_at": "t", "status": 403, "code": "c", "reason": "first of two"})
+        store.record_audit({"id": 7, "created_at": "t", "status": 403, "code": "c", "reason": "same id"})
+
+    async def scenario():
+        jobs = [insert_audit("a"), twice, insert_audit("c")]
+        return await asyncio.gather(*(writer.submit(job, atomic=True) for job in jobs), return_exceptions=True)
+
+    a, failed, c = asyncio.run(scenario())
+    assert isinstance(failed, sqlite3.IntegrityError) and (a, c) == (1, 2)
+    assert committed_reasons(writer.path) == ["a", "c"]
+    assert len([statement for statement in statements if statement.startswith("SAVEPOINT")]) == 3
+
+
+def test_debits_of_a_batch_survive_a_failed_savepoint(store):
     principal = funded_principal(store)
     wallet_id, balance = principal.wallet_id, store.wallet_balance(principal.wallet_id)
     calls = [make_call(principal=principal, request_id=f"req_{i}") for i in range(3)]
     with store.transaction():
         for call in calls:
             store.open_request(opening_row(call, STARTED), Decimal("0.1"))
-    statements = []
-    store.db.conn.set_trace_callback(statements.append)
     with store.transaction():
         store.complete_request("req_0", {"status": "completed"}, wallet_id, Decimal("0.25"))
         with pytest.raises(RuntimeError), store.savepoint():
             store.complete_request("req_1", {"status": "completed"}, wallet_id, Decimal("1"))
             raise RuntimeError("the job failed after its debit")
         store.complete_request("req_2", {"status": "completed"}, wallet_id, Decimal("0.5"))
-    store.db.conn.set_trace_callback(None)
-    assert [statement.startswith("UPDATE wallets") for statement in statements].count(True) == 2
     assert store.wallet_balance(wallet_id) == balance - Decimal("0.75")
     assert store.held(wallet_id) == Decimal("0.1")  # req_1, rolled back, is still pending
-    assert remembered_figures_are_the_databases(store, wallet_id)
+    assert held_is_the_pending_rows(store, wallet_id)
 
 
 def test_posted_jobs_commit_in_their_own_batch_without_delaying_awaited_ones(writer):
@@ -520,7 +538,6 @@ BIG = "x" * 100_000  # a reason that needs pages of its own
 def test_a_full_database_fails_the_awaited_jobs_at_once_and_keeps_the_others_until_it_has_room(writer, caplog):
     """Awaited jobs are admissions: refused at once, their calls go nowhere. The jobs that record
     what happened (completions, audit entries) wait, in memory, for the room to write them."""
-    writer.store.ensure_schema()
     fill(writer)
 
     async def scenario():
@@ -528,7 +545,7 @@ def test_a_full_database_fails_the_awaited_jobs_at_once_and_keeps_the_others_unt
         kept = writer.submit(insert_audit(BIG + "kept"), keep=True)
         refused = writer.submit(insert_audit(BIG + "refused"))
         started = time.monotonic()
-        with pytest.raises(sqlite3.OperationalError, match="full"):
+        with pytest.raises(LedgerUnavailable, match="full"):
             await refused
         waited = time.monotonic() - started
         await asyncio.sleep(0.3)  # tried again meanwhile
@@ -552,7 +569,7 @@ def test_a_lock_that_outlasts_the_patience_fails_the_awaited_jobs_and_keeps_the_
     async def scenario():
         writer.post(insert_audit("completion"))
         refused = writer.submit(insert_audit("admission"))
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
+        with pytest.raises(LedgerUnavailable, match="locked"):
             await asyncio.wait_for(refused, timeout=5)
         await asyncio.sleep(0.3)
         other.execute("COMMIT")
@@ -568,7 +585,6 @@ def test_a_lock_that_outlasts_the_patience_fails_the_awaited_jobs_and_keeps_the_
 def test_stop_gives_up_on_a_database_that_takes_no_writes_after_the_patience(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(meterproxy.writer, "LOCKED_PATIENCE", 0.2)
     writer = LedgerWriter(tmp_path / "ledger.sqlite")
-    writer.store.ensure_schema()
     fill(writer)
 
     async def scenario():
@@ -578,7 +594,7 @@ def test_stop_gives_up_on_a_database_that_takes_no_writes_after_the_patience(tmp
         return time.monotonic() - started
 
     assert 0.2 <= asyncio.run(scenario()) < 2
-    assert "ledger job failed: OperationalError('database or disk is full')" in caplog.text
+    assert "ledger job failed: LedgerUnavailable('database or disk is full')" in caplog.text
 
 
 def test_stop_finishes_every_queued_job(tmp_path):
@@ -687,8 +703,9 @@ def test_a_database_that_cannot_be_opened_fails_the_constructor(tmp_path):
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path / "accounts.sqlite")
+def store(ledger):
+    """The accounts store on each backend."""
+    store = Store(ledger)
     yield store
     store.close()
 
@@ -852,8 +869,10 @@ def test_secrets_are_stored_only_hashed(tmp_path):
         assert hash_secret(secret).encode() in closed
 
 
-def test_the_database_is_in_wal_mode(store, tmp_path):
+def test_the_sqlite_database_is_in_wal_mode(tmp_path):
+    store = Store(tmp_path / "accounts.sqlite")
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
     other = sqlite3.connect(tmp_path / "accounts.sqlite")
     try:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent, for every opener
@@ -923,49 +942,56 @@ def test_recovery_leaves_no_row_pending_and_no_hold_open(store):
     assert store.wallet(wallet_id) == {**store.wallet(wallet_id), "balance": f"{balance:.10f}", "held": "0.0000000000"}
 
 
-def remembered_figures_are_the_databases(store: Store, wallet_id: str) -> bool:
-    return store._wallet_figures(wallet_id) == [store.wallet_balance(wallet_id), store.held(wallet_id)]
+def held_is_the_pending_rows(store: Store, wallet_id: str) -> bool:
+    """The wallet's held total, kept by the statements that take and release holds, is what its
+    pending rows hold."""
+    pending = store.db.rows("SELECT held FROM requests WHERE wallet_id = ? AND status = 'pending'", [wallet_id])
+    return store.held(wallet_id) == sum((Decimal(row["held"]) for row in pending), Decimal(0))
 
 
-def test_what_the_writer_remembers_follows_commits_of_other_connections(store, tmp_path):
-    """Principals and wallet figures are remembered between transactions; the admin command's
-    top-up and revocation (another connection) are seen at the next transaction all the same."""
+def test_a_revocation_by_another_connection_is_refused_once_the_principal_is_stale(store, ledger):
+    """Principals are remembered for PRINCIPAL_STALENESS at most; money never: a top-up by the
+    admin command (another connection) is spendable at once."""
     accounts = make_accounts(store)
     principal = funded_principal(store)
     token = ForwardToken(**{name: accounts[name] for name in ("secret_key", "connection_secret", "product_secret")})
+    now = [1000.0]
+    store.clock = lambda: now[0]
     with store.transaction():
         assert store.authorize(token).connection_id == accounts["connection"]["id"]
         store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("4.5"))
-    admin = Store(tmp_path / "accounts.sqlite")
+    admin = Store(ledger)
     admin.top_up(principal.wallet_id, Decimal("2"))
     admin.revoke_connection(accounts["connection"]["id"])
     admin.close()
     with store.transaction():
         store.open_request(opening_row(make_call(principal=principal, request_id="req_2"), STARTED), Decimal("2.4"))
-        assert remembered_figures_are_the_databases(store, principal.wallet_id)
-        with pytest.raises(GatewayError) as refused:
-            store.authorize(token)
+        assert held_is_the_pending_rows(store, principal.wallet_id)
+        assert store.authorize(token).connection_id == accounts["connection"]["id"]  # still fresh
+    now[0] += PRINCIPAL_STALENESS
+    with pytest.raises(GatewayError) as refused, store.transaction():
+        store.authorize(token)
     assert refused.value.code == "invalid_connection"
 
 
-def test_a_rolled_back_job_leaves_nothing_remembered_of_it(store):
+def test_a_rolled_back_job_leaves_its_hold_nowhere(store):
     principal = funded_principal(store)
     with store.transaction():
         store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("1"))
         with pytest.raises(RuntimeError), store.savepoint():
             store.open_request(opening_row(make_call(principal=principal, request_id="req_x"), STARTED), Decimal("3"))
             raise RuntimeError("the job failed after its hold")
-        assert remembered_figures_are_the_databases(store, principal.wallet_id)
+        assert held_is_the_pending_rows(store, principal.wallet_id)
         store.open_request(opening_row(make_call(principal=principal, request_id="req_y"), STARTED), Decimal("3.9"))
     assert store.held(principal.wallet_id) == Decimal("4.9")
 
 
-def test_remembered_wallet_figures_match_the_database_through_holds_and_debits(store):
+def test_the_held_total_matches_the_pending_rows_through_holds_debits_and_recovery(store):
     principal = funded_principal(store)
     draw = random.Random(3)
     open_ids = []
     for i in range(40):
-        with store.transaction():  # a batch of the writer: debits are written at its commit
+        with store.transaction():  # a batch of the writer
             for j in range(draw.randint(1, 4)):
                 if open_ids and draw.random() < 0.5:
                     request_id = open_ids.pop(draw.randrange(len(open_ids)))
@@ -975,7 +1001,10 @@ def test_remembered_wallet_figures_match_the_database_through_holds_and_debits(s
                     call = make_call(principal=principal, request_id=f"req_{i}_{j}")
                     store.open_request(opening_row(call, STARTED), Decimal(draw.randrange(1, 10**8)) / 10**9)
                     open_ids.append(call.request_id)
-        assert remembered_figures_are_the_databases(store, principal.wallet_id)
+        assert held_is_the_pending_rows(store, principal.wallet_id)
+    with store.transaction():
+        assert store.recover() == len(open_ids)
+    assert store.held(principal.wallet_id) == 0 and held_is_the_pending_rows(store, principal.wallet_id)
 
 
 def test_a_database_of_an_earlier_version_loses_its_holds_table_and_gains_the_held_column(tmp_path):

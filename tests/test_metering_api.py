@@ -20,6 +20,8 @@ from meterproxy.store import Store, utc_now
 from tests.harness import Account, make_account
 from tests.test_forward_openai import FEES, MESSAGES, PROMPT_TOKENS, as_text, client_for, expected_costs
 
+ON_BOTH_BACKENDS = True  # the gateway and the ledgers of this module's tests (tests/conftest.py)
+
 ZERO_TEXT = "0.0000000000"
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 METADATA = {"customer": "acme", "feature": "summaries"}
@@ -345,15 +347,8 @@ def test_money_held_for_requests_in_flight_is_not_available(gateway):
     _, wallet_cost, _ = expected_costs("gpt-4o-mini", 1200, 340)
     account = make_account(gateway.store, FEES, balance=wallet_cost)
     with gateway.store.transaction():  # a call in flight (of no merchant's ledger here)
-        gateway.store.db["requests"].insert(
-            {
-                "request_id": new_id("req"),
-                "status": "pending",
-                "wallet_id": account.wallet_id,
-                "held": "0.0000000001",
-                "created_at": utc_now(),
-            }
-        )
+        in_flight = {"request_id": new_id("req"), "wallet_id": account.wallet_id, "created_at": utc_now()}
+        gateway.store.open_request(in_flight, Decimal("0.0000000001"))
 
     with api(gateway, account.secret_key) as client:
         assert_error(

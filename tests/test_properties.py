@@ -39,6 +39,7 @@ from addons.auth import KEY_HEADERS, Auth, ManagedKeys
 from addons.calls import call_of
 from addons.ledger import Ledger
 from addons.routing import Routing
+from meterproxy.leases import DEFAULT_LEASE, new_gateway
 from meterproxy.errors import GatewayError
 from meterproxy.metadata import MAX_LENGTH, MAX_PAIRS, parse_metadata, validate_metadata
 from meterproxy.providers import BUILT_IN, AuthStyle, Provider, Registry, forward_target
@@ -595,6 +596,7 @@ class GatewayUnderTest:
 def running_gateway(providers_file=None) -> Iterator[GatewayUnderTest]:
     routing, auth, ledger = Routing(), Auth(), Ledger()
     ledger.writer = StubWriter()  # the ledger is not loaded into the context: it opens no database
+    ledger.gateway = new_gateway(DEFAULT_LEASE)
     with taddons.context(routing, auth) as tctx:
         if providers_file:
             tctx.configure(routing, meterproxy_providers=str(providers_file))

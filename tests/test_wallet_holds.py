@@ -23,46 +23,54 @@ def client_for(gateway, token: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=token, max_retries=0, timeout=30)
 
 
-def test_fifty_concurrent_requests_on_a_wallet_that_affords_about_ten(gateway, fake):
-    account = make_account(gateway.store, ProductFees(fixed_fee=Decimal("0.01")), balance=Decimal("0.105"))
-    start = gateway.store.wallet_balance(account.wallet_id)
-    fake.behave(*[{"first_byte_delay": 0.3}] * 50)  # keep them in flight together
-    lowest = [start]
+def spend_concurrently(gateways: list, account, token: str, count: int = 50) -> tuple[list[str], list, Decimal]:
+    """`count` concurrent calls on the account's wallet, taking the gateways in turn: the
+    request ids of those answered, the refusals' statuses (402 only), and the lowest balance
+    seen meanwhile."""
+    store = gateways[0].store
+    lowest = [store.wallet_balance(account.wallet_id)]
     running = threading.Event()
     running.set()
 
     def watch_balance() -> None:
         while running.is_set():
-            lowest[0] = min(lowest[0], gateway.store.wallet_balance(account.wallet_id))
+            lowest[0] = min(lowest[0], store.wallet_balance(account.wallet_id))
             time.sleep(0.005)
 
-    def one_request(_: int) -> str | int:
+    def one_request(index: int) -> str | int:
         try:
-            raw = client_for(gateway, account.token()).chat.completions.with_raw_response.create(
+            raw = client_for(gateways[index % len(gateways)], token).chat.completions.with_raw_response.create(
                 model="gpt-4o-mini", messages=MESSAGES, max_tokens=5
             )
             return raw.headers["x-lava-request-id"]
         except openai.APIStatusError as refused:
-            assert refused.code == "insufficient_balance"
+            assert refused.code == "insufficient_balance", refused
             return refused.status_code
 
     watcher = threading.Thread(target=watch_balance)
     watcher.start()
-    with ThreadPoolExecutor(max_workers=50) as pool:
-        outcomes = list(pool.map(one_request, range(50)))
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        outcomes = list(pool.map(one_request, range(count)))
     running.clear()
     watcher.join()
-
     served = [outcome for outcome in outcomes if isinstance(outcome, str)]
-    refused = [outcome for outcome in outcomes if outcome == 402]
-    assert len(served) + len(refused) == 50
+    return served, [outcome for outcome in outcomes if not isinstance(outcome, str)], lowest[0]
+
+
+def test_fifty_concurrent_requests_on_a_wallet_that_affords_about_ten(gateway, fake):
+    account = make_account(gateway.store, ProductFees(fixed_fee=Decimal("0.01")), balance=Decimal("0.105"))
+    start = gateway.store.wallet_balance(account.wallet_id)
+    fake.behave(*[{"first_byte_delay": 0.3}] * 50)  # keep them in flight together
+    served, refused, lowest = spend_concurrently([gateway], account, account.token())
+
+    assert len(served) + refused.count(402) == 50
     # Each costs a little over $0.01 and holds a little more: ten fit, and never an eleventh.
     assert len(served) == 10
     rows = [gateway.row(request_id) for request_id in served]
     assert all(row["status"] == "completed" for row in rows)
     assert len([row for row in gateway.rows() if row["connection_id"] == account.connection_id]) == len(served)
     end = gateway.store.wallet_balance(account.wallet_id)
-    assert min(lowest[0], end) >= 0
+    assert min(lowest, end) >= 0
     assert sum(Decimal(row["wallet_cost"]) for row in rows) == start - end
     assert gateway.store.wallet(account.wallet_id)["held"] == "0.0000000000"
 
@@ -152,37 +160,6 @@ def test_a_script_reload_leaves_the_calls_in_flight_to_complete_with_their_holds
         spent = sum(Decimal(row["wallet_cost"]) for row in rows)
         assert (wallet["held"], Decimal(wallet["balance"])) == ("0.0000000000", Decimal("0.025") - spent)
         assert not any("interrupted" in line for line in gateway.output)
-    finally:
-        gateway.stop()
-
-
-def test_a_second_gateway_on_the_same_database_stops_and_leaves_the_calls_in_flight_alone(fake, tmp_path):
-    """Its start would take the first one's calls in flight for interrupted ones."""
-    gateway = Gateway(tmp_path, fake)
-    try:
-        account = make_account(gateway.store)
-        fake.behave({"first_byte_delay": 1})
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            in_flight = pool.submit(
-                client_for(gateway, account.token()).chat.completions.with_raw_response.create,
-                model="gpt-4o-mini",
-                messages=MESSAGES,
-            )
-            deadline = time.monotonic() + 10
-            while not fake.requests() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            second = Gateway(tmp_path, fake)
-            try:
-                assert second.process.wait(timeout=10) != 0
-                while "one gateway per database" not in "".join(second.output):  # the rest of its output
-                    assert time.monotonic() < deadline, "".join(second.output)
-                    time.sleep(0.02)
-            finally:
-                second.stop()
-            assert "another gateway process serves it (one gateway per database)" in "".join(second.output)
-            raw = in_flight.result()
-        row = gateway.row(raw.headers["x-lava-request-id"])
-        assert (row["status"], row["error_message"]) == ("completed", None)
     finally:
         gateway.stop()
 
