@@ -950,38 +950,42 @@ def attempt(target: Target, measurement) -> dict:
 
 # --- where a stream's CPU time goes ------------------------------------------------------
 
-PROFILED = "cd"  # mitmdump streaming, and meterproxy
+# Profiled runs, and the targets profiled in each: meterproxy beside its base.
+PROFILED = {"throughput": "bd", "streams": "cd"}
 
 
-def profile_streams(target: Target, fake: Fake, settings: argparse.Namespace, work: Path) -> dict:
-    """One more stream run with py-spy sampling the target: its CPU time per stream by phase
-    (scripts/bench_profile.py), the stacks kept in bench-results/profile-<key>.txt."""
+def profile_run(
+    target: Target, fake: Fake, settings: argparse.Namespace, run: str, spec: tuple, work: Path
+) -> dict:
+    """One more run with py-spy sampling the target: its CPU time per answer by phase
+    (scripts/bench_profile.py), the stacks kept in bench-results/profile-<run>-<key>.txt."""
     import bench_profile
 
     if bench_profile.py_spy() is None:
         step(target, "no profile: py-spy not found (pip install py-spy)")
         return {"error": "py-spy not found"}
-    out = settings.out / f"profile-{target.key}.txt"
-    step(target, f"streams under py-spy, {settings.duration} s")
+    body, connections, what = spec
+    out = settings.out / f"profile-{run}-{target.key}.txt"
+    step(target, f"{what} under py-spy, {settings.duration} s")
     spy = bench_profile.record(target.proc.pid, settings.duration + 1, out)
     time.sleep(0.5)  # py-spy attached
     before = bench_profile.thread_seconds(target.proc.pid)
-    run = wrk(target, fake, chat_body(STREAM_CHUNKS, stream=True), settings.connections, settings.duration, work)
+    measured = wrk(target, fake, body, connections, settings.duration, work)
     after = bench_profile.thread_seconds(target.proc.pid)
     spy_output, _ = spy.communicate(timeout=60)
     if spy.returncode != 0 or not out.exists():
         step(target, f"no profile: py-spy failed ({spy.returncode}): {spy_output[-500:]}")
         return {"error": f"py-spy failed ({spy.returncode})"}
     samples = bench_profile.split(out.read_text(), f"{ROOT}/")
-    split = bench_profile.report(samples, before, after, target.proc.pid, run["requests"])
+    split = bench_profile.report(samples, before, after, target.proc.pid, measured["requests"])
     step(
         target,
-        f"CPU us per stream under py-spy {run['cpu_us']:.0f}; event loop: "
+        f"CPU us per answer under py-spy {measured['cpu_us']:.0f}; event loop: "
         + ", ".join(f"{name} {us}" for name, us in split["event loop, by phase"].items())
         + "; other threads: "
         + (", ".join(f"{name} {us}" for name, us in split["other threads"].items()) or "none"),
     )
-    return {"cpu_us": run["cpu_us"], **split, "stacks": str(out)}
+    return {"cpu_us": measured["cpu_us"], **split, "stacks": str(out)}
 
 
 # --- the ledger writer micro-benchmark -----------------------------------------------------
@@ -1480,8 +1484,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="after the rounds, one more stream run of c and d under py-spy (needs py-spy on PATH or in the venv, "
-        "and ptrace: root): bench-results/profile-<target>.txt and the CPU split by phase",
+        help="after the rounds, one more non-streamed run of b and d and stream run of c and d under py-spy (needs "
+        "py-spy on PATH or in the venv, and ptrace: root): bench-results/profile-<run>-<target>.txt, the CPU split by phase",
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run (2 s runs, fewer streams)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="directory for bench.json/png")
@@ -1574,9 +1578,12 @@ def main(argv: list[str]) -> int:
                             measure_once(target, results[key], settings)
                     cpu_ratios(results)
                     if settings.profile:
-                        for key in PROFILED:
-                            if key in targets:
-                                results[key]["profile"] = profile_streams(targets[key], fake, settings, Path(work))
+                        for run, keys in PROFILED.items():
+                            for key in keys:
+                                if key in targets:
+                                    results[key].setdefault("profile", {})[run] = profile_run(
+                                        targets[key], fake, settings, run, runs[run], Path(work)
+                                    )
                 finally:
                     for key, target in targets.items():
                         target.stop()

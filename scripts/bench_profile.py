@@ -5,11 +5,11 @@ py-spy samples the process's stacks (every thread, idle ones left out) without t
 each sample is put in the phase of the call it was working for, from the frames it holds:
 
   request hooks     the hooks up to forwarding (routing, key swap, metering set-up, admission and
-                    its pending row on the writer thread)
+                    the commit of its pending row)
   response start    responseheaders: the meter and its decoder set up
   per chunk         the meter reading each piece of the stream
   end of stream     the response and error hooks but the ledger's completion
-  completion        the ledger's completion: outcome, estimate, price, the row's update on the writer
+  completion        the ledger's completion: outcome, estimate, price, the row's update and commit
   mitmproxy         everything else: mitmproxy's connections, HTTP layers, event loop
 
 Only the event loop's thread is split so (py-spy takes a thread waiting in C with a timeout, as
@@ -39,6 +39,8 @@ MARKERS = (
     ("complete (addons/ledger.py", "completion"),
     ("metered_usage (meterproxy/", "completion"),
     ("admit (addons/ledger.py", "request hooks"),
+    ("_run_urgent (meterproxy/writer.py", "request hooks"),  # the admission's commit, awaited
+    ("LedgerWriter._run (meterproxy/writer.py", "completion"),  # the completions' commit
 )
 
 
