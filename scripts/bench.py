@@ -172,11 +172,15 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process (all its threads) so far."""
+        return sum(self.cpu_times())
+
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system CPU time of the process (all its threads) so far."""
         try:
             fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / CLK_TCK
+            return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
         except (OSError, IndexError, ValueError):
-            return 0.0
+            return 0.0, 0.0
 
     def memory_kb(self) -> dict[str, int]:
         """VmRSS and VmHWM in kB."""
@@ -497,6 +501,25 @@ net.Server.prototype.listen = function (...args) {
 """
 
 
+MUTABLE_HEADERS = """// Loaded with `node --require`: the provider's answers get headers that can be added to.
+// Portkey's gateway adds its own headers to the provider's answer; with @hono/node-server 1.19
+// on Node 20 its streamed answers keep the immutable headers of fetch's response, and every
+// stream fails with a 500 ("TypeError: immutable"). Each answer is copied into a Response of
+// its own (the same status, headers and body stream), as Portkey's other answers already are.
+const realFetch = globalThis.fetch;
+const RealResponse = globalThis.Response;  // undici's, before hono replaces the global
+const NO_BODY = new Set([101, 103, 204, 205, 304]);
+globalThis.fetch = async (...args) => {
+  const response = await realFetch(...args);
+  return new RealResponse(NO_BODY.has(response.status) ? null : response.body, {
+    status: response.status,
+    statusText: response.statusText,
+    headers: response.headers,
+  });
+};
+"""
+
+
 def install_portkey(out: Path) -> Path:
     home = out / PEERS_DIR / "portkey"
     script = home / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
@@ -520,6 +543,7 @@ def install_portkey(out: Path) -> Path:
             timeout=900,
         )
     (home / "bind-loopback.cjs").write_text(BIND_LOOPBACK)
+    (home / "mutable-headers.cjs").write_text(MUTABLE_HEADERS)
     return script
 
 
@@ -533,6 +557,8 @@ def start_portkey(fake: Fake, out: Path) -> Target:
             "node",
             "--require",
             str(script.parents[4] / "bind-loopback.cjs"),
+            "--require",
+            str(script.parents[4] / "mutable-headers.cjs"),
             str(script),
             f"--port={port}",
             "--headless",
@@ -559,7 +585,10 @@ def start_portkey(fake: Fake, out: Path) -> Target:
             "x-portkey-provider": "openai",
             "x-portkey-custom-host": f"{fake.url}/openai/v1",
         },
-        notes=[f"@portkey-ai/gateway {package.get('version')}, node {node_version}"],
+        notes=[
+            f"@portkey-ai/gateway {package.get('version')}, node {node_version}; the provider's answers copied "
+            "into Responses of their own (scripts/bench.py MUTABLE_HEADERS: its streams fail on Node 20 otherwise)"
+        ],
     )
 
 
@@ -644,7 +673,8 @@ class LoadSide:
 
     def __enter__(self):
         self.start = time.monotonic()
-        self.target_cpu = self.target.proc.cpu_seconds()
+        self.target_times = self.target.proc.cpu_times()
+        self.target_cpu = sum(self.target_times)
         self.fake_cpu = self.upstream.proc.cpu_seconds() if self.upstream else 0.0
         self.children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return self
@@ -654,7 +684,9 @@ class LoadSide:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         wrk = (children.ru_utime + children.ru_stime) - (self.children.ru_utime + self.children.ru_stime)
         fake = (self.upstream.proc.cpu_seconds() - self.fake_cpu) if self.upstream else 0.0
-        self.target_seconds = self.target.proc.cpu_seconds() - self.target_cpu
+        user, system = (now - then for now, then in zip(self.target.proc.cpu_times(), self.target_times))
+        self.target_seconds = user + system
+        self.system_share = system / self.target_seconds if self.target_seconds else None
         self.result = {
             "target_cpu": round(self.target_seconds / wall, 3),
             "fake_cpu": round(fake / wall, 3),
@@ -729,6 +761,7 @@ def wrk(target: Target, fake: Fake, body: bytes, connections: int, duration: int
         # The target's own CPU time (user + system, all its threads) per answer: what the
         # gateway costs, whatever else the machine runs, as long as the target is not starved.
         "cpu_us": load.target_seconds * 1e6 / raw["requests"] if raw["requests"] else None,
+        "system_share": load.system_share,  # of that CPU time, the kernel's (system calls)
         **load.result,
     }
 
@@ -1473,7 +1506,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--writer-rows", type=int, default=20000, help="rows for the writer benchmark")
     parser.add_argument("--writer-calls", type=int, default=16, help="concurrent calls in the writer benchmark")
-    parser.add_argument("--targets", default=OWN_TARGETS, help="which of a, b, w, c, n, d, l to run (default all)")
+    parser.add_argument("--targets", default=OWN_TARGETS, help="which of a, b, w, c, n, d, l (and the peers e, f) to run (default all but the peers)")
     parser.add_argument("--peers", action="store_true", help="add LiteLLM's proxy (e) and Portkey's gateway (f)")
     parser.add_argument("--writer-only", action="store_true", help="only the ledger writer micro-benchmark")
     parser.add_argument(
@@ -1551,7 +1584,7 @@ def main(argv: list[str]) -> int:
                 "e": lambda: start_litellm(fake, settings.out),
                 "f": lambda: start_portkey(fake, settings.out),
             }
-            keys = [k for k in OWN_TARGETS if k in settings.targets] + (["e", "f"] if settings.peers else [])
+            keys = [k for k in ALL_TARGETS if k in settings.targets or (settings.peers and k in "ef")]
             targets: dict[str, Target] = {}
             with tempfile.TemporaryDirectory(prefix="bench-wrk-") as work:
                 try:
