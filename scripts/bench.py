@@ -23,12 +23,24 @@ each is reported as its median round:
   f  portkey     Portkey's gateway (`--peers`, installed into bench-results/peers/portkey)
 
 Figures: non-streamed requests/s at a fixed concurrency (wrk, default 16 connections), its
-p50/p99, p50 at concurrency 1; streams/s (20 chunks each); time to first byte of a paced stream
-(5 ms between chunks); the target's resident memory growth while one ~100 MB stream passes
-through; and a micro-benchmark of the ledger writer (`meterproxy.writer.LedgerWriter`, open +
-complete per row, from concurrent calls on one event loop). It prints a table with each figure's ratio
-to b (non-streamed) or c (streamed) and the acceptance targets, writes
-bench-results/bench.json and draws bench-results/bench.png.
+p50/p99, p50 at concurrency 1; streams/s (20 chunks each); the target's CPU time per request and
+per stream (user + system of all its threads, from /proc/<pid>/stat, over each wrk run, divided
+by the answers wrk counted); time to first byte of a paced stream (5 ms between chunks); the
+target's resident memory growth while one ~100 MB stream passes through; and a micro-benchmark
+of the ledger writer (`meterproxy.writer.LedgerWriter`, open + complete per row, from concurrent
+calls on one event loop). It prints a table with each figure's ratio to b (non-streamed) or c
+(streamed) and the acceptance targets, writes bench-results/bench.json and draws
+bench-results/bench.png.
+
+Each round takes every wrk run (non-streamed at 16 and at 1 connection, streams) in turn across
+the targets, then a share of the paced streams of each: the two runs that a CPU ratio compares
+are seconds apart. A CPU ratio is the median of the rounds' ratios (meterproxy's to each peer
+too); CPU time is what the process was given, so other work on the machine moves it far less
+than requests per second, but not at all only on an idle machine (a busy sibling hyperthread or
+cold caches make every instruction dearer): note the load average the table ends with.
+`--cpu-only` runs just what the CPU figures need. `--profile` adds a run of b and d
+(non-streamed) and of c and d (streams) under py-spy, and splits the event loop's CPU time per
+answer by phase of the call (scripts/bench_profile.py).
 """
 
 from __future__ import annotations
@@ -790,13 +802,20 @@ def paced_ttfb(target: Target, count: int) -> dict:
                 totals.append((ended - started) * 1000)
     finally:
         connection.close()
-    firsts.sort()
+    return {"firsts": firsts, "totals": totals}
+
+
+def ttfb_summary(samples: list[dict]) -> dict:
+    """The paced streams of every round together; and each round's median."""
+    firsts = sorted(first for sample in samples for first in sample["firsts"])
+    totals = [total for sample in samples for total in sample["totals"]]
     return {
-        "streams": count,
+        "streams": len(firsts),
         "ttfb_p50_ms": statistics.median(firsts),
         "ttfb_p90_ms": firsts[min(len(firsts) - 1, int(len(firsts) * 0.9))],
         "ttfb_min_ms": firsts[0],
         "stream_p50_ms": statistics.median(totals),
+        "rounds_p50_ms": [round(statistics.median(sample["firsts"]), 3) for sample in samples],
     }
 
 
@@ -958,12 +977,24 @@ def cpu_ratios(results: dict) -> None:
                 results["d"].setdefault("cpu_to_peers", {}).setdefault(peer, {})[run] = statistics.median(ratios)
 
 
+def measure_paced(target: Target, result: dict, settings: argparse.Namespace) -> None:
+    """This round's share of the paced streams (time to first byte)."""
+    rounds = result.setdefault("ttfb_rounds", [])
+    if "stream_error" in result or any("error" in measured for measured in rounds):
+        return
+    count = -(-settings.ttfb_streams // settings.rounds)
+    step(target, f"paced TTFB, {count} streams")
+    rounds.append(attempt(target, lambda: paced_ttfb(target, count)))
+
+
 def measure_once(target: Target, result: dict, settings: argparse.Namespace) -> None:
-    """The figures measured once: paced time to first byte and the big stream."""
+    """The figures measured once: the big stream; and the summary of the paced streams."""
     if "stream_error" in result:
         return
-    step(target, f"paced TTFB, {settings.ttfb_streams} streams")
-    result["ttfb"] = attempt(target, lambda: paced_ttfb(target, settings.ttfb_streams))
+    rounds = result.pop("ttfb_rounds", [])
+    if rounds:
+        failed = next((measured for measured in rounds if "error" in measured), None)
+        result["ttfb"] = failed or ttfb_summary(rounds)
     if target.buffers_streams:
         result["big_stream"] = {"skipped": "bodies are buffered, not streamed"}
     else:
@@ -1277,6 +1308,12 @@ def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> s
         for run, ratio in (get(results.get(k), "cpu_ratio") or {}).items():
             rounds = "/".join(f"{r:.2f}" for r in ratio["rounds"])
             lines.append(f"  CPU {k}/{ratio['to']} {run}, each round: {rounds}")
+    if spread := [
+        f"{k} " + "/".join(f"{ms:.2f}" for ms in rounds)
+        for k in keys
+        if (rounds := get(results.get(k), "ttfb", "rounds_p50_ms"))
+    ]:
+        lines.append("  paced TTFB p50 ms, each round: " + ", ".join(spread))
     if settings.rounds > 1:
         lines.append(f"each wrk figure: the median of {settings.rounds} rounds, interleaved across targets:")
         for run, figure in ROUND_RUNS.items():
@@ -1605,6 +1642,9 @@ def main(argv: list[str]) -> int:
                         for run, spec in runs.items():
                             for key, target in targets.items():
                                 measure_run(target, results[key], fake, settings, run, spec, Path(work))
+                        if not settings.cpu_only:
+                            for key, target in targets.items():
+                                measure_paced(target, results[key], settings)
                     for key, target in targets.items():
                         settle_rounds(results[key])
                         if not settings.cpu_only:
