@@ -20,7 +20,7 @@ the gateway runs: they stay queued and are tried again until the database takes 
 
 `StoreThread` is one thread with its own connection for work that may take long and that no
 call's admission waits on: the metering API's reports, the response cache's bodies, and a WAL
-checkpoint every few seconds.
+checkpoint every second.
 """
 
 import asyncio
@@ -40,17 +40,12 @@ from meterproxy.store import Store
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-# Seconds a job nobody waits for may wait for company: at a few hundred calls a second, a commit
-# for every 20 ms of completions rather than every 5 (each commit writes its pages again); a crash
-# leaves at most this much of completions pending, recovered as interrupted.
-POSTED_DELAY = 0.02
+POSTED_DELAY = 0.005  # seconds a job nobody waits for may wait for company
 LOCKED_PATIENCE = 30.0  # seconds a batch keeps trying while another process holds the lock
 FIRST_RETRY = 0.002  # seconds before the first retry; then as long as the lock has lasted, up to MAX_RETRY
 MAX_RETRY = 0.1
 BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # another connection holds the lock: it will let go
-# Seconds between WAL checkpoints: each copies the pages written since the last, so fewer copy
-# the same pages fewer times (every second, they took about 3 % of a stream's CPU time).
-CHECKPOINT_EVERY = 5.0
+CHECKPOINT_EVERY = 1.0  # seconds
 _STOP = object()
 
 
@@ -227,8 +222,7 @@ class LedgerWriter:
 
 class StoreThread:
     """Jobs one at a time on a thread of their own, each in its own transaction (a writing
-    job's takes the write lock up front, waiting for it if need be); a checkpoint every
-    CHECKPOINT_EVERY seconds."""
+    job's takes the write lock up front, waiting for it if need be); a checkpoint every second."""
 
     def __init__(self, path: str | Path):
         self.path = path

@@ -186,6 +186,15 @@ class Proc:
         """User + system CPU time of the process (all its threads) so far."""
         return sum(self.cpu_times())
 
+    def main_thread_seconds(self) -> float:
+        """User + system CPU time of the process's first thread (a Python program's main
+        thread: mitmproxy's event loop) so far."""
+        try:
+            fields = Path(f"/proc/{self.pid}/task/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
     def cpu_times(self) -> tuple[float, float]:
         """User and system CPU time of the process (all its threads) so far."""
         try:
@@ -687,6 +696,7 @@ class LoadSide:
         self.start = time.monotonic()
         self.target_times = self.target.proc.cpu_times()
         self.target_cpu = sum(self.target_times)
+        self.target_main = self.target.proc.main_thread_seconds()
         self.fake_cpu = self.upstream.proc.cpu_seconds() if self.upstream else 0.0
         self.children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return self
@@ -698,6 +708,7 @@ class LoadSide:
         fake = (self.upstream.proc.cpu_seconds() - self.fake_cpu) if self.upstream else 0.0
         user, system = (now - then for now, then in zip(self.target.proc.cpu_times(), self.target_times))
         self.target_seconds = user + system
+        self.other_threads = self.target_seconds - (self.target.proc.main_thread_seconds() - self.target_main)
         self.system_share = system / self.target_seconds if self.target_seconds else None
         self.result = {
             "target_cpu": round(self.target_seconds / wall, 3),
@@ -774,6 +785,8 @@ def wrk(target: Target, fake: Fake, body: bytes, connections: int, duration: int
         # gateway costs, whatever else the machine runs, as long as the target is not starved.
         "cpu_us": load.target_seconds * 1e6 / raw["requests"] if raw["requests"] else None,
         "system_share": load.system_share,  # of that CPU time, the kernel's (system calls)
+        # of that CPU time, the threads' other than the main one (meterproxy's store thread)
+        "other_threads_us": load.other_threads * 1e6 / raw["requests"] if raw["requests"] else None,
         **load.result,
     }
 
