@@ -14,8 +14,10 @@ each sample is put in the phase of the call it was working for, from the frames 
 
 Only the event loop's thread is split so (py-spy takes a thread waiting in C with a timeout, as
 the store thread does, for a busy one): the phases' shares of its samples, times its CPU time per
-stream from /proc, give each phase's CPU time per stream. The other threads (the store thread,
-the estimator) are reported as /proc accounts them.
+answer from /proc, give each phase's CPU time per answer. The other threads (the store thread,
+the estimator) are reported as /proc accounts them. py-spy pauses the process for every sample:
+that inflates every thread's CPU time (the idle ones' most), so the shares are what to read, and
+the CPU figures of the rounds (which run without py-spy) what to multiply them by.
 """
 
 import os
