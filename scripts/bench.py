@@ -1556,7 +1556,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--writer-rows", type=int, default=20000, help="rows for the writer benchmark")
     parser.add_argument("--writer-calls", type=int, default=16, help="concurrent calls in the writer benchmark")
-    parser.add_argument("--targets", default=OWN_TARGETS, help="which of a, b, w, c, n, d, l (and the peers e, f) to run (default all but the peers)")
+    parser.add_argument(
+        "--targets",
+        default=OWN_TARGETS,
+        help="which of a, b, w, c, n, d, l (and the peers e, f) to run (default all but the peers)",
+    )
     parser.add_argument("--peers", action="store_true", help="add LiteLLM's proxy (e) and Portkey's gateway (f)")
     parser.add_argument("--writer-only", action="store_true", help="only the ledger writer micro-benchmark")
     parser.add_argument(
@@ -1567,8 +1571,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="after the rounds, one more non-streamed run of b and d and stream run of c and d under py-spy (needs "
-        "py-spy on PATH or in the venv, and ptrace: root): bench-results/profile-<run>-<target>.txt, the CPU split by phase",
+        help="after the rounds, one more non-streamed run of b and d and stream run of c and d under py-spy "
+        "(needs py-spy on PATH or in the venv, and ptrace: root): bench-results/profile-<run>-<target>.txt, "
+        "the CPU split by phase",
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run (2 s runs, fewer streams)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="directory for bench.json/png")
