@@ -40,8 +40,7 @@ class Metering:
             call.drop_usage_event = True
             # Dropping an event needs the plain bytes of the stream.
             flow.request.headers["accept-encoding"] = "identity"
-            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
-            flow.request.content = json.dumps({**body, "stream_options": {**options, "include_usage": True}}).encode()
+            flow.request.content = _asking_usage(flow.request.content, body)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = call_of(flow)
@@ -92,6 +91,18 @@ def _json_body(request: http.Request, model_in_body: bool) -> dict | None:
     if model_in_body and (not isinstance(body.get("model"), str) or not body["model"]):
         raise GatewayError(400, "request body has no model", "missing_model")
     return body
+
+
+def _asking_usage(content: bytes, body: dict) -> bytes:
+    """The request body (`content`, parsed as `body`) with `stream_options.include_usage` set.
+    Without options of its own, the client's bytes are kept and the option added before the
+    object's closing brace: no second serialization of what may be a long prompt."""
+    options = body.get("stream_options")
+    kept = content.rstrip()
+    if options is None and "stream_options" not in body and kept.endswith(b"}"):
+        return kept[:-1] + b',"stream_options":{"include_usage":true}}'
+    options = options if isinstance(options, dict) else {}
+    return json.dumps({**body, "stream_options": {**options, "include_usage": True}}).encode()
 
 
 def _asks_usage(body: dict) -> bool:

@@ -74,6 +74,15 @@ class Dialect:
         event = _json(data)
         return self.event(event) if isinstance(event, dict) else False
 
+    def skim(self, events: bytes) -> bool:
+        """Meter whole stream events (each with its blank line) at once, as they came, if none
+        of them needs parsing: the usual chunk, once the reply is identified. False leaves them
+        to be read one by one."""
+        if self.RAW_TEXT is None or self.reply.response_id is None or self.worth_parsing(events):
+            return False
+        self.text.add(events)
+        return True
+
     def worth_parsing(self, data: bytes) -> bool:
         """Whether a stream event can carry usage or an error."""
         return b'"usage"' in data or b'"error"' in data

@@ -100,6 +100,9 @@ class StreamMeter:
             self.readable = False
             return b""
         buffered = self._pending + decoded if self._pending else decoded
+        if chunk and buffered.endswith(b"\n\n") and b"\r" not in buffered and self.dialect.skim(buffered):
+            self._pending = b""
+            return buffered  # whole events, none of them worth parsing: all kept
         events, self._pending = split_events(buffered)
         if not chunk and self._pending:  # end of stream: an unterminated last event counts too
             events.append(self._pending)

@@ -23,12 +23,24 @@ each is reported as its median round:
   f  portkey     Portkey's gateway (`--peers`, installed into bench-results/peers/portkey)
 
 Figures: non-streamed requests/s at a fixed concurrency (wrk, default 16 connections), its
-p50/p99, p50 at concurrency 1; streams/s (20 chunks each); time to first byte of a paced stream
-(5 ms between chunks); the target's resident memory growth while one ~100 MB stream passes
-through; and a micro-benchmark of the ledger writer (`meterproxy.writer.LedgerWriter`, open +
-complete per row, from concurrent calls on one event loop). It prints a table with each figure's ratio
-to b (non-streamed) or c (streamed) and the acceptance targets, writes
-bench-results/bench.json and draws bench-results/bench.png.
+p50/p99, p50 at concurrency 1; streams/s (20 chunks each); the target's CPU time per request and
+per stream (user + system of all its threads, from /proc/<pid>/stat, over each wrk run, divided
+by the answers wrk counted); time to first byte of a paced stream (5 ms between chunks); the
+target's resident memory growth while one ~100 MB stream passes through; and a micro-benchmark
+of the ledger writer (`meterproxy.writer.LedgerWriter`, open + complete per row, from concurrent
+calls on one event loop). It prints a table with each figure's ratio to b (non-streamed) or c
+(streamed) and the acceptance targets, writes bench-results/bench.json and draws
+bench-results/bench.png.
+
+Each round takes every wrk run (non-streamed at 16 and at 1 connection, streams) in turn across
+the targets, then a share of the paced streams of each: the two runs that a CPU ratio compares
+are seconds apart. A CPU ratio is the median of the rounds' ratios (meterproxy's to each peer
+too); CPU time is what the process was given, so other work on the machine moves it far less
+than requests per second, but not at all only on an idle machine (a busy sibling hyperthread or
+cold caches make every instruction dearer): note the load average the table ends with.
+`--cpu-only` runs just what the CPU figures need. `--profile` adds a run of b and d
+(non-streamed) and of c and d (streams) under py-spy, and splits the event loop's CPU time per
+answer by phase of the call (scripts/bench_profile.py).
 """
 
 from __future__ import annotations
@@ -172,11 +184,24 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process (all its threads) so far."""
+        return sum(self.cpu_times())
+
+    def main_thread_seconds(self) -> float:
+        """User + system CPU time of the process's first thread (a Python program's main
+        thread: mitmproxy's event loop) so far."""
         try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{self.pid}/task/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / CLK_TCK
         except (OSError, IndexError, ValueError):
             return 0.0
+
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system CPU time of the process (all its threads) so far."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+        except (OSError, IndexError, ValueError):
+            return 0.0, 0.0
 
     def memory_kb(self) -> dict[str, int]:
         """VmRSS and VmHWM in kB."""
@@ -503,6 +528,25 @@ net.Server.prototype.listen = function (...args) {
 """
 
 
+MUTABLE_HEADERS = """// Loaded with `node --require`: the provider's answers get headers that can be added to.
+// Portkey's gateway adds its own headers to the provider's answer; with @hono/node-server 1.19
+// on Node 20 its streamed answers keep the immutable headers of fetch's response, and every
+// stream fails with a 500 ("TypeError: immutable"). Each answer is copied into a Response of
+// its own (the same status, headers and body stream), as Portkey's other answers already are.
+const realFetch = globalThis.fetch;
+const RealResponse = globalThis.Response;  // undici's, before hono replaces the global
+const NO_BODY = new Set([101, 103, 204, 205, 304]);
+globalThis.fetch = async (...args) => {
+  const response = await realFetch(...args);
+  return new RealResponse(NO_BODY.has(response.status) ? null : response.body, {
+    status: response.status,
+    statusText: response.statusText,
+    headers: response.headers,
+  });
+};
+"""
+
+
 def install_portkey(out: Path) -> Path:
     home = out / PEERS_DIR / "portkey"
     script = home / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
@@ -526,6 +570,7 @@ def install_portkey(out: Path) -> Path:
             timeout=900,
         )
     (home / "bind-loopback.cjs").write_text(BIND_LOOPBACK)
+    (home / "mutable-headers.cjs").write_text(MUTABLE_HEADERS)
     return script
 
 
@@ -539,6 +584,8 @@ def start_portkey(fake: Fake, out: Path) -> Target:
             "node",
             "--require",
             str(script.parents[4] / "bind-loopback.cjs"),
+            "--require",
+            str(script.parents[4] / "mutable-headers.cjs"),
             str(script),
             f"--port={port}",
             "--headless",
@@ -565,7 +612,10 @@ def start_portkey(fake: Fake, out: Path) -> Target:
             "x-portkey-provider": "openai",
             "x-portkey-custom-host": f"{fake.url}/openai/v1",
         },
-        notes=[f"@portkey-ai/gateway {package.get('version')}, node {node_version}"],
+        notes=[
+            f"@portkey-ai/gateway {package.get('version')}, node {node_version}; the provider's answers copied "
+            "into Responses of their own (scripts/bench.py MUTABLE_HEADERS: its streams fail on Node 20 otherwise)"
+        ],
     )
 
 
@@ -650,7 +700,9 @@ class LoadSide:
 
     def __enter__(self):
         self.start = time.monotonic()
-        self.target_cpu = self.target.proc.cpu_seconds()
+        self.target_times = self.target.proc.cpu_times()
+        self.target_cpu = sum(self.target_times)
+        self.target_main = self.target.proc.main_thread_seconds()
         self.fake_cpu = self.upstream.proc.cpu_seconds() if self.upstream else 0.0
         self.children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return self
@@ -660,8 +712,12 @@ class LoadSide:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         wrk = (children.ru_utime + children.ru_stime) - (self.children.ru_utime + self.children.ru_stime)
         fake = (self.upstream.proc.cpu_seconds() - self.fake_cpu) if self.upstream else 0.0
+        user, system = (now - then for now, then in zip(self.target.proc.cpu_times(), self.target_times))
+        self.target_seconds = user + system
+        self.other_threads = self.target_seconds - (self.target.proc.main_thread_seconds() - self.target_main)
+        self.system_share = system / self.target_seconds if self.target_seconds else None
         self.result = {
-            "target_cpu": round((self.target.proc.cpu_seconds() - self.target_cpu) / wall, 3),
+            "target_cpu": round(self.target_seconds / wall, 3),
             "fake_cpu": round(fake / wall, 3),
             "wrk_cpu": round(wrk / wall, 3),
             "load_cpu": round((fake + wrk) / wall, 3),
@@ -731,6 +787,12 @@ def wrk(target: Target, fake: Fake, body: bytes, connections: int, duration: int
         "p99_ms": raw["p99_us"] / 1000,
         "mean_ms": raw["mean_us"] / 1000,
         "errors": errors,
+        # The target's own CPU time (user + system, all its threads) per answer: what the
+        # gateway costs, whatever else the machine runs, as long as the target is not starved.
+        "cpu_us": load.target_seconds * 1e6 / raw["requests"] if raw["requests"] else None,
+        "system_share": load.system_share,  # of that CPU time, the kernel's (system calls)
+        # of that CPU time, the threads' other than the main one (meterproxy's store thread)
+        "other_threads_us": load.other_threads * 1e6 / raw["requests"] if raw["requests"] else None,
         **load.result,
     }
 
@@ -759,13 +821,20 @@ def paced_ttfb(target: Target, count: int) -> dict:
                 totals.append((ended - started) * 1000)
     finally:
         connection.close()
-    firsts.sort()
+    return {"firsts": firsts, "totals": totals}
+
+
+def ttfb_summary(samples: list[dict]) -> dict:
+    """The paced streams of every round together; and each round's median."""
+    firsts = sorted(first for sample in samples for first in sample["firsts"])
+    totals = [total for sample in samples for total in sample["totals"]]
     return {
-        "streams": count,
+        "streams": len(firsts),
         "ttfb_p50_ms": statistics.median(firsts),
         "ttfb_p90_ms": firsts[min(len(firsts) - 1, int(len(firsts) * 0.9))],
         "ttfb_min_ms": firsts[0],
         "stream_p50_ms": statistics.median(totals),
+        "rounds_p50_ms": [round(statistics.median(sample["firsts"]), 3) for sample in samples],
     }
 
 
@@ -864,21 +933,28 @@ def prepare(target: Target, fake: Fake, settings: argparse.Namespace, max_tokens
     return result
 
 
-def measure_round(
-    target: Target, result: dict, fake: Fake, settings: argparse.Namespace, max_tokens: int, work: Path
-) -> None:
-    """One run of each wrk figure, added to the target's rounds."""
+def round_runs(settings: argparse.Namespace, max_tokens: int) -> dict[str, tuple[bytes, int, str]]:
+    """The wrk runs of a round: body, connections, description."""
     plain, streamed = chat_body(max_tokens), chat_body(STREAM_CHUNKS, stream=True)
     runs = {
         "throughput": (plain, settings.connections, f"non-streamed, {settings.connections} connections"),
         "concurrency_1": (plain, 1, "non-streamed, 1 connection"),
         "streams": (streamed, settings.connections, f"streams of {STREAM_CHUNKS} chunks, {settings.connections} conns"),
     }
-    for run, (body, connections, what) in runs.items():
-        if run == "streams" and "stream_error" in result:
-            continue
-        step(target, f"{what}, {settings.duration} s")
-        result["rounds"][run].append(wrk(target, fake, body, connections, settings.duration, work))
+    if settings.cpu_only:
+        del runs["concurrency_1"]
+    return runs
+
+
+def measure_run(
+    target: Target, result: dict, fake: Fake, settings: argparse.Namespace, run: str, spec: tuple, work: Path
+) -> None:
+    """One wrk run, added to the target's rounds."""
+    body, connections, what = spec
+    if run == "streams" and "stream_error" in result:
+        return
+    step(target, f"{what}, {settings.duration} s")
+    result["rounds"][run].append(wrk(target, fake, body, connections, settings.duration, work))
 
 
 def settle_rounds(result: dict) -> None:
@@ -888,14 +964,56 @@ def settle_rounds(result: dict) -> None:
         rounds = sorted(result["rounds"][run], key=lambda measured: measured[figure])
         if rounds:
             result[run] = rounds[(len(rounds) - 1) // 2] if figure == "p50_ms" else rounds[len(rounds) // 2]
+        if costs := [measured["cpu_us"] for measured in rounds if measured.get("cpu_us")]:
+            result.setdefault("cpu", {})[run] = statistics.median(costs)
+
+
+# The gateway's CPU time per answer is compared in pairs of runs of the same round (the runs of a
+# round take the targets in turn, so that the two of a pair are seconds apart): the median of the
+# rounds' ratios. Each target is compared with bare mitmdump (b) for non-streamed requests and
+# with mitmdump streaming (c) for streams; meterproxy (d) with each peer too.
+CPU_BASES = {"throughput": "b", "streams": "c"}
+
+
+def paired_ratios(results: dict, key: str, base: str, run: str) -> list[float]:
+    pairs = zip(get(results.get(key), "rounds", run) or [], get(results.get(base), "rounds", run) or [])
+    return [mine["cpu_us"] / theirs["cpu_us"] for mine, theirs in pairs if mine.get("cpu_us") and theirs.get("cpu_us")]
+
+
+def cpu_ratios(results: dict) -> None:
+    """Each target's `cpu_ratio` by run, and meterproxy's to each peer (`cpu_to_peers`)."""
+    for key, result in results.items():
+        for run, base in CPU_BASES.items():
+            if key != base and (ratios := paired_ratios(results, key, base, run)):
+                result.setdefault("cpu_ratio", {})[run] = {
+                    "to": base,
+                    "rounds": [round(r, 3) for r in ratios],
+                    "median": statistics.median(ratios),
+                }
+    for peer in "ef":
+        for run in CPU_BASES:
+            if ratios := paired_ratios(results, "d", peer, run):
+                results["d"].setdefault("cpu_to_peers", {}).setdefault(peer, {})[run] = statistics.median(ratios)
+
+
+def measure_paced(target: Target, result: dict, settings: argparse.Namespace) -> None:
+    """This round's share of the paced streams (time to first byte)."""
+    rounds = result.setdefault("ttfb_rounds", [])
+    if "stream_error" in result or any("error" in measured for measured in rounds):
+        return
+    count = -(-settings.ttfb_streams // settings.rounds)
+    step(target, f"paced TTFB, {count} streams")
+    rounds.append(attempt(target, lambda: paced_ttfb(target, count)))
 
 
 def measure_once(target: Target, result: dict, settings: argparse.Namespace) -> None:
-    """The figures measured once: paced time to first byte and the big stream."""
+    """The figures measured once: the big stream; and the summary of the paced streams."""
     if "stream_error" in result:
         return
-    step(target, f"paced TTFB, {settings.ttfb_streams} streams")
-    result["ttfb"] = attempt(target, lambda: paced_ttfb(target, settings.ttfb_streams))
+    rounds = result.pop("ttfb_rounds", [])
+    if rounds:
+        failed = next((measured for measured in rounds if "error" in measured), None)
+        result["ttfb"] = failed or ttfb_summary(rounds)
     if target.buffers_streams:
         result["big_stream"] = {"skipped": "bodies are buffered, not streamed"}
     else:
@@ -911,6 +1029,46 @@ def attempt(target: Target, measurement) -> dict:
     except (Exception, subprocess.SubprocessError) as error:
         print(f"  {target.key} {target.label}: FAILED: {error}", flush=True)
         return {"error": str(error)}
+
+
+# --- where a stream's CPU time goes ------------------------------------------------------
+
+# Profiled runs, and the targets profiled in each: meterproxy beside its base.
+PROFILED = {"throughput": "bd", "streams": "cd"}
+
+
+def profile_run(
+    target: Target, fake: Fake, settings: argparse.Namespace, run: str, spec: tuple, work: Path
+) -> dict:
+    """One more run with py-spy sampling the target: its CPU time per answer by phase
+    (scripts/bench_profile.py), the stacks kept in bench-results/profile-<run>-<key>.txt."""
+    import bench_profile
+
+    if bench_profile.py_spy() is None:
+        step(target, "no profile: py-spy not found (pip install py-spy)")
+        return {"error": "py-spy not found"}
+    body, connections, what = spec
+    out = settings.out / f"profile-{run}-{target.key}.txt"
+    step(target, f"{what} under py-spy, {settings.duration} s")
+    spy = bench_profile.record(target.proc.pid, settings.duration + 1, out)
+    time.sleep(0.5)  # py-spy attached
+    before = bench_profile.thread_seconds(target.proc.pid)
+    measured = wrk(target, fake, body, connections, settings.duration, work)
+    after = bench_profile.thread_seconds(target.proc.pid)
+    spy_output, _ = spy.communicate(timeout=60)
+    if spy.returncode != 0 or not out.exists():
+        step(target, f"no profile: py-spy failed ({spy.returncode}): {spy_output[-500:]}")
+        return {"error": f"py-spy failed ({spy.returncode})"}
+    samples = bench_profile.split(out.read_text(), f"{ROOT}/")
+    split = bench_profile.report(samples, before, after, target.proc.pid, measured["requests"])
+    step(
+        target,
+        f"CPU us per answer under py-spy {measured['cpu_us']:.0f}; event loop: "
+        + ", ".join(f"{name} {us}" for name, us in split["event loop, by phase"].items())
+        + "; other threads: "
+        + (", ".join(f"{name} {us}" for name, us in split["other threads"].items()) or "none"),
+    )
+    return {"cpu_us": measured["cpu_us"], **split, "stacks": str(out)}
 
 
 # --- the ledger writer micro-benchmark -----------------------------------------------------
@@ -1027,19 +1185,19 @@ FIGURES = [
     ("p50", "p50 ms, c={c}", ("throughput", "p50_ms"), "b", 2),
     ("p99", "p99 ms, c={c}", ("throughput", "p99_ms"), "b", 2),
     ("p50_c1", "p50 ms, c=1", ("concurrency_1", "p50_ms"), "b", 2),
+    ("cpu_req", "CPU us per request, c={c}", ("cpu", "throughput"), "b", 0),
     ("sps", "streams/s, c={c}, 20 chunks", ("streams", "per_s"), "c", 0),
+    ("cpu_stream", "CPU us per stream, c={c}", ("cpu", "streams"), "c", 0),
     ("ttfb", "paced TTFB p50 ms (5 ms/chunk)", ("ttfb", "ttfb_p50_ms"), "c", 2),
     ("rss", "{mb} MB stream: RSS growth MB", ("big_stream", "rss_growth_mb"), "c", 1),
     ("mbps", "{mb} MB stream: MB/s", ("big_stream", "mb_per_s"), "c", 1),
 ]
-CHART_FIGURES = ("rps", "p50", "p99", "p50_c1", "sps", "ttfb", "mbps")
+CHART_FIGURES = ("rps", "p50", "p99", "p50_c1", "cpu_req", "sps", "cpu_stream", "ttfb", "mbps")
 
 
 def cpu_per_request(result: dict | None) -> float | None:
-    """The target's CPU seconds per non-streamed request at 16 connections, median of the rounds."""
-    rounds = get(result, "rounds", "throughput") or []
-    costs = [measured["target_cpu"] / measured["per_s"] for measured in rounds if measured["per_s"]]
-    return statistics.median(costs) if costs else None
+    """The target's CPU time (µs) per non-streamed request at 16 connections, median of the rounds."""
+    return get(result, "cpu", "throughput")
 
 
 def checks(results: dict, writer: dict | None) -> list[dict]:
@@ -1073,6 +1231,9 @@ def checks(results: dict, writer: dict | None) -> list[dict]:
             f"{r:+.2f} ms" if r is not None else "",
         )
     )
+    for run, name, limit in (("throughput", "CPU per request d/b", 1.10), ("streams", "CPU per stream d/c", 1.20)):
+        r = get(results.get("d"), "cpu_ratio", run, "median")
+        out.append(check(name, r, f"<= {limit:.2f}", r is not None and r <= limit, f"{r:.2f}x" if r else ""))
     d, c = value("d", "sps"), value("c", "sps")
     r = d / c if d is not None and c else None
     out.append(check("streams/s d/c", r, ">= 0.90", r is not None and r >= 0.90, f"{r:.2f}x" if r else ""))
@@ -1105,6 +1266,14 @@ def checks(results: dict, writer: dict | None) -> list[dict]:
     return out
 
 
+def figure_ratio(results: dict, key: str, path: tuple, base_value) -> float | None:
+    """A figure's ratio to its base target: for CPU time, the median of the rounds' ratios."""
+    if path[0] == "cpu":
+        return get(results.get(key), "cpu_ratio", path[1], "median")
+    value = get(results.get(key), *path)
+    return value / base_value if value is not None and base_value else None
+
+
 def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> str:
     keys = [k for k in ALL_TARGETS if k in results]
     verdicts = {c["check"]: c for c in checks(results, writer)}
@@ -1112,6 +1281,8 @@ def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> s
         "rps": "non-streamed throughput d/b",
         "p50_c1": "p50 at concurrency 1, d - b",
         "sps": "streams/s d/c",
+        "cpu_req": "CPU per request d/b",
+        "cpu_stream": "CPU per stream d/c",
         "ttfb": "paced TTFB, d - c",
         "rss": "big stream RSS growth of d",
     }
@@ -1128,8 +1299,8 @@ def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> s
             text = f"{v:,.{decimals}f}"
             if path[0] == "big_stream" and get(results.get(k), "big_stream", "complete") is False:
                 text += "*"
-            if base_value:
-                text += f" ({v / base_value:.2f})"
+            if (ratio := figure_ratio(results, k, path, base_value)) is not None:
+                text += f" ({ratio:.2f})"
             cells.append(text)
         verdict = verdicts.get(by_figure.get(figure, ""))
         if verdict:
@@ -1150,6 +1321,16 @@ def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> s
         if live["value"] is not None:
             verdict = "PASS" if live["pass"] else "FAIL"
             lines.append(f"{name}: {live['shown']}   target {live['target']}   {verdict}")
+    for k in keys:
+        for run, ratio in (get(results.get(k), "cpu_ratio") or {}).items():
+            rounds = "/".join(f"{r:.2f}" for r in ratio["rounds"])
+            lines.append(f"  CPU {k}/{ratio['to']} {run}, each round: {rounds}")
+    if spread := [
+        f"{k} " + "/".join(f"{ms:.2f}" for ms in rounds)
+        for k in keys
+        if (rounds := get(results.get(k), "ttfb", "rounds_p50_ms"))
+    ]:
+        lines.append("  paced TTFB p50 ms, each round: " + ", ".join(spread))
     if settings.rounds > 1:
         lines.append(f"each wrk figure: the median of {settings.rounds} rounds, interleaved across targets:")
         for run, figure in ROUND_RUNS.items():
@@ -1159,6 +1340,11 @@ def table(results: dict, settings: argparse.Namespace, writer: dict | None) -> s
                 if (rounds := get(results.get(k), "rounds", run))
             ]
             lines.append(f"  {run} {figure}: " + ", ".join(spread))
+    for peer, runs in (get(results.get("d"), "cpu_to_peers") or {}).items():
+        lines.append(
+            f"CPU time, d meterproxy / {peer} {results[peer]['label']} (median of the rounds' ratios): "
+            + ", ".join(f"{'per request' if run == 'throughput' else 'per stream'} {r:.2f}" for run, r in runs.items())
+        )
     w = verdicts["ledger writer rows/s"]
     if writer:
         lines.append(
@@ -1288,7 +1474,9 @@ def chart(results: dict, settings: argparse.Namespace, path: Path) -> None:
         "p50": "P50",
         "p99": "P99",
         "p50_c1": "P50 C=1",
+        "cpu_req": "CPU/REQ",
         "sps": "STREAMS/S",
+        "cpu_stream": "CPU/STREAM",
         "ttfb": "TTFB",
         "mbps": "BIG MB/S",
     }
@@ -1296,8 +1484,7 @@ def chart(results: dict, settings: argparse.Namespace, path: Path) -> None:
     for figure, _, fpath, base, _ in figures:
         base_value = get(results.get(base), *fpath)
         for k in keys:
-            v = get(results.get(k), *fpath)
-            ratios[figure, k] = v / base_value if v is not None and base_value else None
+            ratios[figure, k] = figure_ratio(results, k, fpath, base_value)
     top = max([1.2, *[r * 1.15 for r in ratios.values() if r is not None]])
     top = min(top, 4.0)
     pitch = 28
@@ -1373,9 +1560,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--writer-rows", type=int, default=20000, help="rows for the writer benchmark")
     parser.add_argument("--writer-calls", type=int, default=16, help="concurrent calls in the writer benchmark")
-    parser.add_argument("--targets", default=OWN_TARGETS, help="which of a, b, w, c, n, d, l to run (default all)")
+    parser.add_argument(
+        "--targets",
+        default=OWN_TARGETS,
+        help="which of a, b, w, c, n, d, l (and the peers e, f) to run (default all but the peers)",
+    )
     parser.add_argument("--peers", action="store_true", help="add LiteLLM's proxy (e) and Portkey's gateway (f)")
     parser.add_argument("--writer-only", action="store_true", help="only the ledger writer micro-benchmark")
+    parser.add_argument(
+        "--cpu-only",
+        action="store_true",
+        help="only the runs that give CPU time per request and per stream (no c=1 run, TTFB, big stream or writer)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the rounds, one more non-streamed run of b and d and stream run of c and d under py-spy "
+        "(needs py-spy on PATH or in the venv, and ptrace: root): bench-results/profile-<run>-<target>.txt, "
+        "the CPU split by phase",
+    )
     parser.add_argument("--quick", action="store_true", help="a short smoke run (2 s runs, fewer streams)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="directory for bench.json/png")
     args = parser.parse_args(argv)
@@ -1440,7 +1643,7 @@ def main(argv: list[str]) -> int:
                 "e": lambda: start_litellm(fake, settings.out),
                 "f": lambda: start_portkey(fake, settings.out),
             }
-            keys = [k for k in OWN_TARGETS if k in settings.targets] + (["e", "f"] if settings.peers else [])
+            keys = [k for k in ALL_TARGETS if k in settings.targets or (settings.peers and k in "ef")]
             targets: dict[str, Target] = {}
             with tempfile.TemporaryDirectory(prefix="bench-wrk-") as work:
                 try:
@@ -1455,13 +1658,27 @@ def main(argv: list[str]) -> int:
                             results[key] = {"label": label, "error": str(error)}
                             if key in targets:
                                 targets.pop(key).stop()
+                    runs = round_runs(settings, max_tokens)
                     for turn in range(settings.rounds):  # interleaved, so that a slow spell hits every target
                         print(f"[round {turn + 1} of {settings.rounds}]", flush=True)
-                        for key, target in targets.items():
-                            measure_round(target, results[key], fake, settings, max_tokens, Path(work))
+                        for run, spec in runs.items():
+                            for key, target in targets.items():
+                                measure_run(target, results[key], fake, settings, run, spec, Path(work))
+                        if not settings.cpu_only:
+                            for key, target in targets.items():
+                                measure_paced(target, results[key], settings)
                     for key, target in targets.items():
                         settle_rounds(results[key])
-                        measure_once(target, results[key], settings)
+                        if not settings.cpu_only:
+                            measure_once(target, results[key], settings)
+                    cpu_ratios(results)
+                    if settings.profile:
+                        for run, keys in PROFILED.items():
+                            for key in keys:
+                                if key in targets:
+                                    results[key].setdefault("profile", {})[run] = profile_run(
+                                        targets[key], fake, settings, run, runs[run], Path(work)
+                                    )
                 finally:
                     for key, target in targets.items():
                         target.stop()
@@ -1469,8 +1686,9 @@ def main(argv: list[str]) -> int:
                             results[key]["ledger"] = target.ledger
                             print(f"  d meterproxy ledger: {target.ledger}", flush=True)
             fake.stop()
-        print(f"[writer] {settings.writer_rows:,} rows from {settings.writer_calls} concurrent calls", flush=True)
-        writer = bench_writer(settings.writer_rows, settings.writer_calls)
+        if not settings.cpu_only:
+            print(f"[writer] {settings.writer_rows:,} rows from {settings.writer_calls} concurrent calls", flush=True)
+            writer = bench_writer(settings.writer_rows, settings.writer_calls)
     finally:
         stop_all()
     meta["loadavg_end"] = os.getloadavg()

@@ -547,6 +547,16 @@ def test_a_stream_gets_include_usage_and_identity_encoding():
     assert (call.model, call.stream, call.drop_usage_event) == ("gpt-4o-mini", True, True)
 
 
+def test_include_usage_is_added_to_the_clients_own_bytes():
+    """A body without stream_options is not serialized again (a long prompt would be): the
+    option goes before its closing brace, the rest is the client's bytes."""
+    sent = b'{"model": "gpt-4o-mini",\n "messages": [{"role": "user", "content": "caf\\u00e9"}], "stream": true}\n'
+    flow = metered(sent)
+    assert call_of(flow).drop_usage_event
+    assert flow.request.content == sent.rstrip()[:-1] + b',"stream_options":{"include_usage":true}}'
+    assert json.loads(flow.request.content)["stream_options"] == {"include_usage": True}
+
+
 def test_include_usage_false_is_turned_on_keeping_other_stream_options():
     flow = metered(
         {

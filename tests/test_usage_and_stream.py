@@ -375,6 +375,25 @@ def test_the_text_of_a_cut_stream_is_decoded_from_its_json_strings_for_the_estim
     assert meter.dialect.text.total() == text_tokens('café "quoted"\n \\ back 日本', MODEL)
 
 
+@pytest.mark.parametrize("drop", [True, False])
+def test_chunks_of_several_whole_events_are_read_at_once_and_counted_exactly(drop):
+    """Once the reply is identified, a chunk of whole events none of which can carry usage is
+    metered in one piece: the text of a cut stream counts as it does event by event, and the
+    usage event, when it comes among others, is still read (and dropped when asked)."""
+    words = [f" w{i}" for i in range(30)]
+    stream, usage_event = openai_stream(words)
+    events = [event + b"\n\n" for event in stream.split(b"\n\n")[:-1]]
+    pieces = [events[0]] + [b"".join(events[i : i + 3]) for i in range(1, len(events), 3)]
+    cut = [piece for piece in pieces if b'"choices":[]' not in piece and b"[DONE]" not in piece]
+    meter = new_meter(drop)
+    assert feed(meter, cut) == b"".join(cut)
+    assert meter.dialect.usage is None
+    assert meter.dialect.text.total() == text_tokens("".join(words), MODEL)
+    whole = new_meter(drop)
+    assert feed(whole, pieces) == (without(stream, usage_event) if drop else stream)
+    assert whole.dialect.usage == openai_usage(USAGE)
+
+
 def test_reasoning_shown_before_the_answer_counts_for_the_estimate():
     """DeepSeek and xAI stream their reasoning in `reasoning_content`, vLLM-style servers in
     `reasoning`: output the provider bills, so a cut stream's estimate counts it."""
