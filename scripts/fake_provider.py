@@ -78,7 +78,9 @@ behaviours and are not logged):
   first_byte_delay, cut_after (close the connection after that many stream
   events, without the terminating chunk), body_cut (send only that many bytes
   of a body that is not streamed, wait body_stall seconds, then close), hang,
-  words, word_bytes, gzip.
+  words, word_bytes, gzip, minimal_delta (an Anthropic stream's ``message_delta``
+  usage has only ``output_tokens``, as Anthropic documents it; by default it
+  repeats every figure).
 * ``GET /_fake/requests`` – log of every other request seen (response_status is
   null if nothing was answered, e.g. ``hang``; usage is the usage object the
   fake reported, in the provider's own shape).
@@ -656,7 +658,9 @@ def _anthropic_usage(prompt: int, output: int, behaviour: dict) -> dict:
     }
 
 
-def _anthropic_events(message: dict, n_out: int, width: int) -> Iterator[bytes]:
+def _anthropic_events(message: dict, n_out: int, width: int, minimal_delta: bool = False) -> Iterator[bytes]:
+    """`minimal_delta`: the `message_delta` carries only `output_tokens`, as Anthropic documents
+    it (the input and cache figures are those of `message_start`)."""
     usage = message.get("usage")
     start = {**message, "content": [], "stop_reason": None}
     if usage is not None:
@@ -673,7 +677,11 @@ def _anthropic_events(message: dict, n_out: int, width: int) -> Iterator[bytes]:
         else {
             "usage": {
                 key: usage[key]
-                for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+                for key in (
+                    ("output_tokens",)
+                    if minimal_delta
+                    else ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
+                )
             }
         }
     )
@@ -712,7 +720,7 @@ def anthropic_messages(state: FakeState, entry: dict, behaviour: dict, subpath: 
         message["usage"] = _anthropic_usage(prompt, n_out + behaviour.get("reasoning_tokens", 0), behaviour)
     entry["usage"] = message.get("usage")
     if req.get("stream") is True:
-        return Reply(200, SSE, events=_anthropic_events(message, n_out, width))
+        return Reply(200, SSE, events=_anthropic_events(message, n_out, width, behaviour.get("minimal_delta", False)))
     return _json_reply(200, message)
 
 

@@ -390,6 +390,19 @@ def test_anthropic_stream(claude, port):
 
 
 @pytest.mark.usefixtures("fresh")
+def test_anthropic_stream_with_the_documented_minimal_message_delta(claude, port):
+    """`minimal_delta`: the `message_delta` has only `output_tokens`, as Anthropic documents it;
+    the input and cache figures come once, in `message_start`."""
+    behave(port, {"minimal_delta": True, "cached_tokens": 3, "cache_write_tokens": 2})
+    events = list(claude.messages.create(model="c", max_tokens=4, messages=CLAUDE_MESSAGES, stream=True))
+    start, delta = events[0].message.usage, events[-2]
+    prompt = 3 + (3 + 3)  # no system prompt
+    assert (start.input_tokens, start.cache_read_input_tokens, start.cache_creation_input_tokens) == (prompt - 5, 3, 2)
+    assert delta.type == "message_delta" and delta.usage.model_dump(exclude_none=True) == {"output_tokens": 4}
+    assert logged(port)[0]["usage"]["output_tokens"] == 4
+
+
+@pytest.mark.usefixtures("fresh")
 def test_anthropic_stream_raw_and_usage_false(port):
     behave(port, {"usage": False})
     headers = {"x-api-key": "sk-ant", "anthropic-version": "2023-06-01"}

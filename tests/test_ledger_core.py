@@ -929,6 +929,50 @@ def test_a_hold_the_available_balance_cannot_cover_is_refused(store):
     assert store.request("req_second") is None
 
 
+def test_a_call_that_costs_more_than_its_hold_takes_the_balance_below_zero_by_exactly_the_difference(store):
+    """The debit is what the call cost, not what it held (README, Holds): the customer owes the
+    difference."""
+    principal = funded_principal(store)
+    wallet_id = principal.wallet_id
+    with store.transaction():
+        store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("4.9"))
+    with store.transaction():
+        store.complete_request(make_call().request_id, {"status": "completed"}, wallet_id, Decimal("5.3000000001"))
+    wallet = store.wallet(wallet_id)
+    assert (wallet["balance"], wallet["held"]) == ("-0.3000000001", "0.0000000000")
+    assert store.wallet_balance(wallet_id) == Decimal("5") - Decimal("5.3000000001")
+    with pytest.raises(GatewayError) as refused, store.transaction():
+        store.open_request(opening_row(make_call(principal=principal, request_id="req_next"), STARTED), ZERO_HOLD)
+    assert refused.value.code == "insufficient_balance"
+
+
+ZERO_HOLD = Decimal("0.0000000001")  # the least a call can hold
+
+
+@pytest.mark.parametrize("first", ["completed", "interrupted"])
+def test_a_second_completion_of_a_row_is_refused_and_changes_nothing(store, first):
+    """A row is completed once: a second completion (a job run twice, a late completion of a
+    call that a restart already marked interrupted) neither changes the row nor debits again."""
+    principal = funded_principal(store)
+    wallet_id = principal.wallet_id
+    call = make_call(principal=principal)
+    with store.transaction():
+        store.open_request(opening_row(call, STARTED), Decimal("0.01"))
+    with store.transaction():
+        if first == "completed":
+            fields, cost = closing_fields(call, OUTCOME, PRICES)
+            assert store.complete_request(call.request_id, fields, wallet_id, cost) is True
+        else:
+            assert store.recover() == 1
+    row, balance = store.request(call.request_id), store.wallet_balance(wallet_id)
+    again = {**closing_fields(call, OUTCOME, PRICES)[0], "output_tokens": 999, "total_cost": "1.0000000000"}
+    with store.transaction():
+        assert store.complete_request(call.request_id, again, wallet_id, Decimal("1")) is False
+    assert store.request(call.request_id) == row and row["status"] in ("completed", "error")
+    assert (store.wallet_balance(wallet_id), store.held(wallet_id)) == (balance, Decimal(0))
+    assert remembered_figures_are_the_databases(store, wallet_id)
+
+
 def test_recovery_leaves_no_row_pending_and_no_hold_open(store):
     principal = funded_principal(store)
     wallet_id = principal.wallet_id

@@ -215,6 +215,21 @@ def test_create_prices_charges_and_records_usage(gateway, account, client):
     assert json.loads(row["metadata"]) == METADATA
 
 
+def test_characters_and_seconds_are_charged_at_the_products_rates(gateway):
+    """Usage recorded in characters and seconds pays the product's per-million-characters and
+    per-second rates on top of the tokens' price and the fixed fee and markup."""
+    fees = FEES.model_copy(update={"character_rate": Decimal("15"), "second_rate": Decimal("0.006")})
+    account = make_account(gateway.store, fees)
+    figures = {"input_characters": 2000, "output_characters": 500, "input_seconds": "1.5", "output_seconds": "2.25"}
+    before = balance(gateway, account)
+    with api(gateway, account.secret_key) as client:
+        record = create(client, account, **figures)
+    total, wallet, _ = expected_costs("gpt-4o-mini", 1200, 340)
+    per_unit = 2500 * Decimal("15") / 1_000_000 + Decimal("3.75") * Decimal("0.006")  # 0.0375 + 0.0225
+    assert (record["total_cost"], record["wallet_cost"]) == (as_text(total + per_unit), as_text(wallet + per_unit))
+    assert balance(gateway, account) == before - wallet - per_unit
+
+
 def test_create_without_a_request_id_gets_a_prefixed_ulid(client, account):
     record = create(client, account)
     assert re.fullmatch(r"req_[0-9A-HJKMNP-TV-Z]{26}", record["request_id"])

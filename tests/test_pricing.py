@@ -321,6 +321,54 @@ def test_negative_fees_are_refused(field):
         ProductFees(**{field: Decimal("-0.01")})
 
 
+PER_UNIT_RATES = ("input_token_rate", "output_token_rate", "character_rate", "second_rate")
+
+
+@pytest.mark.parametrize(
+    "rate, usage, fee",
+    [
+        ({"input_token_rate": Decimal("2")}, Usage(input_tokens=3000), "0.0060000000"),
+        ({"output_token_rate": Decimal("3")}, Usage(output_tokens=1000), "0.0030000000"),
+        ({"character_rate": Decimal("15")}, Usage(input_characters=2000), "0.0300000000"),
+        ({"character_rate": Decimal("15")}, Usage(output_characters=4000), "0.0600000000"),
+        ({"second_rate": Decimal("0.006")}, Usage(input_seconds=Decimal("12.5")), "0.0750000000"),
+        ({"second_rate": Decimal("0.006")}, Usage(output_seconds=Decimal("3")), "0.0180000000"),
+    ],
+    ids=["input-tokens", "output-tokens", "input-characters", "output-characters", "input-seconds", "output-seconds"],
+)
+def test_each_per_unit_rate_charges_its_units(rate, usage, fee):
+    """Every rate a product can set is charged (per million tokens or characters, per second),
+    and only on its own units: the other rates are zero here, and a rate on other units adds
+    nothing."""
+    charge = split_charge(Decimal("0.01"), usage, ProductFees(**rate), KeyMode.MANAGED)
+    assert money_text(charge.fees) == fee and charge.wallet_cost == Decimal("0.01") + Decimal(fee)
+    others = {name: Decimal("1000") for name in PER_UNIT_RATES if name not in rate}
+    unrelated = split_charge(Decimal("0.01"), usage, ProductFees(**others), KeyMode.MANAGED)
+    assert unrelated.fees == 0
+
+
+def test_the_per_unit_rates_add_up_with_the_fixed_fee_and_the_markup():
+    fees = ProductFees(
+        fixed_fee=Decimal("0.002"),
+        markup_percent=Decimal("10"),
+        input_token_rate=Decimal("2"),
+        output_token_rate=Decimal("3"),
+        character_rate=Decimal("15"),
+        second_rate=Decimal("0.006"),
+    )
+    usage = Usage(
+        input_tokens=3000,
+        output_tokens=1000,
+        input_characters=2000,
+        output_characters=4000,
+        input_seconds=Decimal("12.5"),
+        output_seconds=Decimal("3"),
+    )
+    # 0.002 + 10% of 0.05 + 0.006 + 0.003 + 0.03 + 0.06 + 0.075 + 0.018
+    charge = split_charge(Decimal("0.05"), usage, fees, KeyMode.UNMANAGED)
+    assert_charge(charge, "0.0500000000", "0.1990000000", "0.1990000000", "0.0000000000", "0.2490000000")
+
+
 def test_the_readme_worked_example():
     """The README's numbers, from genai-prices' gpt-4o-mini price and the product's fees."""
     usage = Usage(input_tokens=1000, output_tokens=500, cached_input_tokens=200)

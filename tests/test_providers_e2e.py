@@ -163,6 +163,25 @@ def test_anthropic_stream_with_cache_tokens(gateway, fake, account):
     )
 
 
+def test_an_anthropic_stream_whose_message_delta_has_only_output_tokens_counts_the_cache_once(gateway, fake, account):
+    """Anthropic documents a `message_delta` with `output_tokens` alone: the input figures of
+    `message_start` stand, cache reads and writes counted once within `input_tokens`."""
+    fake.behave({"minimal_delta": True, "cached_tokens": 3, "cache_write_tokens": 2})
+    rows_before = len(gateway.rows())
+    with anthropic_client(gateway, account.token()).messages.stream(
+        model=CLAUDE, max_tokens=6, messages=CLAUDE_MESSAGES
+    ) as stream:
+        final = stream.get_final_message()
+    assert fake.requests()[0]["usage"]["input_tokens"] == final.usage.input_tokens
+    whole_input = final.usage.input_tokens + 3 + 2
+    row = only_row(gateway, rows_before)
+    assert (row["status"], row["usage_source"]) == ("completed", "provider")
+    assert tokens(row) == (whole_input, 3, 2, 6, 0)
+    assert row["total_cost"] == cost_text(
+        "anthropic", CLAUDE, input_tokens=whole_input, cache_read_tokens=3, cache_write_tokens=2, output_tokens=6
+    )
+
+
 # --- Google -----------------------------------------------------------------------------------
 
 GEMINI = "gemini-2.5-flash"

@@ -122,6 +122,66 @@ def test_the_parts_priced_apart_are_read_from_every_wire_format():
     assert (chat.input_audio_tokens, chat.output_audio_tokens) == (7, 9)
 
 
+ANTHROPIC_START = {
+    "input_tokens": 10,
+    "cache_read_input_tokens": 400,
+    "cache_creation_input_tokens": 300,
+    "cache_creation": {"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 100},
+    "output_tokens": 1,
+}
+ANTHROPIC_TOTAL = Usage(
+    input_tokens=10 + 400 + 300,
+    output_tokens=40,
+    cached_input_tokens=400,
+    cache_write_tokens=300,
+    cache_write_1h_tokens=100,
+)
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        {"output_tokens": 40},  # what Anthropic documents: the input figures came in message_start
+        {"output_tokens": 40, "input_tokens": 10},
+        {"output_tokens": 40, "input_tokens": 10, "cache_read_input_tokens": 400, "cache_creation_input_tokens": 300},
+    ],
+    ids=["output-only", "with-input", "every-figure"],
+)
+def test_an_anthropic_message_delta_keeps_the_input_and_cache_figures_of_message_start(delta):
+    """Cached reads and cache writes are part of `input_tokens` once, whatever figures the
+    `message_delta` repeats (a delta without `input_tokens` counted them twice)."""
+    dialect = Anthropic("claude-sonnet-4-5")
+    start = {"id": "msg_01", "type": "message", "model": "claude-sonnet-4-5", "usage": ANTHROPIC_START}
+    dialect.read_event(json.dumps({"type": "message_start", "message": start}).encode())
+    dialect.read_event(json.dumps({"type": "message_delta", "delta": {}, "usage": delta}).encode())
+    assert dialect.reported and dialect.metered_usage({}) == ANTHROPIC_TOTAL
+
+
+@pytest.mark.parametrize(
+    "wire, path, request_body, limit",
+    [
+        (Wire.OPENAI, "/v1/chat/completions", {"messages": [], "max_tokens": 100, "n": 3}, 300),
+        (Wire.OPENAI, "/v1/chat/completions", {"messages": [], "max_completion_tokens": 100, "n": 3}, 300),
+        (Wire.OPENAI, "/v1/completions", {"prompt": "Hi", "max_tokens": 100, "n": 2}, 200),
+        (Wire.OPENAI, "/v1/chat/completions", {"messages": [], "max_tokens": 100, "n": None}, 100),
+        (Wire.GOOGLE, "/v1beta/models/g:generateContent", {"generationConfig": {"maxOutputTokens": 100}}, 100),
+        (
+            Wire.GOOGLE,
+            "/v1beta/models/g:generateContent",
+            {"generationConfig": {"maxOutputTokens": 100, "candidateCount": 4}},
+            400,
+        ),
+    ],
+    ids=["chat-n", "chat-max-completion-n", "completions-n", "chat-n-null", "gemini-one", "gemini-candidates"],
+)
+def test_the_worst_case_output_is_the_limit_times_the_choices_asked_for(wire, path, request_body, limit):
+    """Each of `n` choices (Gemini's `candidateCount`) may use the whole output limit: the
+    hold must cover them all."""
+    dialect = dialect_for(wire, path, "m")
+    assert dialect.max_output_tokens(request_body) == limit
+    assert dialect.worst_case(request_body, 120) == Usage(input_tokens=120, output_tokens=limit)
+
+
 def test_speech_streamed_as_events_is_metered_from_the_usage_of_its_last_one():
     speech = dialect_for(Wire.OPENAI, "/v1/audio/speech", "gpt-4o-mini-tts")
     request = {"model": "gpt-4o-mini-tts", "input": "Hello there", "stream_format": "sse"}
