@@ -3,6 +3,7 @@ from mitmproxy.test import taddons
 
 from tests.backends import BACKENDS, ledger_target
 from tests.harness import FakeProvider, Gateway
+from tests.leaks import _no_secret_left_behind, pytest_configure  # noqa: F401 (the key-leak search)
 
 
 @pytest.fixture(scope="session")

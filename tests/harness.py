@@ -20,6 +20,7 @@ from meterproxy.limits import ProductLimits
 from meterproxy.store import Store
 from meterproxy.token import encode_token
 from pricing.fees import ProductFees
+from tests.leaks import LEAKS
 
 ROOT = Path(__file__).resolve().parents[1]
 MANAGED_KEYS = {
@@ -30,16 +31,24 @@ MANAGED_KEYS = {
     "DEEPSEEK_API_KEY": "sk-managed-deepseek-c4f0",
     "XAI_API_KEY": "xai-managed-6e19",
 }
-# Everything secret that tests hand to a gateway, and everything a gateway leaves behind: the
-# key-leak test (tests/test_zz_key_leaks.py) searches the latter for the former.
-SECRETS: set[str] = set(MANAGED_KEYS.values())
+# Everything secret that tests hand to a process, and everything a process leaves behind: the
+# session's end searches the latter for the former (tests/leaks.py).
+SECRETS: set[str] = LEAKS.secrets
+SECRETS.update(MANAGED_KEYS.values())
 GATEWAYS: list["Gateway"] = []
 
 
 def secret(value: str) -> str:
-    """Register a secret a test uses, so that the key-leak test looks for it."""
-    SECRETS.add(value)
-    return value
+    """Register a secret a test uses, so that the key-leak search looks for it."""
+    return LEAKS.secret(value)
+
+
+def run(command: list, **options) -> subprocess.CompletedProcess:
+    """`subprocess.run` of a command whose output the key-leak search reads: text, captured."""
+    result = subprocess.run(command, capture_output=True, text=True, **options)
+    shown = [str(arg) if not any(value in str(arg) for value in SECRETS) else "…" for arg in command]
+    LEAKS.watch(f"output of {' '.join(shown)[:200]}", lambda: result.stdout + result.stderr)
+    return result
 
 
 FAKE_PROVIDERS = ("openai", "anthropic", "google", "mistral", "deepseek", "xai")
@@ -130,7 +139,8 @@ class Gateway:
         environment = {key: value for key, value in os.environ.items() if not key.endswith("_API_KEY")}
         environment.update(MANAGED_KEYS, **(env or {}), METERPROXY_TEST_RECORD=str(self.record))
         for keys in [value for name, value in (env or {}).items() if name.endswith("_API_KEY")]:
-            SECRETS.update(keys.split(","))
+            for key in keys.split(","):
+                secret(key)
         self.process, match, self.output = _start(
             [
                 str(Path(sys.executable).with_name(program)),
@@ -157,6 +167,7 @@ class Gateway:
         self.url = f"http://127.0.0.1:{self.port}"
         self.store = Store(self.db)
         GATEWAYS.append(self)
+        LEAKS.watch(f"gateway in {tmp}", self.traces)
 
     def traces(self) -> bytes:
         """All the gateway left behind: its database files, its log output, its responses."""

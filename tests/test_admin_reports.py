@@ -15,7 +15,7 @@ from meterproxy.ids import new_id
 from meterproxy.store import PRINCIPAL_STALENESS, Store, utc_now
 from pricing.fees import Payer, ProductFees
 from tests.backends import ledger_target
-from tests.harness import make_account
+from tests.harness import make_account, run
 from tests.test_commands import BIN, meterproxy
 from tests.test_forward_openai import FEES, MESSAGES, client_for
 from tests.test_metering_api import api, assert_error, seed, totals, usage_body
@@ -26,7 +26,7 @@ REPORT_COLUMNS = ["requests", "input_tokens", "output_tokens", "total_cost", "wa
 
 def refused(db, *args: str) -> subprocess.CompletedProcess:
     """Run a command that must fail; its stdout must stay empty."""
-    result = subprocess.run([BIN / "meterproxy", "--db", str(db), *args], capture_output=True, text=True)
+    result = run([BIN / "meterproxy", "--db", str(db), *args])
     assert result.stdout == ""
     return result
 

@@ -11,13 +11,13 @@ import httpx2
 
 from meterproxy.store import Store
 from meterproxy.token import decode_token
-from tests.harness import MANAGED_KEYS, _start, _stop
+from tests.harness import LEAKS, MANAGED_KEYS, _start, _stop, run, secret
 
 BIN = Path(sys.executable).parent
 
 
 def meterproxy(db: Path, *args: str) -> str:
-    result = subprocess.run([BIN / "meterproxy", "--db", str(db), *args], capture_output=True, text=True, check=True)
+    result = run([BIN / "meterproxy", "--db", str(db), *args], check=True)
     return result.stdout
 
 
@@ -42,6 +42,13 @@ def test_the_gateway_command_prints_a_first_request_that_works(tmp_path, fake):
         r"proxy listening at 127\.0\.0\.1:(\d+)",
         env,
     )
+    started = len(output)  # the token is printed once, before the gateway starts; never after
+
+    def left_behind() -> bytes:
+        files = b"".join(path.read_bytes() for path in tmp_path.glob("fresh.sqlite*"))
+        return files + "".join(output[started:]).encode()
+
+    LEAKS.watch("scripts/gateway", left_behind)
     try:
         printed = "".join(output)
         curl = re.search(
@@ -51,6 +58,10 @@ def test_the_gateway_command_prints_a_first_request_that_works(tmp_path, fake):
         assert curl, printed
         url = curl["url"].replace(":0/", f":{match.group(1)}/")  # the port was chosen by the OS
         headers = dict(header.split(": ", 1) for header in (curl["auth"], curl["type"]))
+        token = secret(headers["Authorization"].removeprefix("Bearer "))
+        for value in decode_token(token).model_dump().values():
+            if value:
+                secret(value)
         response = httpx2.post(url, headers=headers, content=curl["body"])
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == "w0 w1 w2 w3 w4"

@@ -32,7 +32,7 @@ import pytest
 
 from meterproxy.store import INTERRUPTED, Store
 from pricing.fees import ProductFees
-from tests.harness import Account, Gateway, make_account
+from tests.harness import Account, Gateway, make_account, run
 
 MODEL = "gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "one more question"}]
@@ -375,7 +375,7 @@ def test_sigkill_while_the_writer_commits_keeps_the_ledger_and_wallet_exact(laun
 
 
 def meterproxy(db: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "meterproxy", "--db", str(db), "--json", *args], capture_output=True, text=True)
+    return run([BIN / "meterproxy", "--db", str(db), "--json", *args])
 
 
 def test_admin_commands_beside_a_busy_gateway_never_see_database_is_locked(launch):

@@ -39,7 +39,7 @@ def gateway(fake, tmp_path_factory):
         args=args,
         env={
             "OPENAI_API_KEY": f"{FIRST_KEY},{SECOND_KEY}",
-            "DOWN_API_KEY": "sk-down",
+            "DOWN_API_KEY": "sk-down-managed-5a0c",
             # A proxy in the gateway's environment that is not there: retries go straight to the provider.
             "HTTP_PROXY": f"http://127.0.0.1:{closed_port()}",
             "ALL_PROXY": f"http://127.0.0.1:{closed_port()}",

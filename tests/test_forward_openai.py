@@ -18,7 +18,7 @@ import pytest
 from meterproxy.store import PRINCIPAL_STALENESS
 from meterproxy.token import encode_token
 from pricing.fees import Payer, ProductFees
-from tests.harness import MANAGED_KEYS, SELF_HOSTED, make_account
+from tests.harness import MANAGED_KEYS, SELF_HOSTED, make_account, secret
 
 OPENAI_BASE = "https://api.openai.com/v1/"  # the SDK appends paths to it
 MESSAGES = [{"role": "user", "content": "Say hello to the ledger"}]
@@ -299,8 +299,12 @@ def test_a_refused_client_that_leaves_before_sending_its_body_is_still_audited(g
 
 def test_another_merchants_connection_is_refused(gateway, fake, account):
     other = make_account(gateway.store)
-    mixed = encode_token(
-        secret_key=other.secret_key, connection_secret=account.connection_secret, product_secret=account.product_secret
+    mixed = secret(
+        encode_token(
+            secret_key=other.secret_key,
+            connection_secret=account.connection_secret,
+            product_secret=account.product_secret,
+        )
     )
     refused(
         gateway, fake, gateway.forward_base(OPENAI_BASE), mixed, openai.AuthenticationError, 401, "invalid_connection"

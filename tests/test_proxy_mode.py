@@ -29,7 +29,7 @@ from mitmproxy import io
 
 from meterproxy.token import encode_token
 from pricing.fees import ProductFees
-from tests.harness import MANAGED_KEYS, ROOT, Gateway, make_account, secret
+from tests.harness import MANAGED_KEYS, ROOT, Gateway, make_account, run, secret
 
 MESSAGES = [{"role": "user", "content": "metered through the proxy"}]
 PROMPT_TOKENS = 3 + 3 + 4  # the fake provider's formula
@@ -286,7 +286,7 @@ def test_a_client_that_knows_nothing_of_the_proxy_is_metered(mode):
     assert report["content"] == "w0 w1 w2 w3 w4"
     [seen] = report["upstream"]
     assert dict(seen["headers"])["authorization"] == f"Bearer {MANAGED_KEYS['OPENAI_API_KEY']}"
-    row, account = report["row"], report["account"]
+    row = report["row"]
     usage = genai_prices.Usage(input_tokens=report["usage"]["prompt_tokens"], output_tokens=5)
     provider_cost = genai_prices.calc_price(usage, "gpt-4o-mini", provider_id="openai").total_price
     assert (row["status"], row["provider"], row["endpoint"], row["key_mode"], row["connection_id"]) == (
@@ -294,7 +294,7 @@ def test_a_client_that_knows_nothing_of_the_proxy_is_metered(mode):
         "openai",
         "POST https://api.openai.com/v1/chat/completions",
         "managed",
-        account["connection_id"],
+        report["connection_id"],
     )
     assert (row["input_tokens"], row["output_tokens"], row["total_cost"]) == (
         report["usage"]["prompt_tokens"],

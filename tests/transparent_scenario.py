@@ -8,7 +8,8 @@ transparent` gateway; with `local`, the gateway runs `--mode local:legacy-client
 own redirector captures the connections of the process of that name. An openai SDK client that
 knows nothing of the proxy (trusting mitmproxy's CA, as a deployment would) calls
 https://api.openai.com; the gateway reaches the fake provider on loopback through the providers
-file. Prints a JSON report of what the client got, what upstream saw and the row.
+file. Prints a JSON report of what the client got, what upstream saw and the row; hands its
+secrets and its gateway's traces to the session's key-leak search (tests/leaks.py).
 """
 
 import json
@@ -81,7 +82,7 @@ def main(mode: str) -> None:
             **got,
             "upstream": fake.requests(),
             "row": gateway.row(got["request_id"]),
-            "account": account.__dict__,
+            "connection_id": account.connection_id,  # its secrets stay here: they are handed off
         }
         print(json.dumps(report))
     finally:
