@@ -97,7 +97,7 @@ class LeakCollector:
         found = []
         for name, source in self.sources.items():
             text = source()
-            data = text.encode() if isinstance(text, str) else text
+            data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
             candidates = {form for block in _blocks(data) & by_block.keys() for form in by_block[block]}
             for form in sorted(candidates | set(short)):
                 if form in data:

@@ -7,6 +7,7 @@ audit entry (tests/test_destinations.py: what it refuses).
 
 import datetime
 import json
+import os
 import re
 import shutil
 import socket
@@ -29,7 +30,8 @@ from mitmproxy import io
 
 from meterproxy.token import encode_token
 from pricing.fees import ProductFees
-from tests.harness import MANAGED_KEYS, ROOT, Gateway, make_account, run, secret
+from tests.harness import MANAGED_KEYS, ROOT, Gateway, make_account, secret
+from tests.leaks import HANDOFF
 
 MESSAGES = [{"role": "user", "content": "metered through the proxy"}]
 PROMPT_TOKENS = 3 + 3 + 4  # the fake provider's formula
@@ -274,6 +276,7 @@ def test_a_client_that_knows_nothing_of_the_proxy_is_metered(mode):
     reason = transparent_mode_unavailable() if mode == "transparent" else local_capture_unavailable()
     if reason:
         pytest.skip(reason)
+    # Its report shows what the provider saw (the managed key): its gateway's traces are handed off.
     scenario = subprocess.run(
         ["unshare", "--net", "--mount", sys.executable, "tests/transparent_scenario.py", mode],
         capture_output=True,
@@ -283,6 +286,10 @@ def test_a_client_that_knows_nothing_of_the_proxy_is_metered(mode):
     )
     assert scenario.returncode == 0, scenario.stderr[-3000:]
     report = json.loads(scenario.stdout.strip().splitlines()[-1])
+    handed_off = [json.loads(path.read_text()) for path in Path(os.environ[HANDOFF]).glob("*.json")]
+    assert any(  # to the key-leak search: its gateway's traces, its account's secrets
+        report["connection_id"] in text for handed in handed_off for text in handed["sources"].values()
+    )
     assert report["content"] == "w0 w1 w2 w3 w4"
     [seen] = report["upstream"]
     assert dict(seen["headers"])["authorization"] == f"Bearer {MANAGED_KEYS['OPENAI_API_KEY']}"
