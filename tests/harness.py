@@ -174,6 +174,11 @@ class Gateway:
         files = [*self.db_path.parent.glob(self.db_path.name + "*"), self.record]
         return b"".join(path.read_bytes() for path in files if path.exists()) + "".join(self.output).encode()
 
+    def recorded(self) -> bytes:
+        """What tests/leak_recorder.py wrote so far: request heads the gateway has read, and what
+        it sent its clients (a response's head as soon as it is sent)."""
+        return self.record.read_bytes() if self.record.exists() else b""
+
     def forward_base(self, provider_base: str) -> str:
         return f"{self.url}/v1/forward?u={provider_base}"
 
@@ -246,6 +251,16 @@ def make_account(
     return Account(
         merchant["id"], wallet["id"], connection["id"], product["id"], secret_key, connection_secret, product_secret
     )
+
+
+def wait_until(condition, what: str, timeout: float = 30):
+    """Poll until `condition()` is truthy and return it: the deadline only fails a test that hangs
+    (the machine may be busy with other tests), never a slow one."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return result
 
 
 def stream_until_cut(client, messages: list[dict], model: str = "gpt-4o-mini", **options) -> tuple[str, str]:

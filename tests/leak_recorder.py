@@ -1,6 +1,8 @@
 """A test-only mitmproxy script, loaded after the gateway by tests/harness.py: it appends every
 response the gateway sends a client (status, headers and body, streams chunk by chunk) to the
-file in $METERPROXY_TEST_RECORD, so that the key-leak test can search all of them."""
+file in $METERPROXY_TEST_RECORD, so that the key-leak test can search all of them. It also
+marks there each request head the gateway has read (`> METHOD path`, no query), so that a test
+can wait for that instead of sleeping."""
 
 import os
 
@@ -15,6 +17,9 @@ class Recorder:
         if self.path:
             with open(self.path, "ab") as record:
                 record.write(data)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._write(f"> {flow.request.method} {flow.request.path.split('?')[0]}\n".encode())
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         head = f"{flow.response.status_code}\n".encode() + bytes(flow.response.headers) + b"\n"

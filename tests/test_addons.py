@@ -780,7 +780,10 @@ def test_retries_close_their_client_when_unloaded():
         async def use_then_unload():
             client = retries.client
             tctx.master.addons.remove(tctx.master.addons.chain[-1])  # as a script's reload does
-            await asyncio.sleep(0.01)
+            for _ in range(1000):  # loop turns, not time: a few are enough
+                if client.is_closed:
+                    break
+                await asyncio.sleep(0)
             return client
 
         assert tctx.master.event_loop.run_until_complete(use_then_unload()).is_closed

@@ -3,14 +3,14 @@ provider once; the second answer is the first, byte for byte, and its row is a h
 no provider money, only the product's fees."""
 
 import json
-import time
 from decimal import Decimal
 
 import openai
 import pytest
 
+from meterproxy.store import utc_now
 from pricing.fees import ProductFees
-from tests.harness import make_account
+from tests.harness import make_account, wait_until
 
 ON_BOTH_BACKENDS = True  # the gateway and the ledgers of this module's tests (tests/conftest.py)
 
@@ -69,9 +69,16 @@ def test_fresh_no_cache_and_no_store_reach_the_provider(gateway, fake, account, 
     assert again.headers["x-meterproxy-cache"] == ("bypass" if "no-store" in str(how) else "miss")
 
 
-def test_an_expired_entry_reaches_the_provider(gateway, fake, account):
+def test_an_expired_entry_reaches_the_provider(gateway, fake):
+    account = make_account(gateway.store, FEES, cache_ttl=DAY)  # its product's only entry is this one
     ask(gateway, account, "short lived", extra_headers={"x-meterproxy-cache-ttl": "1"})
-    time.sleep(1.2)
+
+    def kept() -> list[str]:
+        entries = gateway.store.db["cache_entries"].rows_where("product_id = ?", [account.product_id])
+        return [entry["expires_at"] for entry in entries]
+
+    [expires_at] = wait_until(kept, "the answer to be kept")
+    wait_until(lambda: utc_now() > expires_at, "the entry to expire")  # a second after it was kept
     assert ask(gateway, account, "short lived").headers["x-meterproxy-cache"] == "miss"
     assert len(fake.requests()) == 2
 

@@ -125,8 +125,8 @@ def test_admin_command_creates_accounts_shows_secrets_once_and_stores_them_hashe
     )
     store.close()
     raw = b"".join(path.read_bytes() for path in tmp_path.glob("admin.sqlite*"))
-    for secret in (merchant["secret_key"], product["product_secret"], connection["connection_secret"]):
-        assert secret.encode() not in raw
+    for value in (merchant["secret_key"], product["product_secret"], connection["connection_secret"]):
+        assert value.encode() not in raw
     assert "secret" not in meterproxy(db, "wallet", "show", wallet["id"])
 
 

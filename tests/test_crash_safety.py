@@ -41,7 +41,7 @@ FUNDED = Decimal("100")  # far more than the holds of every request in flight to
 ZERO_TEXT = "0.0000000000"
 COSTS = ("total_cost", "wallet_cost", "merchant_cost")
 RECOVERED_COLUMNS = ("status", "error_message", "completed_at", *COSTS)  # what recovery may change
-SLOW_STREAM = {"chunk_delay": 0.05, "words": 100}  # five seconds a stream: the kill comes long before
+SLOW_STREAM = {"chunk_delay": 0.05, "words": 600}  # thirty seconds a stream: the kill comes long before
 STREAMS = 4
 BIN = Path(sys.executable).parent
 
@@ -325,11 +325,10 @@ def test_sigkill_with_streams_in_flight_loses_nothing_and_charges_nothing_twice(
     # Behaviours are FIFO: the quick calls start once every stream has taken its own.
     wait_for(lambda: len(load.streams) == STREAMS or load.unexpected, 10, "the streams to start")
     assert not load.unexpected and len(fake.requests()) == STREAMS
-    started = time.monotonic()
     load.run(load.quick_calls, 2)
-    time.sleep(0.5)
-    wait_for(lambda: len(settled(gateway.db_path)) >= 10, 2.5, "ten quick calls to settle")
-    assert time.monotonic() - started < 3.5  # the streams are still far from their end
+    # The order of events, not seconds: ten quick calls settle while every stream is still going
+    # (checked below, after the kill).
+    wait_for(lambda: len(settled(gateway.db_path)) >= 10, 60, "ten quick calls to settle")
 
     snapshot, crashed = kill_under_load(gateway, load, tmp_path / "crashed")
 

@@ -18,7 +18,7 @@ import pytest
 from meterproxy.store import PRINCIPAL_STALENESS
 from meterproxy.token import encode_token
 from pricing.fees import Payer, ProductFees
-from tests.harness import MANAGED_KEYS, SELF_HOSTED, make_account, secret
+from tests.harness import MANAGED_KEYS, SELF_HOSTED, make_account, secret, wait_until
 
 OPENAI_BASE = "https://api.openai.com/v1/"  # the SDK appends paths to it
 MESSAGES = [{"role": "user", "content": "Say hello to the ledger"}]
@@ -285,13 +285,14 @@ def test_a_bad_token_is_refused_with_401(gateway, fake, token, code):
 
 
 def test_a_refused_client_that_leaves_before_sending_its_body_is_still_audited(gateway, fake):
-    audited = len(gateway.audit())
+    audited, head = len(gateway.audit()), b"> POST /openai/v1/chat/completions\n"
+    heads = gateway.recorded().count(head)
     with socket.create_connection(("127.0.0.1", gateway.port)) as client:
         client.sendall(
             b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer not-a-token\r\n"
             b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model":'
         )
-        time.sleep(0.2)  # refused at the headers; the body never comes
+        wait_until(lambda: gateway.recorded().count(head) > heads, "the gateway to read the head")  # refused there
     [entry] = gateway.audit_since(audited)
     assert (entry["status"], entry["code"], entry["target_host"]) == (401, "invalid_token", "openai")
     assert fake.requests() == []

@@ -154,8 +154,8 @@ def test_a_session_finds_leaks_planted_in_a_log_and_a_subprocess_whatever_order_
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    planted = ["test_log.py", "test_subprocess.py"]
-    session = inner_session(tmp_path, *(planted + ["test_clean.py"] if order == "planted-first" else ["test_clean.py"] + planted))
+    planted, clean = ["test_log.py", "test_subprocess.py"], ["test_clean.py"]
+    session = inner_session(tmp_path, *(planted + clean if order == "planted-first" else clean + planted))
     report = session.stdout + session.stderr
     assert session.returncode == 1 and "3 passed, 1 error" in report, report
     assert "eyJzZW… (URL-encoded) in a gateway's log" in report

@@ -200,8 +200,12 @@ def test_a_host_that_is_not_a_provider_passes_byte_for_byte(trusting_gateway, fa
         while chunk := tls.recv(65536):
             answer += chunk
     assert answer.endswith(b"\r\n\r\n" + sent)
-    time.sleep(0.2)  # anything the gateway would write goes through its writer thread
-    assert (len(gateway.rows()), len(gateway.audit())) == (rows, audit)
+    # A refusal after it, audited: the ledger's writes are in order, so anything the tunnel made
+    # the gateway write would be there before it.
+    refused = httpx2.post(f"{gateway.url}/openai/v1/chat/completions", headers={"authorization": "Bearer x"})
+    assert refused.status_code == 401
+    [after] = gateway.audit_since(audit)
+    assert (len(gateway.rows()), after["code"]) == (rows, "invalid_token")
     assert fake.requests() == []
 
 
