@@ -80,11 +80,15 @@ behaviours and are not logged):
   of a body that is not streamed, wait body_stall seconds, then close), hang,
   words, word_bytes, gzip, minimal_delta (an Anthropic stream's ``message_delta``
   usage has only ``output_tokens``, as Anthropic documents it; by default it
-  repeats every figure).
+  repeats every figure), pause_after (a stream waits after that many events
+  until ``POST /_fake/release``, a minute at most: a test sees what arrived
+  while the provider had sent only part of it).
 * ``GET /_fake/requests`` – log of every other request seen (response_status is
   null if nothing was answered, e.g. ``hang``; usage is the usage object the
   fake reported, in the provider's own shape).
-* ``DELETE /_fake/requests`` – clear the log and pending behaviours.
+* ``DELETE /_fake/requests`` – clear the log and pending behaviours (and release
+  the paused streams).
+* ``POST /_fake/release`` – let the streams paused by ``pause_after`` go on.
 
 Usage: ``fake_provider.py [--host 127.0.0.1] [--port 0]`` prints
 ``fake provider listening at HOST:PORT`` and serves until SIGINT/SIGTERM.
@@ -134,10 +138,17 @@ class FakeState:
         self.behaviours: deque[dict] = deque()
         self.requests: list[dict] = []
         self.ids = itertools.count(1)
+        self.released = asyncio.Event()  # the streams paused so far (`pause_after`) wait for it
+
+    def release(self) -> None:
+        """Let the paused streams go on; the next ones wait for the next release."""
+        self.released.set()
+        self.released = asyncio.Event()
 
     def reset(self) -> None:
         self.behaviours.clear()
         self.requests.clear()
+        self.release()
 
 
 def _json_reply(status: int, value: object, headers: list | None = None) -> Reply:
@@ -891,6 +902,8 @@ def _control(state: FakeState, method: str, path: str, raw: bytes) -> Reply:
         return _json_reply(200, state.requests)
     elif method == "DELETE" and path == "/_fake/requests":
         state.reset()
+    elif method == "POST" and path == "/_fake/release":
+        state.release()
     else:
         return _not_found(method, path)
     return _OK
@@ -951,7 +964,12 @@ def _response(status: int, headers: list) -> h11.Response:
 
 
 async def _send(
-    conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, behaviour: dict, entry: dict | None = None
+    conn: h11.Connection,
+    writer: asyncio.StreamWriter,
+    reply: Reply,
+    behaviour: dict,
+    entry: dict | None = None,
+    state: FakeState | None = None,
 ) -> bool:
     """Write the reply; False if the connection was deliberately cut. A stream's log entry
     counts the events sent and notes when the client went away (`aborted_at`, epoch seconds)."""
@@ -988,6 +1006,11 @@ async def _send(
             raise
         if entry is not None:
             entry["events_sent"] = i + 1
+        if state is not None and i + 1 == behaviour.get("pause_after"):
+            try:  # until the test says so (a minute at most, not to hang a failed one)
+                await asyncio.wait_for(state.released.wait(), 60)
+            except TimeoutError:
+                pass
     if cut is not None:
         return False
     writer.write(conn.send(h11.EndOfMessage()))
@@ -1010,7 +1033,7 @@ async def _respond(
         return False
     reply = _route(state, entry, behaviour)
     entry["response_status"] = reply.status
-    return await _send(conn, writer, reply, behaviour, entry)
+    return await _send(conn, writer, reply, behaviour, entry, state)
 
 
 async def _read_request(

@@ -86,8 +86,8 @@ class FakeProvider:
         self.port = int(match.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def _control(self, method: str, body: object = None) -> object:
-        path = "/_fake/behaviours" if method == "POST" else "/_fake/requests"
+    def _control(self, method: str, body: object = None, path: str | None = None) -> object:
+        path = path or ("/_fake/behaviours" if method == "POST" else "/_fake/requests")
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             connection.request(method, path, body=None if body is None else json.dumps(body))
@@ -104,6 +104,10 @@ class FakeProvider:
 
     def reset(self) -> None:
         self._control("DELETE")
+
+    def release(self) -> None:
+        """Let the streams paused by the `pause_after` behaviour go on."""
+        self._control("POST", path="/_fake/release")
 
     def stop(self) -> None:
         _stop(self.process)

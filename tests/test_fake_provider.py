@@ -389,6 +389,18 @@ def test_anthropic_stream(claude, port):
     assert (final.input_tokens, final.output_tokens) == (CLAUDE_PROMPT - 2, 2)
 
 
+def test_a_stream_paused_after_some_events_goes_on_when_released(client, port):
+    behave(port, {"pause_after": 2, "words": 4})
+    with client.chat.completions.with_streaming_response.create(model="m", messages=MESSAGES, stream=True) as response:
+        chunks = response.parse()
+        first = [next(chunks), next(chunks)]
+        assert logged(port)[0]["events_sent"] == 2  # and no more until released
+        assert call(port, "POST", "/_fake/release")[0] == 200
+        rest = list(chunks)
+    contents = [chunk.choices[0].delta.content for chunk in first + rest if chunk.choices]
+    assert "".join(content or "" for content in contents) == "w0 w1 w2 w3"
+
+
 @pytest.mark.usefixtures("fresh")
 def test_anthropic_stream_with_the_documented_minimal_message_delta(claude, port):
     """`minimal_delta`: the `message_delta` has only `output_tokens`, as Anthropic documents it;

@@ -153,18 +153,22 @@ def test_a_client_that_asks_for_stream_usage_still_gets_it(gateway, fake, accoun
 
 
 def test_stream_reaches_the_client_while_it_is_still_being_generated(gateway, fake, account):
-    fake.behave({"chunk_delay": 0.25, "words": 6})
+    """The provider sends three events, then waits until the client has read the first word:
+    had the gateway buffered the stream, that word would never come before the rest."""
+    fake.behave({"pause_after": 3, "words": 6})
     client = client_for(gateway, account.token())
-    arrivals = []
+    words, sent_then = [], None
     with client.chat.completions.with_streaming_response.create(
         model="gpt-4o-mini", messages=MESSAGES, stream=True
     ) as response:
         for chunk in response.parse():
             if chunk.choices and chunk.choices[0].delta.content:
-                arrivals.append(time.monotonic())
+                words.append(chunk.choices[0].delta.content)
+                if sent_then is None:
+                    sent_then = fake.requests()[0]["events_sent"]
+                    fake.release()
         request_id = response.headers["x-lava-request-id"]
-    # Six words 0.25 s apart: had the gateway buffered, they would arrive together.
-    assert len(arrivals) == 6 and arrivals[-1] - arrivals[0] > 1.0
+    assert sent_then == 3 and "".join(words) == "w0 w1 w2 w3 w4 w5"
     assert gateway.row(request_id)["output_tokens"] == 6
 
 
