@@ -585,18 +585,18 @@ def responses_events(words: list[str]) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "dialect, events, parsed",
+    "make_dialect, events, parsed",
     [
-        (Anthropic("claude-sonnet-4-5"), anthropic_events(WORDS), ["message_start", "message_delta"]),
-        (OpenAIResponses(MODEL), responses_events(WORDS), ["response.created", "response.completed"]),
-        (OpenAIChat(MODEL), [json.loads(e[6:]) for e in PLAIN.split(b"\n\n")[:-2]], ["first chunk", "usage"]),
+        (lambda: Anthropic("claude-sonnet-4-5"), anthropic_events(WORDS), ["message_start", "message_delta"]),
+        (lambda: OpenAIResponses(MODEL), responses_events(WORDS), ["response.created", "response.completed"]),
+        (lambda: OpenAIChat(MODEL), [json.loads(e[6:]) for e in PLAIN.split(b"\n\n")[:-2]], ["first chunk", "usage"]),
     ],
     ids=["anthropic", "responses", "chat"],
 )
 def test_only_stream_events_that_can_carry_usage_are_parsed_and_the_text_of_the_others_is_kept_raw(
-    dialect, events, parsed, monkeypatch
+    make_dialect, events, parsed, monkeypatch
 ):
-    seen = []
+    dialect, seen = make_dialect(), []  # a new one each run: a dialect keeps the text it has seen
     monkeypatch.setattr(dialects, "_json", lambda data: seen.append(json.loads(data)) or seen[-1])
     meter = StreamMeter(dialect, make_decoder("identity"), drop_usage_event=False)
     feed(meter, [sse(event) for event in events])
