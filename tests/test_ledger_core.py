@@ -15,12 +15,21 @@ import pytest
 
 import meterproxy.writer
 from meterproxy.call import Call
-from meterproxy.dialects import OpenAIChat, OpenAIResponses
+from meterproxy.dialects import OpenAIChat, OpenAIResponses, dialect_for
 from meterproxy.errors import GatewayError
-from meterproxy.ledger import MAX_ERROR_MESSAGE, Outcome, closing_fields, opening_row, worst_case_hold
+from meterproxy.ledger import (
+    MAX_ERROR_MESSAGE,
+    Outcome,
+    closing_fields,
+    describe,
+    from_timestamp,
+    needs_estimate,
+    opening_row,
+    worst_case_hold,
+)
 from meterproxy.limits import ProductLimits
-from meterproxy.providers import Registry
 from meterproxy.database import LedgerUnavailable
+from meterproxy.providers import Registry, Wire
 from meterproxy.store import INTERRUPTED, PRINCIPAL_STALENESS, Principal, Store, hash_secret
 from meterproxy.token import ForwardToken
 from meterproxy.usage import Reply, Usage
@@ -1080,3 +1089,182 @@ def test_a_database_of_an_earlier_version_loses_its_holds_table_and_gains_the_he
         assert "requests_pending" in str(store.db.execute(query).fetchall())
     finally:
         store.close()
+
+
+# --- the details a mutation run found untested (docs/mutation.md) -------------------------------
+
+
+def test_a_cached_answer_completes_with_no_attempt_and_no_provider_cost():
+    fields, wallet_cost = closing_fields(make_call(cache_hit=True), OUTCOME, PRICES)
+    assert (fields["attempts"], fields["cache_hit"], fields["status"]) == (0, True, "completed")
+    # provider cost 0; the product's fee: 0.001 + 10% of 0
+    assert (fields["total_cost"], fields["wallet_cost"], wallet_cost) == ("0.0010000000", "0.0010000000", Decimal("0.001"))
+
+
+def test_a_call_without_a_dialect_completes_as_the_model_asked_for_at_no_usage():
+    call = make_call(usage=None, model=None)
+    call.dialect = None  # an endpoint nothing is metered of
+    fields, wallet_cost = closing_fields(call, OUTCOME, PRICES)
+    assert (fields["model"], fields["provider_response_id"], fields["status"], fields["input_tokens"]) == (
+        None,
+        None,
+        "completed",
+        0,
+    )
+    assert (fields["total_cost"], wallet_cost) == ("0.0000000000", Decimal(0))
+    failed, _ = closing_fields(call, Outcome(STARTED, None, STARTED, upstream_status=503), PRICES)
+    assert failed["error_message"] == "provider answered HTTP 503"
+
+
+def test_no_response_is_an_error_row_saying_so():
+    fields, _ = closing_fields(make_call(), Outcome(STARTED, None, STARTED), PRICES)
+    assert (fields["status"], fields["error_message"], fields["ttfb_ms"]) == (
+        "error",
+        "no response from the provider",
+        None,
+    )
+
+
+def test_a_call_is_priced_at_the_price_in_force_when_it_started():
+    """DeepSeek's off-peak hours (16:30 to 00:30 UTC) cost half: each call pays the price of
+    the time it started, whatever the time it is priced."""
+    call = make_call(
+        target=Registry().resolve("https://api.deepseek.com/chat/completions"),
+        model="deepseek-chat",
+        reply=Reply("chatcmpl-abc", "deepseek-chat"),
+    )
+    peak, off_peak = (datetime(2025, 6, 1, hour, tzinfo=UTC) for hour in (12, 17))
+    costs = [
+        Decimal(closing_fields(call, Outcome(at, at, at + timedelta(seconds=1), 200), PriceBook())[0]["total_cost"])
+        for at in (peak, off_peak)
+    ]
+    assert costs[1] < costs[0]
+
+
+@pytest.mark.parametrize(
+    "needs, call, outcome",
+    [
+        (True, dict(usage=None), OUTCOME),
+        (False, dict(), OUTCOME),  # the provider's usage
+        (False, dict(usage=None), Outcome(STARTED, None, STARTED)),  # an error row: nothing to estimate
+    ],
+    ids=["no-usage", "usage", "error"],
+)
+def test_an_estimate_is_needed_only_for_a_completed_call_without_the_providers_usage(needs, call, outcome):
+    assert needs_estimate(make_call(**call), outcome) is needs
+    no_dialect = make_call()
+    no_dialect.dialect = None
+    assert needs_estimate(no_dialect, OUTCOME) is False
+
+
+def test_a_row_is_described_in_one_line_for_mitmweb():
+    fields, _ = closing_fields(make_call(), OUTCOME, PRICES)
+    row = {**opening_row(make_call(), STARTED), **fields}
+    assert describe(row) == (
+        "openai gpt-4o-mini-2024-07-18 · 1000 in / 100 out tokens · $0.0034200000 · managed · "
+        "req_01JNJ5V8Q2X3Y4Z5A6B7C8D9E0"
+    )
+    estimated = {**row, "usage_source": "estimated", "model": None}
+    assert describe(estimated) == (
+        "openai  · 1000 in / 100 out tokens (estimated) · $0.0034200000 · managed · req_01JNJ5V8Q2X3Y4Z5A6B7C8D9E0"
+    )
+    error = {**row, "status": "error", "error_message": "provider answered HTTP 500"}
+    assert describe(error) == (
+        "openai gpt-4o-mini-2024-07-18 · error: provider answered HTTP 500 · req_01JNJ5V8Q2X3Y4Z5A6B7C8D9E0"
+    )
+    assert from_timestamp(STARTED.timestamp()) == STARTED
+
+
+def test_a_hold_prices_the_worst_case_at_the_highest_rate_of_the_hour_not_the_rate_of_now():
+    """Gemini 2.5 Pro is tiered by prompt size: the hold takes the top tier's rates, which the
+    worst case alone (a small prompt) would not reach."""
+    call = make_call(
+        target=Registry().resolve("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-pro:generateContent"),
+        model="gemini-2.5-pro",
+        request_body={"contents": [], "generationConfig": {"maxOutputTokens": 1000}},
+    )
+    call.dialect = dialect_for(Wire.GOOGLE, "/v1beta/models/gemini-2.5-pro:generateContent", "gemini-2.5-pro")
+    body = json.dumps(call.request_body).encode()
+    prices, at = PriceBook(), datetime(2025, 9, 1, 12, tzinfo=UTC)
+    worst = Usage(input_tokens=len(body), output_tokens=1000)
+    tariff = call.tariff("gemini-2.5-pro")
+    bound = tariff.charge(worst, at, prices, upper_bound=True).wallet_cost
+    assert worst_case_hold(call, body, prices, at) == bound > tariff.charge(worst, at, prices).wallet_cost
+
+
+# --- the store's hold and debit -----------------------------------------------------------------
+
+
+def test_a_hold_of_exactly_the_available_balance_is_taken(store):
+    principal = funded_principal(store)
+    with store.transaction():
+        store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("5"))
+    assert store.held(principal.wallet_id) == Decimal("5")
+    assert type(store.held(principal.wallet_id)) is Decimal and type(store.held("wal_none")) is Decimal
+
+
+def test_debits_in_one_transaction_add_up(store):
+    principal = funded_principal(store)
+    calls = [make_call(principal=principal, request_id=f"req_{i}") for i in range(2)]
+    with store.transaction():
+        for call in calls:
+            store.open_request(opening_row(call, STARTED), Decimal("0.5"))
+    store.forget()  # what it remembered is read again inside the next transaction
+    with store.transaction():
+        for call, cost in zip(calls, (Decimal("0.25"), Decimal("0.125"))):
+            store.complete_request(call.request_id, {"status": "completed"}, principal.wallet_id, cost)
+    assert (store.wallet_balance(principal.wallet_id), store.held(principal.wallet_id)) == (Decimal("4.625"), 0)
+
+
+def test_a_metering_only_row_completes_without_a_wallet_whatever_it_cost(store):
+    call = make_call(token=ForwardToken(secret_key="msk_s", provider_key="sk-own"), principal=Principal("mer_1"))
+    with store.transaction():
+        store.open_request(opening_row(call, STARTED), Decimal(0))
+    with store.transaction():
+        assert store.complete_request(call.request_id, {"status": "completed"}, None, Decimal("0.5")) is True
+    assert store.request(call.request_id)["status"] == "completed"
+
+
+def usage_row(principal: Principal, request_id: str = "req_api_1", **figures) -> dict:
+    """A row for usage metered elsewhere (the metering API's create)."""
+    return {
+        "request_id": request_id,
+        "status": "completed",
+        "merchant_id": principal.merchant_id,
+        "connection_id": principal.connection_id,
+        "product_id": principal.product_id,
+        "wallet_id": principal.wallet_id,
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "metadata": {"order": "42"},
+        "created_at": "2025-03-04T05:06:07.123Z",
+        **{**Usage(input_tokens=10, output_tokens=5).columns(), **figures},
+    }
+
+
+def test_usage_recorded_elsewhere_is_charged_once_and_a_reused_id_with_other_figures_is_a_conflict(store):
+    principal = funded_principal(store)
+
+    def record(row: dict, wallet_id: str | None, cost: Decimal) -> tuple[dict, bool]:
+        with store.transaction():
+            return store.record_usage(row, wallet_id, cost)
+
+    row, created = record(usage_row(principal), principal.wallet_id, Decimal("0.5"))
+    assert created and (row["request_id"], row["input_tokens"], json.loads(row["metadata"])) == (
+        "req_api_1",
+        10,
+        {"order": "42"},
+    )
+    assert record(usage_row(principal), principal.wallet_id, Decimal("0.5")) == (row, False)
+    assert store.wallet_balance(principal.wallet_id) == Decimal("4.5")
+    for other in (usage_row(principal, input_tokens=11), {**usage_row(principal), "merchant_id": "mer_other"}):
+        with pytest.raises(GatewayError) as conflict:
+            record(other, principal.wallet_id, Decimal("0.5"))
+        assert (conflict.value.status, conflict.value.code) == (409, "request_id_conflict")
+    with pytest.raises(GatewayError) as refused:
+        record(usage_row(principal, "req_api_2"), principal.wallet_id, Decimal("4.5000000001"))
+    assert (refused.value.status, refused.value.code) == (402, "insufficient_balance")
+    assert store.request("req_api_2") is None
+    record(usage_row(principal, "req_api_3"), principal.wallet_id, Decimal("4.5"))
+    free, _ = record(usage_row(principal, "req_api_4"), None, Decimal("1"))  # metering only
+    assert store.wallet_balance(principal.wallet_id) == 0 and free["status"] == "completed"

@@ -12,7 +12,7 @@ from genai_prices.data_snapshot import get_snapshot
 
 from meterproxy.token import KeyMode
 from meterproxy.usage import Usage
-from pricing.fees import Charge, Payer, ProductFees, split_charge
+from pricing.fees import Charge, Payer, ProductFees, Tariff, split_charge
 from pricing.money import money, money_text
 from pricing.prices import DEFAULT_OVERRIDES, ModelPrice, PriceBook, PriceNotFound, UnitNotPriced, price_figures
 
@@ -482,3 +482,33 @@ def test_anthropic_cache_writes_kept_an_hour_and_gemini_audio_are_priced_at_thei
     assert book.provider_cost("google", "gemini-2.5-flash", audio, at) > book.provider_cost(
         "google", "gemini-2.5-flash", Usage(input_tokens=100_000), at
     )
+
+
+# --- the details a mutation run found untested (docs/mutation.md) -------------------------------
+
+
+def test_speech_by_characters_and_audio_by_seconds_in_and_out_are_priced():
+    book = PriceBook()
+    assert book.provider_cost("openai", "tts-1", Usage(input_characters=1000), AT) == Decimal("0.015")  # $15 / M
+    both_ways = Usage(input_seconds=Decimal(30), output_seconds=Decimal(30))
+    assert book.provider_cost("openai", "whisper-1", both_ways, AT) == Decimal("0.006")  # a minute of audio
+
+
+def test_a_call_without_a_model_costs_nothing_and_a_cached_answer_only_the_fees():
+    fees = ProductFees(fixed_fee=Decimal("0.002"), markup_percent=Decimal("10"))
+    usage = Usage(input_tokens=1000, output_tokens=100)
+    unmetered = Tariff("openai", None, fees, KeyMode.MANAGED).charge(usage, AT, PriceBook())
+    assert unmetered == Charge(Decimal(0), Decimal(0), Decimal(0), Decimal(0))
+    cached = Tariff("openai", "gpt-4o-mini", fees, KeyMode.MANAGED, free=True).charge(usage, AT, PriceBook())
+    assert cached == Charge(Decimal(0), Decimal("0.002"), Decimal("0.002"), Decimal(0))
+    byok = Tariff("openai", "gpt-4o-mini", fees, KeyMode.UNMANAGED, free=True).charge(usage, AT, PriceBook())
+    assert byok == Charge(Decimal(0), Decimal("0.002"), Decimal("0.002"), Decimal(0))
+    per_token = fees.model_copy(update={"input_token_rate": Decimal("1")})  # the fees see the usage
+    cached = Tariff("openai", "gpt-4o-mini", per_token, KeyMode.MANAGED, free=True).charge(usage, AT, PriceBook())
+    assert cached.fees == Decimal("0.003")
+
+
+def test_a_tariffs_upper_bound_is_the_top_tiers_price():
+    tariff, usage = Tariff("google", "gemini-2.5-pro", None, KeyMode.MANAGED), Usage(input_tokens=1000, output_tokens=1000)
+    bound, price = (tariff.charge(usage, AT, PriceBook(), upper_bound=flag).provider_cost for flag in (True, False))
+    assert bound > price == PriceBook().provider_cost("google", "gemini-2.5-pro", usage, AT)

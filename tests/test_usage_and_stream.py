@@ -13,7 +13,7 @@ import zstandard
 
 from meterproxy import dialects
 from meterproxy.dialects import Anthropic, OpenAIChat, OpenAIResponses, TokenCount, dialect_for
-from meterproxy.estimate import RAW_BATCH, TextCounter, text_tokens
+from meterproxy.estimate import RAW_BATCH, TextCounter, chat_prompt_tokens, text_tokens, tools_tokens
 from meterproxy.providers import Wire
 from meterproxy.stream import StreamMeter, make_decoder
 from meterproxy.usage import Reply, Usage, UsageSource, openai_usage
@@ -796,3 +796,188 @@ def test_identity_decoder_returns_the_bytes(encoding):
 def test_unknown_encodings_are_a_value_error(encoding):
     with pytest.raises(ValueError, match="unsupported content-encoding"):
         make_decoder(encoding)
+
+
+# --- every figure and every piece of text each wire format gives (docs/mutation.md) ---------------
+
+GEMINI = "gemini-2.5-flash"
+
+
+def test_gemini_usage_metadata_gives_every_figure():
+    metadata = {
+        "promptTokenCount": 100,
+        "toolUsePromptTokenCount": 20,
+        "candidatesTokenCount": 30,
+        "thoughtsTokenCount": 7,
+        "cachedContentTokenCount": 40,
+        "totalTokenCount": 157,
+    }
+    expected = Usage(input_tokens=120, output_tokens=37, cached_input_tokens=40, reasoning_tokens=7)
+    assert dialects.google_usage(metadata) == expected
+    assert dialects.google_usage({"promptTokenCount": 9}) == Usage(input_tokens=9)
+
+
+def gemini_chunks(usage: bool = True) -> list[dict]:
+    chunks = [
+        {
+            "responseId": "resp-1",
+            "modelVersion": "gemini-2.5-flash-001",
+            "candidates": [{"content": {"role": "model", "parts": [{"text": "Hello"}]}}],
+            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 1},
+        },
+        {
+            "candidates": [{"content": {"role": "model", "parts": [{"text": " world, twice"}]}}],
+            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 4},
+        },
+    ]
+    return chunks if usage else [{k: v for k, v in chunk.items() if k != "usageMetadata"} for chunk in chunks]
+
+
+@pytest.mark.parametrize("how", ["body", "array", "events"])
+def test_a_gemini_answer_gives_its_identity_and_last_usage_however_it_comes(how):
+    dialect = dialect_for(Wire.GOOGLE, f"/v1beta/models/{GEMINI}:generateContent", GEMINI)
+    chunks = gemini_chunks()
+    if how == "body":
+        dialect.read_body({**chunks[0], "usageMetadata": chunks[1]["usageMetadata"]})
+    elif how == "array":
+        dialect.read_body(chunks)
+    else:
+        assert [dialect.read_event(json.dumps(chunk).encode()) for chunk in chunks] == [False, False]
+    assert dialect.reply == Reply("resp-1", "gemini-2.5-flash-001", None)
+    assert dialect.reported and dialect.metered_usage({}) == Usage(input_tokens=5, output_tokens=4)
+
+
+def test_a_gemini_answer_without_usage_is_estimated_from_the_text_of_its_candidates():
+    dialect = dialect_for(Wire.GOOGLE, f"/v1beta/models/{GEMINI}:generateContent", GEMINI)
+    dialect.read_body(gemini_chunks(usage=False))
+    request = {"contents": [{"role": "user", "parts": [{"text": "say hello"}]}], "systemInstruction": "be brief"}
+    estimate = dialect.metered_usage(request)
+    assert estimate.output_tokens == text_tokens("Hello world, twice", GEMINI)
+    assert estimate.input_tokens == chat_prompt_tokens(request["contents"], GEMINI, "be brief") > 0
+    assert estimate.source is UsageSource.ESTIMATED
+
+
+def test_a_gemini_error_body_gives_its_message():
+    dialect = dialect_for(Wire.GOOGLE, f"/v1beta/models/{GEMINI}:generateContent", GEMINI)
+    dialect.read_body({"error": {"code": 429, "message": "Resource has been exhausted", "status": "RESOURCE_EXHAUSTED"}})
+    assert dialect.reply == Reply(None, None, "Resource has been exhausted") and not dialect.reported
+
+
+CLAUDE = "claude-sonnet-4-5"
+
+
+def test_an_anthropic_body_gives_its_identity_and_usage_or_else_the_text_of_its_blocks():
+    usage = {"input_tokens": 10, "cache_read_input_tokens": 4, "cache_creation_input_tokens": 2, "output_tokens": 6}
+    body = {
+        "id": "msg_1",
+        "model": "claude-sonnet-4-5-20250929",
+        "content": [{"type": "thinking", "thinking": "Let me think"}, {"type": "text", "text": "Hello there"}],
+        "usage": usage,
+    }
+    dialect = dialect_for(Wire.ANTHROPIC, "/v1/messages", CLAUDE)
+    dialect.read_body(body)
+    assert dialect.reply == Reply("msg_1", "claude-sonnet-4-5-20250929", None)
+    assert dialect.metered_usage({}) == Usage(
+        input_tokens=16, output_tokens=6, cached_input_tokens=4, cache_write_tokens=2
+    )
+    bare = dialect_for(Wire.ANTHROPIC, "/v1/messages", CLAUDE)
+    bare.read_body({key: value for key, value in body.items() if key != "usage"})
+    request = {"system": "be brief", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}
+    estimate = bare.metered_usage(request)
+    assert estimate.output_tokens == text_tokens("Let me thinkHello there", CLAUDE)
+    assert estimate.input_tokens == chat_prompt_tokens(request["messages"], CLAUDE, "be brief")
+    assert bare.max_output_tokens(request) == 9 and bare.max_output_tokens({}) is None
+
+
+def test_an_anthropic_stream_is_final_only_at_message_delta_and_reads_its_error_event():
+    dialect = dialect_for(Wire.ANTHROPIC, "/v1/messages", CLAUDE)
+    start = {"id": "msg_2", "model": "claude-x", "usage": {"input_tokens": 12, "output_tokens": 1}}
+    assert dialect.read_event(json.dumps({"type": "message_start", "message": start}).encode()) is False
+    assert dialect.reply == Reply("msg_2", "claude-x", None)
+    assert dialect.usage == Usage(input_tokens=12, output_tokens=1) and not dialect.reported
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    dialect.read_event(json.dumps(error).encode())
+    assert dialect.reply.error == "Overloaded" and not dialect.reported
+    dialect.read_event(json.dumps({"type": "message_delta", "usage": {"output_tokens": 3}}).encode())
+    assert dialect.reported and dialect.metered_usage({}) == Usage(input_tokens=12, output_tokens=3)
+
+
+RESPONSES_TOOLS = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+
+
+@pytest.mark.parametrize(
+    "request_body",
+    [
+        {"input": "What is the balance", "instructions": "Answer in one line", "tools": RESPONSES_TOOLS},
+        {"input": [{"role": "user", "content": "What is the balance"}], "instructions": "Answer in one line"},
+        {"input": [{"role": "user", "content": "What is the balance"}], "tools": RESPONSES_TOOLS},
+    ],
+    ids=["text", "messages-and-instructions", "messages-and-tools"],
+)
+def test_a_responses_prompt_counts_its_input_instructions_and_tools(request_body):
+    model = "gpt-4o-mini"
+    dialect = dialect_for(Wire.OPENAI, "/v1/responses", model)
+    tools = tools_tokens(request_body.get("tools"), model)
+    if isinstance(request_body["input"], str):
+        expected = text_tokens(request_body["input"], model) + text_tokens(request_body["instructions"], model) + tools
+    else:
+        expected = chat_prompt_tokens(request_body["input"], model, request_body.get("instructions")) + tools
+    assert dialect.prompt_tokens(request_body) == expected > 0
+    assert dialect.max_output_tokens({**request_body, "max_output_tokens": 50}) == 50
+
+
+def test_a_responses_body_gives_its_identity_and_usage_or_else_the_text_of_its_output():
+    output = [
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Thinking it over"}]},
+        {"type": "message", "content": [{"type": "output_text", "text": "The balance is 4"}]},
+    ]
+    body = {"id": "resp_1", "model": "gpt-4o-mini-2024-07-18", "output": output, "error": None}
+    usage = {"input_tokens": 8, "output_tokens": 5, "total_tokens": 13}
+    dialect = dialect_for(Wire.OPENAI, "/v1/responses", "gpt-4o-mini")
+    dialect.read_body({**body, "usage": usage})
+    assert dialect.reply == Reply("resp_1", "gpt-4o-mini-2024-07-18", None)
+    assert dialect.metered_usage({}) == Usage(input_tokens=8, output_tokens=5)
+    bare = dialect_for(Wire.OPENAI, "/v1/responses", "gpt-4o-mini")
+    bare.read_body(body)
+    assert bare.metered_usage({"input": "hi"}).output_tokens == text_tokens(
+        "Thinking it overThe balance is 4", "gpt-4o-mini"
+    )
+    failed = dialect_for(Wire.OPENAI, "/v1/responses", "gpt-4o-mini")
+    failed.read_event(json.dumps({"type": "response.failed", "response": {**body, "error": {"message": "boom"}}}).encode())
+    assert failed.reply == Reply("resp_1", "gpt-4o-mini-2024-07-18", "boom") and not failed.reported
+
+
+@pytest.mark.parametrize(
+    "request_body, pieces",
+    [
+        ({"prompt": "Once upon a time"}, ["Once upon a time"]),
+        ({"prompt": ["first prompt", "second prompt", 7]}, ["first prompt", "second prompt"]),
+        ({"input": ["embed this", "and this"]}, ["embed this", "and this"]),
+    ],
+    ids=["completion", "completions", "embeddings"],
+)
+def test_an_openai_prompt_without_messages_counts_every_string(request_body, pieces):
+    model = "gpt-4o-mini"
+    dialect = dialect_for(Wire.OPENAI, "/v1/completions", model)
+    assert dialect.prompt_tokens(request_body) == sum(text_tokens(piece, model) for piece in pieces)
+
+
+def test_an_openai_chat_body_without_usage_is_estimated_from_all_of_its_text():
+    model = "deepseek-reasoner"
+    call = {"function": {"name": "lookup", "arguments": '{"account": 42}'}}
+    body = {
+        "id": "chatcmpl-1",
+        "model": model,
+        "choices": [
+            {"message": {"reasoning_content": "Thinking. ", "content": "Here you are", "tool_calls": [call]}},
+            {"text": " and more"},
+        ],
+    }
+    dialect = dialect_for(Wire.OPENAI, "/v1/chat/completions", model)
+    dialect.read_body(body)
+    assert dialect.reply == Reply("chatcmpl-1", model, None) and not dialect.reported
+    expected = text_tokens('Thinking. Here you are{"account": 42} and more', model)
+    assert dialect.metered_usage({"messages": []}).output_tokens == expected
+    with_usage = dialect_for(Wire.OPENAI, "/v1/chat/completions", model)
+    with_usage.read_body({**body, "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+    assert with_usage.metered_usage({}) == Usage(input_tokens=3, output_tokens=4)
