@@ -1098,7 +1098,11 @@ def test_a_cached_answer_completes_with_no_attempt_and_no_provider_cost():
     fields, wallet_cost = closing_fields(make_call(cache_hit=True), OUTCOME, PRICES)
     assert (fields["attempts"], fields["cache_hit"], fields["status"]) == (0, True, "completed")
     # provider cost 0; the product's fee: 0.001 + 10% of 0
-    assert (fields["total_cost"], fields["wallet_cost"], wallet_cost) == ("0.0010000000", "0.0010000000", Decimal("0.001"))
+    assert (fields["total_cost"], fields["wallet_cost"], wallet_cost) == (
+        "0.0010000000",
+        "0.0010000000",
+        Decimal("0.001"),
+    )
 
 
 def test_a_call_without_a_dialect_completes_as_the_model_asked_for_at_no_usage():
@@ -1179,7 +1183,9 @@ def test_a_hold_prices_the_worst_case_at_the_highest_rate_of_the_hour_not_the_ra
     """Gemini 2.5 Pro is tiered by prompt size: the hold takes the top tier's rates, which the
     worst case alone (a small prompt) would not reach."""
     call = make_call(
-        target=Registry().resolve("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-pro:generateContent"),
+        target=Registry().resolve(
+            "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-pro:generateContent"
+        ),
         model="gemini-2.5-pro",
         request_body={"contents": [], "generationConfig": {"maxOutputTokens": 1000}},
     )

@@ -509,6 +509,9 @@ def test_a_call_without_a_model_costs_nothing_and_a_cached_answer_only_the_fees(
 
 
 def test_a_tariffs_upper_bound_is_the_top_tiers_price():
-    tariff, usage = Tariff("google", "gemini-2.5-pro", None, KeyMode.MANAGED), Usage(input_tokens=1000, output_tokens=1000)
+    tariff, usage = (
+        Tariff("google", "gemini-2.5-pro", None, KeyMode.MANAGED),
+        Usage(input_tokens=1000, output_tokens=1000),
+    )
     bound, price = (tariff.charge(usage, AT, PriceBook(), upper_bound=flag).provider_cost for flag in (True, False))
     assert bound > price == PriceBook().provider_cost("google", "gemini-2.5-pro", usage, AT)

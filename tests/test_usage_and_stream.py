@@ -859,7 +859,9 @@ def test_a_gemini_answer_without_usage_is_estimated_from_the_text_of_its_candida
 
 def test_a_gemini_error_body_gives_its_message():
     dialect = dialect_for(Wire.GOOGLE, f"/v1beta/models/{GEMINI}:generateContent", GEMINI)
-    dialect.read_body({"error": {"code": 429, "message": "Resource has been exhausted", "status": "RESOURCE_EXHAUSTED"}})
+    dialect.read_body(
+        {"error": {"code": 429, "message": "Resource has been exhausted", "status": "RESOURCE_EXHAUSTED"}}
+    )
     assert dialect.reply == Reply(None, None, "Resource has been exhausted") and not dialect.reported
 
 
@@ -943,7 +945,9 @@ def test_a_responses_body_gives_its_identity_and_usage_or_else_the_text_of_its_o
         "Thinking it overThe balance is 4", "gpt-4o-mini"
     )
     failed = dialect_for(Wire.OPENAI, "/v1/responses", "gpt-4o-mini")
-    failed.read_event(json.dumps({"type": "response.failed", "response": {**body, "error": {"message": "boom"}}}).encode())
+    failed.read_event(
+        json.dumps({"type": "response.failed", "response": {**body, "error": {"message": "boom"}}}).encode()
+    )
     assert failed.reply == Reply("resp_1", "gpt-4o-mini-2024-07-18", "boom") and not failed.reported
 
 
