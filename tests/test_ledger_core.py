@@ -945,6 +945,7 @@ def test_a_hold_the_available_balance_cannot_cover_is_refused(store):
     with pytest.raises(GatewayError) as refused, store.transaction():
         store.open_request(opening_row(second, STARTED), Decimal("1.0000000001"))
     assert (refused.value.status, refused.value.code) == (402, "insufficient_balance")
+    assert refused.value.message == "wallet balance cannot cover this request"
     assert store.request("req_second") is None
 
 
@@ -1267,10 +1268,24 @@ def test_usage_recorded_elsewhere_is_charged_once_and_a_reused_id_with_other_fig
         with pytest.raises(GatewayError) as conflict:
             record(other, principal.wallet_id, Decimal("0.5"))
         assert (conflict.value.status, conflict.value.code) == (409, "request_id_conflict")
+        assert conflict.value.message == "request_id was already used for other figures"
     with pytest.raises(GatewayError) as refused:
         record(usage_row(principal, "req_api_2"), principal.wallet_id, Decimal("4.5000000001"))
     assert (refused.value.status, refused.value.code) == (402, "insufficient_balance")
+    assert refused.value.message == "wallet balance cannot cover this request"
     assert store.request("req_api_2") is None
     record(usage_row(principal, "req_api_3"), principal.wallet_id, Decimal("4.5"))
     free, _ = record(usage_row(principal, "req_api_4"), None, Decimal("1"))  # metering only
     assert store.wallet_balance(principal.wallet_id) == 0 and free["status"] == "completed"
+
+
+def test_usage_recorded_elsewhere_cannot_spend_what_calls_in_flight_hold(store):
+    principal = funded_principal(store)
+    with store.transaction():
+        store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("4"))
+    with pytest.raises(GatewayError) as refused, store.transaction():
+        store.record_usage(usage_row(principal), principal.wallet_id, Decimal("1.0000000001"))
+    assert (refused.value.status, refused.value.message) == (402, "wallet balance cannot cover this request")
+    with store.transaction():
+        store.record_usage(usage_row(principal), principal.wallet_id, Decimal("1"))
+    assert store.wallet_balance(principal.wallet_id) == Decimal("4")

@@ -985,3 +985,52 @@ def test_an_openai_chat_body_without_usage_is_estimated_from_all_of_its_text():
     with_usage = dialect_for(Wire.OPENAI, "/v1/chat/completions", model)
     with_usage.read_body({**body, "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
     assert with_usage.metered_usage({}) == Usage(input_tokens=3, output_tokens=4)
+
+
+OLD_ENCODING_TEXT = "Unbelievably, the quarterly reconciliation über-report — naïve façade 東京"
+
+
+@pytest.mark.parametrize(
+    "wire, path",
+    [
+        (Wire.OPENAI, "/v1/chat/completions"),
+        (Wire.OPENAI, "/v1/responses"),
+        (Wire.OPENAI, "/v1/audio/speech"),
+        (Wire.OPENAI, "/v1/responses/input_tokens"),
+        (Wire.ANTHROPIC, "/v1/messages"),
+        (Wire.GOOGLE, "/v1beta/models/m:generateContent"),
+    ],
+)
+def test_every_dialect_counts_with_the_tokenizer_of_the_model_asked_for(wire, path):
+    """gpt-4 uses cl100k_base, not the o200k_base of newer models: the count differs."""
+    assert text_tokens(OLD_ENCODING_TEXT, "gpt-4") != text_tokens(OLD_ENCODING_TEXT, "gpt-4o")
+    dialect = dialect_for(wire, path, "gpt-4")
+    assert dialect.model == "gpt-4" and dialect.text.model == "gpt-4"
+
+
+@pytest.mark.parametrize(
+    "path, request_body, expected",
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": OLD_ENCODING_TEXT}], "tools": RESPONSES_TOOLS},
+            lambda: (
+                chat_prompt_tokens([{"role": "user", "content": OLD_ENCODING_TEXT}], "gpt-4")
+                + tools_tokens(RESPONSES_TOOLS, "gpt-4")
+            ),
+        ),
+        ("/v1/completions", {"prompt": OLD_ENCODING_TEXT}, lambda: text_tokens(OLD_ENCODING_TEXT, "gpt-4")),
+        (
+            "/v1/responses",
+            {"input": OLD_ENCODING_TEXT, "tools": RESPONSES_TOOLS},
+            lambda: text_tokens(OLD_ENCODING_TEXT, "gpt-4") + tools_tokens(RESPONSES_TOOLS, "gpt-4"),
+        ),
+    ],
+    ids=["chat", "completions", "responses"],
+)
+def test_a_prompt_and_an_answer_are_estimated_with_the_models_tokenizer(path, request_body, expected):
+    dialect = dialect_for(Wire.OPENAI, path, "gpt-4")
+    assert dialect.prompt_tokens(request_body) == expected()
+    dialect.read_body({"choices": [{"message": {"content": OLD_ENCODING_TEXT}}]})
+    if path != "/v1/responses":
+        assert dialect.metered_usage(request_body).output_tokens == text_tokens(OLD_ENCODING_TEXT, "gpt-4")
