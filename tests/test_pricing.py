@@ -515,3 +515,37 @@ def test_a_tariffs_upper_bound_is_the_top_tiers_price():
     )
     bound, price = (tariff.charge(usage, AT, PriceBook(), upper_bound=flag).provider_cost for flag in (True, False))
     assert bound > price == PriceBook().provider_cost("google", "gemini-2.5-pro", usage, AT)
+
+
+def test_a_prompt_read_wholly_from_the_cache_has_no_uncached_token():
+    price = ModelPrice(
+        provider="anthropic",
+        model="m",
+        input_mtok=Decimal("3"),
+        output_mtok=Decimal("15"),
+        cache_read_mtok=Decimal("0.30"),
+        cache_write_mtok=Decimal("3.75"),
+    )
+    assert price.cost(Usage(input_tokens=6_000, cached_input_tokens=4_000, cache_write_tokens=2_000)) == Decimal(
+        "0.0087"
+    )  # (4000*0.30 + 2000*3.75) / 1e6: no token at the input price
+
+
+def test_the_name_a_call_is_priced_by_is_chosen_for_each_pair_of_names():
+    book = PriceBook()
+    assert book.model_to_price("openai", "gpt-4o-mini-2024-07-18", "gpt-4o-mini") == "gpt-4o-mini-2024-07-18"
+    assert book.model_to_price("openai", "ft:gpt-4o-mini:acme:x1", "gpt-4o-mini") == "gpt-4o-mini"  # priced nowhere
+    assert book.model_to_price("openai", "no-such-model-a", "no-such-model-b") == "no-such-model-a"
+    assert book.model_to_price("openai", None, "gpt-4o-mini") == "gpt-4o-mini"
+
+
+@pytest.mark.parametrize(
+    "provider, model, usage",
+    [
+        ("openai", "gpt-4o-mini", Usage(output_tokens=1_000)),
+        ("openai", "tts-1", Usage(input_characters=100, output_characters=100)),
+    ],
+)
+def test_the_hold_bound_covers_output_alone_and_characters_both_ways(provider, model, usage):
+    book = PriceBook()
+    assert book.upper_bound(provider, model, usage, AT) >= book.provider_cost(provider, model, usage, AT) > 0
