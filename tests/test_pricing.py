@@ -185,15 +185,18 @@ def test_an_override_only_applies_to_its_provider(tmp_path):
         book.provider_cost("mistral", "ft:gpt-4o-mini:acme", USAGE, AT)
 
 
+CACHE_PRICED = ModelPrice(
+    provider="anthropic",
+    model="m",
+    input_mtok=Decimal("3"),
+    output_mtok=Decimal("15"),
+    cache_read_mtok=Decimal("0.30"),
+    cache_write_mtok=Decimal("3.75"),
+)
+
+
 def test_cache_write_tokens_use_the_cache_write_price():
-    price = ModelPrice(
-        provider="anthropic",
-        model="m",
-        input_mtok=Decimal("3"),
-        output_mtok=Decimal("15"),
-        cache_read_mtok=Decimal("0.30"),
-        cache_write_mtok=Decimal("3.75"),
-    )
+    price = CACHE_PRICED
     usage = Usage(input_tokens=10_000, output_tokens=1_000, cached_input_tokens=4_000, cache_write_tokens=2_000)
     assert price.cost(usage) == Decimal("0.0357")  # (4000*3 + 4000*0.30 + 2000*3.75 + 1000*15) / 1e6
 
@@ -518,15 +521,7 @@ def test_a_tariffs_upper_bound_is_the_top_tiers_price():
 
 
 def test_a_prompt_read_wholly_from_the_cache_has_no_uncached_token():
-    price = ModelPrice(
-        provider="anthropic",
-        model="m",
-        input_mtok=Decimal("3"),
-        output_mtok=Decimal("15"),
-        cache_read_mtok=Decimal("0.30"),
-        cache_write_mtok=Decimal("3.75"),
-    )
-    assert price.cost(Usage(input_tokens=6_000, cached_input_tokens=4_000, cache_write_tokens=2_000)) == Decimal(
+    assert CACHE_PRICED.cost(Usage(input_tokens=6_000, cached_input_tokens=4_000, cache_write_tokens=2_000)) == Decimal(
         "0.0087"
     )  # (4000*0.30 + 2000*3.75) / 1e6: no token at the input price
 
