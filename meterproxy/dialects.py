@@ -166,8 +166,8 @@ class OpenAIChat(Dialect):
         if isinstance(body.get("usage"), dict):
             self._set_usage(openai_usage(body["usage"]))
             return
-        for choice in body.get("choices") or []:
-            message = choice.get("message") or {} if isinstance(choice, dict) else {}
+        for choice in [choice for choice in body.get("choices") or [] if isinstance(choice, dict)]:
+            message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
             calls = message.get("tool_calls") or []
             for piece in (
                 message.get("reasoning_content", message.get("reasoning")),

@@ -1177,6 +1177,7 @@ def test_a_row_is_described_in_one_line_for_mitmweb():
     assert describe(error) == (
         "openai gpt-4o-mini-2024-07-18 · error: provider answered HTTP 500 · req_01JNJ5V8Q2X3Y4Z5A6B7C8D9E0"
     )
+    assert describe({**error, "model": None}).startswith("openai  · error: ")
     assert from_timestamp(STARTED.timestamp()) == STARTED
 
 

@@ -544,3 +544,9 @@ def test_the_name_a_call_is_priced_by_is_chosen_for_each_pair_of_names():
 def test_the_hold_bound_covers_output_alone_and_characters_both_ways(provider, model, usage):
     book = PriceBook()
     assert book.upper_bound(provider, model, usage, AT) >= book.provider_cost(provider, model, usage, AT) > 0
+
+
+@pytest.mark.parametrize("usage", [Usage(input_tokens=10), Usage(output_tokens=10)], ids=["input", "output"])
+def test_tokens_of_a_model_priced_by_other_units_are_never_a_silent_zero(usage):
+    with pytest.raises(UnitNotPriced):
+        PriceBook().provider_cost("openai", "tts-1", usage, AT)

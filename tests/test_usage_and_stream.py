@@ -904,7 +904,14 @@ def test_an_anthropic_stream_is_final_only_at_message_delta_and_reads_its_error_
     assert dialect.reported and dialect.metered_usage({}) == Usage(input_tokens=12, output_tokens=3)
 
 
-RESPONSES_TOOLS = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+RESPONSES_TOOLS = [
+    {
+        "type": "function",
+        "name": "lookup",
+        "description": "Unbelievably, the quarterly reconciliation über-report — naïve façade 東京",
+        "parameters": {"type": "object"},
+    }
+]
 
 
 @pytest.mark.parametrize(
@@ -1034,3 +1041,60 @@ def test_a_prompt_and_an_answer_are_estimated_with_the_models_tokenizer(path, re
     dialect.read_body({"choices": [{"message": {"content": OLD_ENCODING_TEXT}}]})
     if path != "/v1/responses":
         assert dialect.metered_usage(request_body).output_tokens == text_tokens(OLD_ENCODING_TEXT, "gpt-4")
+
+
+def test_an_error_in_a_chat_stream_or_an_anthropic_body_is_read():
+    chat = dialect_for(Wire.OPENAI, "/v1/chat/completions", "gpt-4o-mini")
+    chat.read_event(b'{"id": "chatcmpl-9", "error": {"message": "The server had an error"}}')
+    assert chat.reply == Reply("chatcmpl-9", None, "The server had an error")
+    claude = dialect_for(Wire.ANTHROPIC, "/v1/messages", CLAUDE)
+    claude.read_body({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    assert claude.reply == Reply(None, None, "Overloaded")
+
+
+def test_blocks_and_parts_without_text_add_no_text():
+    claude = dialect_for(Wire.ANTHROPIC, "/v1/messages", CLAUDE)
+    claude.read_body({"content": [{"type": "tool_use", "id": "t1", "input": {}}, {"type": "text", "text": "ok"}]})
+    responses = dialect_for(Wire.OPENAI, "/v1/responses", "gpt-4o-mini")
+    responses.read_body(
+        {"output": [{"type": "message", "content": [{"type": "output_audio"}, "junk", {"text": "ok"}]}]}
+    )
+    assert claude.text.total() == responses.text.total() == text_tokens("ok", "gpt-4o-mini")
+
+
+@pytest.mark.parametrize(
+    "wire, path, body",
+    [
+        (Wire.GOOGLE, "/v1beta/models/m:generateContent", {"candidates": [1, "two", None]}),
+        (Wire.OPENAI, "/v1/chat/completions", {"choices": ["junk", 3, {"message": "junk"}]}),
+        (Wire.OPENAI, "/v1/responses", {"output": ["junk", 3]}),
+    ],
+)
+def test_answers_of_the_wrong_shape_are_read_as_no_text(wire, path, body):
+    dialect = dialect_for(wire, path, "gpt-4o-mini")
+    dialect.read_body(body)
+    assert dialect.text.total() == 0 and not dialect.reported
+
+
+def test_limits_of_the_wrong_shape_are_no_limit_and_embeddings_have_no_output():
+    gemini = dialect_for(Wire.GOOGLE, "/v1beta/models/m:generateContent", "m")
+    assert gemini.max_output_tokens({"generationConfig": "maxOutputTokens=5"}) is None
+    chat = dialect_for(Wire.OPENAI, "/v1/embeddings", "text-embedding-3-small")
+    assert chat.max_output_tokens({"input": "embed me"}) == 0
+    assert chat.worst_case({"messages": []}, 100) is None  # no limit: the product's cap is held
+
+
+def test_an_anthropic_stream_cut_after_message_start_keeps_its_cache_figures_in_the_estimate():
+    dialect = dialect_for(Wire.ANTHROPIC, "/v1/messages", CLAUDE)
+    start = {"id": "msg_3", "model": CLAUDE, "usage": {**ANTHROPIC_START}}
+    dialect.read_event(json.dumps({"type": "message_start", "message": start}).encode())
+    dialect.read_event(b'{"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Half an answ"}}')
+    estimate = dialect.metered_usage({"messages": []})
+    assert (estimate.input_tokens, estimate.cached_input_tokens, estimate.cache_write_tokens) == (710, 400, 300)
+    assert estimate.output_tokens == text_tokens("Half an answ", CLAUDE) and estimate.source is UsageSource.ESTIMATED
+
+
+def test_speech_holds_the_characters_of_its_input_and_ignores_an_event_without_usage():
+    speech = dialect_for(Wire.OPENAI, "/v1/audio/speech", "tts-1")
+    assert speech.worst_case({"model": "tts-1", "input": "Hello"}, 40) == Usage(input_characters=5)
+    assert speech.read_event(b'{"type": "speech.audio.done"}') is False and not speech.reported
