@@ -15,11 +15,11 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from decimal import Decimal
 from pathlib import Path
 
 import genai_prices
+import httpx2
 import openai
 import pytest
 from cryptography import x509
