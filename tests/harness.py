@@ -174,9 +174,15 @@ class Gateway:
         LEAKS.watch(f"gateway in {tmp}", self.traces)
 
     def traces(self) -> bytes:
-        """All the gateway left behind: its database files, its log output, its responses."""
+        """All the gateway left behind: its database (files, or a PostgreSQL ledger's tables as
+        they were when it stopped), its log output, its responses."""
         files = [*self.db_path.parent.glob(self.db_path.name + "*"), self.record]
-        return b"".join(path.read_bytes() for path in files if path.exists()) + "".join(self.output).encode()
+        ledger = getattr(self, "ledger_text", b"")
+        return b"".join(path.read_bytes() for path in files if path.exists()) + ledger + "".join(self.output).encode()
+
+    def _ledger_tables(self) -> bytes:
+        tables = ("merchants", "products", "wallets", "connections", "requests", "audit", "cache_entries")
+        return "".join(repr(self.store.db.rows(f"SELECT * FROM {table}")) for table in tables).encode()
 
     def recorded(self) -> bytes:
         """What tests/leak_recorder.py wrote so far: request heads the gateway has read, and what
@@ -212,6 +218,11 @@ class Gateway:
 
     def stop(self) -> None:
         _stop(self.process)
+        if self.db != str(self.db_path):  # not a file the key-leak search can read later
+            try:
+                self.ledger_text = self._ledger_tables()
+            except Exception as unreadable:  # a test that stops PostgreSQL under its gateways
+                self.ledger_text = f"(ledger unreadable at stop: {unreadable!r})".encode()
         self.store.close()
 
 

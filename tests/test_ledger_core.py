@@ -990,7 +990,6 @@ def test_a_second_completion_of_a_row_is_refused_and_changes_nothing(store, firs
         assert store.complete_request(call.request_id, again, wallet_id, Decimal("1")) is False
     assert store.request(call.request_id) == row and row["status"] in ("completed", "error")
     assert (store.wallet_balance(wallet_id), store.held(wallet_id)) == (balance, Decimal(0))
-    assert remembered_figures_are_the_databases(store, wallet_id)
 
 
 def test_recovery_leaves_no_row_pending_and_no_hold_open(store):
