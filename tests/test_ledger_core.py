@@ -1171,6 +1171,7 @@ def test_a_row_is_described_in_one_line_for_mitmweb():
     error = {**row, "status": "error", "error_message": "provider answered HTTP 500"}
     assert describe(error) == f"$0 gpt-4o-mini-2024-07-18 error: provider answered HTTP 500 · {whose}"
     assert describe({**error, "model": None}).startswith("$0 (no model) error: ")
+    assert describe({**row, "total_cost": "0.0000000000"}).startswith("$0 gpt-4o-mini-2024-07-18 1000→100")
     assert from_timestamp(STARTED.timestamp()) == STARTED
 
 
@@ -1201,7 +1202,7 @@ def test_a_hold_of_exactly_the_available_balance_is_taken(store):
     with store.transaction():
         store.open_request(opening_row(make_call(principal=principal), STARTED), Decimal("5"))
     assert store.held(principal.wallet_id) == Decimal("5")
-    assert type(store.held(principal.wallet_id)) is Decimal and type(store.held("wal_none")) is Decimal
+    assert type(store.held(principal.wallet_id)) is Decimal and store.held("wal_none") == Decimal(0)
 
 
 def test_debits_in_one_transaction_add_up(store):
