@@ -15,6 +15,7 @@ import pytest
 
 import meterproxy.writer
 from meterproxy.call import Call
+from meterproxy.database import LedgerUnavailable
 from meterproxy.dialects import OpenAIChat, OpenAIResponses, dialect_for
 from meterproxy.errors import GatewayError
 from meterproxy.ledger import (
@@ -28,12 +29,11 @@ from meterproxy.ledger import (
     worst_case_hold,
 )
 from meterproxy.limits import ProductLimits
-from meterproxy.database import LedgerUnavailable
 from meterproxy.providers import Registry, Wire
 from meterproxy.store import INTERRUPTED, PRINCIPAL_STALENESS, Principal, Store, hash_secret
+from meterproxy.store_thread import StoreThread
 from meterproxy.token import ForwardToken
 from meterproxy.usage import Reply, Usage
-from meterproxy.store_thread import StoreThread
 from meterproxy.writer import LedgerWriter
 from pricing.fees import Payer, ProductFees
 from pricing.prices import ModelPrice, PriceBook
