@@ -1,13 +1,13 @@
 """A setting that cannot take effect stops the gateway at start, with one line that names the
 option and what it accepts (addons/settings.py); a good one still starts."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, _start, _stop
+from tests.harness import ROOT, _start, _stop, run
+from tests.leaks import LEAKS
 
 
 def command(tmp_path: Path, *settings: str) -> list[str]:
@@ -42,7 +42,7 @@ def command(tmp_path: Path, *settings: str) -> list[str]:
     ],
 )
 def test_a_setting_that_cannot_take_effect_stops_the_gateway_with_one_line(tmp_path, setting, line):
-    result = subprocess.run(command(tmp_path, setting), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = run(command(tmp_path, setting), cwd=ROOT, timeout=60)
     assert result.returncode == 1, result.stdout
     [error] = [text for text in result.stdout.splitlines() if "--set meterproxy" in text]
     assert line in error
@@ -51,5 +51,6 @@ def test_a_setting_that_cannot_take_effect_stops_the_gateway_with_one_line(tmp_p
 
 def test_good_settings_still_start(tmp_path):
     process, _, output = _start(command(tmp_path, "meterproxy_attempts=5", "meterproxy_passthrough=none"), "listening")
+    LEAKS.watch("the gateway of test_good_settings_still_start", lambda: "".join(output))
     _stop(process)
     assert process.returncode == 0 and "Error" not in "".join(output)
