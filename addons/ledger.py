@@ -25,7 +25,15 @@ from meterproxy.call import Call
 from meterproxy.database import LedgerUnavailable, is_postgres
 from meterproxy.errors import GatewayError, ledger_unavailable
 from meterproxy.leases import DEFAULT_LEASE, dead_here, lease_end, new_gateway
-from meterproxy.ledger import Outcome, closing_fields, from_timestamp, needs_estimate, opening_row, worst_case_hold
+from meterproxy.ledger import (
+    Outcome,
+    closing_fields,
+    from_timestamp,
+    needs_estimate,
+    opening_row,
+    require_price,
+    worst_case_hold,
+)
 from meterproxy.store import Store, utc_now
 from meterproxy.store_thread import StoreThread
 from meterproxy.writer import LedgerWriter
@@ -81,6 +89,14 @@ class Ledger:
             Optional[str],
             str(DEFAULT_OVERRIDES),
             "TOML file of price overrides (dollars per million tokens), consulted before genai-prices.",
+        )
+        loader.add_option(
+            "meterproxy_unpriced",
+            str,
+            "refuse",
+            "A call to a model with no price, when someone would be charged (managed key, product with fees): "
+            "refuse it (403 model_not_priced) or serve it (answered, an error row that charges nothing).",
+            choices=["refuse", "serve"],
         )
 
     def configure(self, updated):
@@ -168,10 +184,13 @@ class Ledger:
             return
         started = from_timestamp(flow.request.timestamp_start)
         body, prices, gateway_id = flow.request.raw_content or b"", self.prices, self.gateway["id"]
+        priced_only = ctx.options.meterproxy_unpriced == "refuse"
 
         def admit(store: Store) -> None:
             if call.token is not None:
                 call.principal = store.authorize(call.token)
+            if priced_only:
+                require_price(call, prices)
             rate_tokens = limit_rate(store, call, len(body), started)
             row = {**opening_row(call, started), "gateway_id": gateway_id, "rate_tokens": rate_tokens}
             store.open_request(row, worst_case_hold(call, body, prices, started))

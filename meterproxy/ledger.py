@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from meterproxy.call import Call
+from meterproxy.errors import GatewayError
 from meterproxy.store import iso
+from meterproxy.token import KeyMode
 from meterproxy.usage import Usage
 from pricing.fees import Tariff
 from pricing.money import ZERO, money_text
@@ -133,6 +135,23 @@ _PROMPT_ELSEWHERE = re.compile(
     rb'"(?:previous_response_id|conversation|cachedContent|cached_content|file_id|file_url|fileUri|file_uri)"'
     rb'\s*:\s*(?!null)|"type"\s*:\s*"url"'
 )
+
+
+def require_price(call: Call, prices: PriceBook) -> None:
+    """Refuse (403 `model_not_priced`) a call to a model with no price when anyone would be
+    charged for it: with a managed key, or with a product that has fees. Served, it would be an
+    `error` row that charges nothing, a call the merchant gives away. Metering only passes."""
+    fees = call.principal.fees
+    if call.model is None or fees is None or (call.key_mode is KeyMode.UNMANAGED and not fees.charges_fees):
+        return
+    provider = call.target.provider.price_provider
+    if not prices.has_price(provider, call.model):
+        raise GatewayError(
+            403,
+            f"model {call.model!r} has no price for provider {provider!r}, so it cannot be charged: use a priced"
+            " model, or ask the gateway's operator to price it (pricing/overrides.toml)",
+            "model_not_priced",
+        )
 
 
 def worst_case_hold(call: Call, body: bytes, prices: PriceBook, at: datetime) -> Decimal:

@@ -50,6 +50,12 @@ class ProductFees(BaseModel):
     def _dollars(self, amount: Decimal) -> str:
         return money_text(amount)
 
+    @property
+    def charges_fees(self) -> bool:
+        """Whether any fee applies: then even a call with the customer's own key is charged."""
+        rates = (self.input_token_rate, self.output_token_rate, self.character_rate, self.second_rate)
+        return any((self.fixed_fee, self.markup_percent, *rates))
+
     def fee(self, provider_cost: Decimal, usage: Usage) -> Decimal:
         per_unit = (
             usage.input_tokens * self.input_token_rate

@@ -140,6 +140,7 @@ class PriceBook:
         self._rates_hour: datetime | None = None
         self._linear: dict[int, tuple[object, LinearPrice | None]] = {}  # id of a genai-prices price
         self._names: dict[tuple, str] = {}  # `model_to_price`'s answers
+        self._known: dict[tuple, bool] = {}  # `has_price`'s answers
 
     @classmethod
     def from_file(cls, path: str | Path | None = DEFAULT_OVERRIDES) -> "PriceBook":
@@ -164,16 +165,31 @@ class PriceBook:
             self._names[key] = self._choose(provider, (answered, requested))
         return self._names[key]
 
+    def has_price(self, provider: str, model: str) -> bool:
+        """Whether the model has a price at all (an override or genai-prices'), asked before
+        forwarding, on every call's path: the answers are kept."""
+        key = (provider, model)
+        if key not in self._known:
+            if len(self._known) >= MAX_REMEMBERED_NAMES:
+                self._known.clear()
+            self._known[key] = key in self.overrides or self._in_genai_prices(provider, model)
+        return self._known[key]
+
+    @staticmethod
+    def _in_genai_prices(provider: str, model: str) -> bool:
+        try:
+            get_snapshot().find_provider_model(model, None, provider, None)
+        except LookupError:
+            return False
+        return True
+
     def _choose(self, provider: str, names: tuple[str, str | None]) -> str:
         for name in names:
             if (provider, name) in self.overrides:
                 return name
         for name in names:
-            try:
-                get_snapshot().find_provider_model(name, None, provider, None)
+            if name is not None and self._in_genai_prices(provider, name):
                 return name
-            except LookupError:
-                continue
         return names[0]
 
     def upper_bound(self, provider: str, model: str, usage: Usage, at: datetime) -> Decimal:

@@ -400,18 +400,6 @@ def test_an_upstream_error_reaches_the_client_unchanged_and_is_an_error_row(gate
     assert gateway.store.wallet_balance(account.wallet_id) == balance_before
 
 
-def test_a_model_without_a_price_is_an_error_row_not_a_free_call(gateway, fake, account):
-    balance_before = gateway.store.wallet_balance(account.wallet_id)
-    raw = client_for(gateway, account.token()).chat.completions.with_raw_response.create(
-        model="gpt-unpriced-experimental", messages=MESSAGES
-    )
-    assert raw.parse().choices[0].message.content == "w0 w1 w2 w3 w4"
-    row = gateway.row(raw.headers["x-lava-request-id"])
-    assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("error", PROMPT_TOKENS, 5)
-    assert "gpt-unpriced-experimental" in row["error_message"]
-    assert gateway.store.wallet_balance(account.wallet_id) == balance_before
-
-
 def test_a_gzip_stream_is_metered_and_reaches_the_client_as_sent(gateway, fake, account):
     """The client asked for usage itself, so the gateway drops nothing and passes the gzip bytes on."""
     fake.behave({"gzip": True, "words": 9})
