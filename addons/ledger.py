@@ -60,6 +60,7 @@ class Ledger:
         self.gateway: dict | None = None
         self.retired = False  # the process stops: this gateway has left the ledger
         self.lease = DEFAULT_LEASE
+        self.refuse_unpriced = True  # `meterproxy_unpriced`: refuse (SPEC §5) or serve
         self.keeps_flows = False  # a UI or a save file keeps flows: show each its outcome
         # Told of every row once it has committed completed or error (metrics, the dashboard's
         # live view), and of every refusal.
@@ -107,6 +108,8 @@ class Ledger:
                 self.prices = PriceBook.from_file(ctx.options.meterproxy_prices)
             except ValueError as error:
                 raise exceptions.OptionsError(str(error)) from None
+        if "meterproxy_unpriced" in updated:
+            self.refuse_unpriced = ctx.options.meterproxy_unpriced == "refuse"
         if "meterproxy_db" in updated:
             self._open(ctx.options.meterproxy_db)
 
@@ -184,7 +187,7 @@ class Ledger:
             return
         started = from_timestamp(flow.request.timestamp_start)
         body, prices, gateway_id = flow.request.raw_content or b"", self.prices, self.gateway["id"]
-        priced_only = ctx.options.meterproxy_unpriced == "refuse"
+        priced_only = self.refuse_unpriced
 
         def admit(store: Store) -> None:
             if call.token is not None:

@@ -17,9 +17,8 @@ from meterproxy.errors import GatewayError
 from meterproxy.ids import new_id
 from meterproxy.metadata import HEADER as METADATA_HEADER
 from meterproxy.metadata import parse_metadata
-from meterproxy.providers import Registry, forward_target, target_host
+from meterproxy.providers import Registry, forward_path, forward_target, target_host
 
-FORWARD_PATHS = ("/v1/forward", "/v1/forward/")
 API_PATHS = ("/v1/requests", "/v1/usage", "/v1/wallets")  # the metering API's (addons/api.py)
 # What the gateway itself serves: the metering API, /metrics (addons/metrics.py), the dashboard.
 OWN_PATHS = (*API_PATHS, "/metrics", "/dashboard")
@@ -81,7 +80,7 @@ class Routing:
             origin = (flow.request.scheme, flow.request.pretty_host.lower(), flow.request.port)
             if origin not in self.registry.by_origin:
                 return  # not a provider: passes through untouched, unmetered, unlogged
-        elif path not in FORWARD_PATHS and path.split("/", 2)[1] not in self.registry.by_name:
+        elif forward_path(path) is None and path.split("/", 2)[1] not in self.registry.by_name:
             if not path.startswith(OWN_PATHS) and PASSED_ON not in flow.metadata:
                 # Meant for the gateway itself, naming nothing it serves (a base URL with a typo).
                 call = flow.metadata[CALL] = Call(new_id("req"), flow.request.method)
@@ -114,7 +113,7 @@ class Routing:
         """Whether a request addressed to the gateway names something it serves."""
         path = path.partition("?")[0]
         name = path.split("/", 2)[1] if path.startswith("/") else ""
-        return path in FORWARD_PATHS or path.startswith(OWN_PATHS) or name in self.registry.by_name
+        return forward_path(path) is not None or path.startswith(OWN_PATHS) or name in self.registry.by_name
 
     def _route(self, flow: http.HTTPFlow, call: Call, path: str, query: str) -> dict[str, str]:
         """Find the call's target; returns the forward URL's other parameters."""
@@ -122,8 +121,8 @@ class Routing:
             call.target_host = flow.request.pretty_host
             call.target = self.registry.resolve(flow.request.pretty_url)
             return {}
-        if path in FORWARD_PATHS:
-            url, params = forward_target(query)
+        if (joined := forward_path(path)) is not None:
+            url, params = forward_target(query, joined)
             call.target_host = target_host(url)
             call.target = self.registry.resolve(url)
             call.fresh = params.get("fresh") == "1"

@@ -215,24 +215,46 @@ def _merge(name: str, entry: ProviderEntry, known: Provider | None) -> Provider:
     return Provider(**{**known.__dict__, **fields, "base_url": base_url, "upstream": upstream})
 
 
-def forward_target(query: str) -> tuple[str, dict[str, str]]:
-    """Split a /v1/forward query into `u` and the other parameters.
+FORWARD = "/v1/forward"
+GATEWAY_PARAMETERS = ("metadata", "fresh")  # the forward URL's own; any other is the target's
+
+
+def forward_path(path: str) -> str | None:
+    """For a forward endpoint's path, what follows `/v1/forward/` (often nothing); else None.
+    SDKs that join their paths to a base URL carrying `?u=` put them there, before the query."""
+    if path == FORWARD:
+        return ""
+    return path.removeprefix(FORWARD + "/") if path.startswith(FORWARD + "/") else None
+
+
+def forward_target(query: str, path: str = "") -> tuple[str, dict[str, str]]:
+    """Split a /v1/forward query into the target URL and the other parameters.
 
     `u` may be percent-encoded or raw; a raw `u` carrying its own query (`…?alt=sse&key=…`)
-    is taken to run to the end of the string, so it must be the last parameter.
+    is taken to run to the end of the string, so it must be the last parameter. `path` (what
+    followed `/v1/forward/`) is joined onto `u`'s path, one slash between them, and then the
+    parameters that are not the gateway's own are the target's, as the SDK that put them there meant.
     """
     target = ""
     params: dict[str, str] = {}
+    theirs: list[str] = []
     rest = query
     while rest:
         field, sep, rest = rest.partition("&")
         name, _, value = field.partition("=")
         if name == "u":
             if "?" in value:  # a raw URL with its own query: everything that follows is its own
-                return value + sep + rest, params
+                target = value + sep + rest
+                break
             target = urllib.parse.unquote(value) if value[:8].lower().startswith(("http%3a", "https%3a")) else value
+        elif path and urllib.parse.unquote_plus(name) not in GATEWAY_PARAMETERS:
+            theirs.append(field)
         elif name:
             params[urllib.parse.unquote_plus(name)] = urllib.parse.unquote_plus(value)
+    if path and target:
+        base, _, own_query = target.partition("?")
+        target_query = "&".join(filter(None, (own_query, *theirs)))
+        target = f"{base.rstrip('/')}/{path}" + (f"?{target_query}" if target_query else "")
     return target, params
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from meterproxy.errors import GatewayError
-from meterproxy.providers import BUILT_IN, AuthStyle, Registry, Wire, forward_target, target_host
+from meterproxy.providers import BUILT_IN, AuthStyle, Registry, Wire, forward_path, forward_target, target_host
 
 OPENAI = "https://api.openai.com"
 CHAT = "/v1/chat/completions"
@@ -323,6 +323,49 @@ def test_a_missing_providers_file_is_a_value_error(tmp_path):
 )
 def test_forward_target(query, target, params):
     assert forward_target(query) == (target, params)
+
+
+OPENAI_CHAT = "https://api.openai.com/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    "path, query, target, params",
+    [
+        ("chat/completions", "u=https%3A%2F%2Fapi.openai.com%2Fv1%2F", OPENAI_CHAT, {}),
+        ("chat/completions", "u=https://api.openai.com/v1", OPENAI_CHAT, {}),
+        (
+            "v1/messages",
+            "u=https%3A%2F%2Fapi.anthropic.com&beta=true&metadata=%7B%22a%22%3A%22b%22%7D&fresh=1",
+            "https://api.anthropic.com/v1/messages?beta=true",
+            {"metadata": '{"a":"b"}', "fresh": "1"},
+        ),
+        (
+            "models/m:streamGenerateContent",
+            "u=https://g.example/v1beta/?alt=sse",
+            "https://g.example/v1beta/models/m:streamGenerateContent?alt=sse",
+            {},
+        ),
+        ("chat/completions", "", "", {}),  # no u: still "missing target URL"
+        ("../admin", "u=https://api.openai.com/v1/", "https://api.openai.com/v1/../admin", {}),  # resolve refuses it
+    ],
+)
+def test_a_forward_path_is_joined_onto_u(path, query, target, params):
+    """`/v1/forward/<path>?u=<base>` is `<base><path>`, with one slash between them."""
+    assert forward_target(query, path) == (target, params)
+
+
+@pytest.mark.parametrize(
+    "path, joined",
+    [
+        ("/v1/forward", ""),
+        ("/v1/forward/", ""),
+        ("/v1/forward/chat/completions", "chat/completions"),
+        ("/v1/forwarder", None),
+        ("/openai/v1", None),
+    ],
+)
+def test_forward_path(path, joined):
+    assert forward_path(path) == joined
 
 
 def test_a_raw_u_keeps_its_own_key_parameter_inside_u():
