@@ -17,7 +17,7 @@ from meterproxy.errors import GatewayError
 from meterproxy.ids import new_id
 from meterproxy.metadata import HEADER as METADATA_HEADER
 from meterproxy.metadata import parse_metadata
-from meterproxy.providers import Registry, forward_path, forward_target, target_host
+from meterproxy.providers import Registry, forward_path, forward_target, target_host, unknown_endpoint
 
 API_PATHS = ("/v1/requests", "/v1/usage", "/v1/wallets")  # the metering API's (addons/api.py)
 # What the gateway itself serves: the metering API, /metrics (addons/metrics.py), the dashboard.
@@ -85,7 +85,8 @@ class Routing:
                 # Meant for the gateway itself, naming nothing it serves (a base URL with a typo).
                 call = flow.metadata[CALL] = Call(new_id("req"), flow.request.method)
                 call.target_host = path.split("/", 2)[1]
-                refuse(flow, call, GatewayError(404, f"no such endpoint: {path}", "unknown_endpoint"))
+                gateway = f"{flow.request.scheme}://{flow.request.host_header or flow.request.pretty_host}"
+                refuse(flow, call, unknown_endpoint(path, gateway))
             return
         call = Call(new_id("req"), flow.request.method, proxied=proxied)
         flow.metadata[CALL] = call

@@ -102,6 +102,10 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _UNSAFE = re.compile(r"[\x00-\x20\x7f\\]")
 _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+# A path whose version lost the slash after it (`/v1chat/completions`): a base URL without its
+# trailing slash, joined by an SDK that adds none.
+_VERSION = r"v\d+(?:beta\d*|alpha\d*)?"
+_LOST_SLASH = re.compile(rf"^/(?!{_VERSION}(?:/|$))({_VERSION})[a-z]")
 
 
 class ProviderEntry(BaseModel):
@@ -185,7 +189,21 @@ class Registry:
         origin = (parts.scheme, host, _DEFAULT_PORTS[parts.scheme] if port is None else port)
         provider = self.by_origin.get(origin)
         if provider is None or "@" in parts.netloc:
+            secure = self.by_origin.get(("https", host, 443 if port in (None, 80) else port))
+            if parts.scheme == "http" and secure is not None and "@" not in parts.netloc:
+                raise GatewayError(
+                    403,
+                    f"{host} is called over https only: use {secure.base_url}{parts.path}",
+                    "provider_not_allowed",
+                )
             raise GatewayError(403, f"{host or 'target'} is not a registered provider", "provider_not_allowed")
+        if lost := _LOST_SLASH.match(parts.path):
+            raise GatewayError(
+                400,
+                f"the path {parts.path} lost the slash after /{lost[1]}: use the base URL /{provider.name}/{lost[1]}/"
+                f" on the gateway, or u={provider.base_url}/{lost[1]}/",
+                "malformed_target",
+            )
         # Non-ASCII characters go on percent-encoded (as UTF-8), as every HTTP client sends them.
         path = urllib.parse.quote(parts.path or "/", safe=_PATH_SAFE)
         query = urllib.parse.quote(parts.query, safe=_PATH_SAFE + "?")
@@ -256,6 +274,26 @@ def forward_target(query: str, path: str = "") -> tuple[str, dict[str, str]]:
         target_query = "&".join(filter(None, (own_query, *theirs)))
         target = f"{base.rstrip('/')}/{path}" + (f"?{target_query}" if target_query else "")
     return target, params
+
+
+# A provider's own path sent to the gateway without the provider's name (an SDK given the
+# gateway's address alone as its base URL): the provider it belongs to, and its SDK's base path.
+_BARE_PATHS = (("/v1/messages", "anthropic", ""), ("/v1beta/", "google", ""), ("/v1/", "openai", "/v1"))
+
+
+def unknown_endpoint(path: str, gateway: str) -> GatewayError:
+    """The 404 for a gateway path that names nothing it serves; for a provider's own path, the
+    two base URLs that work (`gateway` is the gateway's own URL as the client named it)."""
+    message = f"no such endpoint: {path}"
+    for prefix, name, version in _BARE_PATHS:
+        if path.startswith(prefix):
+            base = next(provider.base_url for provider in BUILT_IN if provider.name == name)
+            message += (
+                f". The path names no provider: use the base URL {gateway}/{name}{version}"
+                f" or {gateway}/v1/forward?u={base}{version}/"
+            )
+            break
+    return GatewayError(404, message, "unknown_endpoint")
 
 
 def target_host(url: str) -> str | None:

@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from meterproxy.errors import GatewayError
 
 MAX_TOKEN_LENGTH = 8192
+# How providers' keys begin (OpenAI, Anthropic, DeepSeek: sk-; Google: AIza; xAI: xai-; Groq:
+# gsk_), and the gateway's own secrets: sent where a forward token belongs, they get a hint.
+PROVIDER_KEY_PREFIXES = ("sk-", "sk_", "AIza", "xai-", "gsk_")
+GATEWAY_SECRET_PREFIXES = ("msk_", "csk_", "psk_")
+MINT = "meterproxy token mint --secret-key msk_…"
 Secret = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=1024)]
 
 
@@ -74,7 +79,7 @@ def decode_token(raw: str) -> ForwardToken:
         decoded = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
         data = json.loads(decoded)
     except (binascii.Error, ValueError, RecursionError):
-        raise _invalid("forward token is not base64-encoded JSON", NotAToken) from None
+        raise _invalid(_not_a_token(raw), NotAToken) from None
     if not isinstance(data, dict):
         raise _invalid("forward token must encode a JSON object", NotAToken)
     try:
@@ -82,6 +87,19 @@ def decode_token(raw: str) -> ForwardToken:
     except pydantic.ValidationError as error:
         reasons = "; ".join(_describe(item) for item in error.errors())
         raise _invalid(f"invalid forward token: {reasons}") from None
+
+
+def _not_a_token(raw: str) -> str:
+    """What to do instead, for the credentials people send by mistake (never echoed)."""
+    if raw.startswith(PROVIDER_KEY_PREFIXES):
+        return (
+            "this looks like a provider key, not a forward token: mint a forward token"
+            f" ({MINT} --connection-secret csk_… --product-secret psk_…, or with --provider-key to use"
+            " your own key) and send that"
+        )
+    if raw.startswith(GATEWAY_SECRET_PREFIXES):
+        return f"this is one of the gateway's secrets, not a forward token: mint a forward token from them ({MINT} …)"
+    return "forward token is not base64-encoded JSON"
 
 
 def bearer(header_value: str | None) -> str | None:
