@@ -2,38 +2,34 @@
 and read the ledger. Secrets are printed once, at creation, and stored only hashed."""
 
 import argparse
-import json
 import os
 import sys
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 
-from tabulate import tabulate
-
-from meterproxy import queries
 from meterproxy.errors import GatewayError
-from meterproxy.limits import ProductLimits
-from meterproxy.queries import LedgerFilter
 from meterproxy.store import Store, iso
-from meterproxy.token import decode_token, encode_token
-from pricing.fees import DEFAULT_REQUEST_CAP, Payer, ProductFees
+from pricing.fees import DEFAULT_REQUEST_CAP, Payer
+from scripts.admin_commands import (
+    LISTED,
+    cache_purge,
+    cache_stats,
+    connection_create,
+    connection_revoke,
+    list_accounts,
+    merchant_create,
+    product_create,
+    quickstart,
+    report,
+    requests_list,
+    token_mint,
+    wallet_create,
+    wallet_show,
+    wallet_top_up,
+)
 
 DEFAULT_DB = os.environ.get("METERPROXY_DB", "meterproxy.sqlite")
-REPORT_COLUMNS = ("requests", "input_tokens", "output_tokens", "total_cost", "wallet_cost", "merchant_cost")
-LEDGER_SUMMARY = (
-    "request_id",
-    "created_at",
-    "status",
-    "provider",
-    "model",
-    "key_mode",
-    "input_tokens",
-    "output_tokens",
-    "total_cost",
-    "wallet_cost",
-    "merchant_cost",
-    "usage_source",
-)
+JSON_HELP = "print JSON (an object for one thing, an array for a list; money as exact decimal strings)"
 
 
 def amount(text: str) -> Decimal:
@@ -55,140 +51,34 @@ def moment(text: str) -> str:
     return iso(parsed)
 
 
-def show(rows: list[dict], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=2, default=str))
-    else:
-        print(tabulate(rows, headers="keys", disable_numparse=True) if rows else "(none)")
-
-
-def public(row: dict) -> dict:
-    return {key: value for key, value in row.items() if key != "secret_hash"}
-
-
-def merchant_create(store: Store, args) -> None:
-    row, secret = store.create_merchant(args.name)
-    show([{**public(row), "secret_key": secret}], args.json)
-
-
-def product_create(store: Store, args) -> None:
-    fees = ProductFees(**{name: getattr(args, name) for name in ProductFees.model_fields})
-    limits = ProductLimits(**{name: getattr(args, name) for name in ProductLimits.model_fields})
-    row, secret = store.create_product(args.merchant, args.name, fees, limits, args.cache_ttl)
-    show([{**public(row), "product_secret": secret}], args.json)
-
-
-def wallet_create(store: Store, args) -> None:
-    show([store.create_wallet(args.name, args.balance)], args.json)
-
-
-def wallet_top_up(store: Store, args) -> None:
-    store.top_up(args.wallet, args.amount)
-    wallet_show(store, args)
-
-
-def wallet_show(store: Store, args) -> None:
-    show([store.wallet(args.wallet)], args.json)
-
-
-def connection_create(store: Store, args) -> None:
-    row, secret = store.create_connection(args.merchant, args.wallet)
-    show([{**public(row), "connection_secret": secret}], args.json)
-
-
-def connection_revoke(store: Store, args) -> None:
-    store.revoke_connection(args.connection)
-    show([public(store.db["connections"].get(args.connection))], args.json)
-
-
-def token_mint(store: Store, args) -> None:
-    token = encode_token(
-        secret_key=args.secret_key,
-        connection_secret=args.connection_secret,
-        product_secret=args.product_secret,
-        provider_key=args.provider_key,
-    )
-    decode_token(token)  # refuse combinations the gateway would refuse
-    print(token)
-
-
-def report(store: Store, args) -> None:
-    """Spend and usage per connection, product, model, metadata key or day."""
-    where = LedgerFilter(args.merchant, created_after=args.since, created_before=args.until)
-    rows = queries.rollup(queries.matching(store.db, where), args.by)
-    show(rows if args.json else [{key: row[key] for key in (args.by, *REPORT_COLUMNS)} for row in rows], args.json)
-
-
-def cache_stats(store: Store, args) -> None:
-    """Per product: entries kept, hits, hit ratio (of its completed requests) and money saved."""
-    show(queries.cache_stats(store.db, args.merchant), args.json)
-
-
-def cache_purge(store: Store, args) -> None:
-    show([{"product_id": args.product, "purged": store.purge_cache(args.product)}], args.json)
-
-
-def requests_list(store: Store, args) -> None:
-    rows = store.recent_requests(args.limit)
-    show(rows if args.json else [{key: row[key] for key in LEDGER_SUMMARY} for row in rows], args.json)
-
-
-def quickstart(store: Store, args) -> None:
-    """On a fresh database (or with --new): a development account and a token ready to use."""
-    if store.db["merchants"].count and not args.new:
-        print(
-            f"meterproxy: ledger {args.db}, gateway {args.gateway}. "
-            f"For a new development token: meterproxy --db {args.db} quickstart --new"
-        )
-        return
-    merchant, secret_key = store.create_merchant("development")
-    product, product_secret = store.create_product(merchant["id"], "development", ProductFees())
-    wallet = store.create_wallet("development", Decimal("10"))
-    connection, connection_secret = store.create_connection(merchant["id"], wallet["id"])
-    token = encode_token(secret_key=secret_key, connection_secret=connection_secret, product_secret=product_secret)
-    target = "https://api.openai.com/v1/chat/completions"
-    print(f"""
-meterproxy: a development account was created in {args.db}
-  merchant {merchant["id"]}, product {product["id"]} (no fees), wallet {wallet["id"]} with $10.00,
-  connection {connection["id"]}
-
-Forward token (shown once; secrets are stored hashed):
-  {token}
-Merchant secret key, to sign in at {args.gateway}/dashboard (shown once):
-  {secret_key}
-
-Try it once the gateway is up (it uses the OPENAI_API_KEY of the gateway's environment):
-  curl '{args.gateway}/v1/forward?u={target}' \\
-    -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\
-    -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
-Then see its ledger row:  .venv/bin/meterproxy --db {args.db} requests
-""")
-    if not os.environ.get("OPENAI_API_KEY"):
-        print(
-            "Note: OPENAI_API_KEY is not set, so managed calls get 403. Set it before starting the gateway,\n"
-            "or mint a token that carries your own key: meterproxy token mint --secret-key … --provider-key sk-…\n"
-        )
-
-
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="meterproxy", description=__doc__)
     root.add_argument("--db", default=DEFAULT_DB, help="SQLite database (default: %(default)s, or $METERPROXY_DB)")
-    root.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    groups = root.add_subparsers(dest="group", required=True)
+    root.add_argument("--json", action="store_true", help=JSON_HELP)
+    groups = root.add_subparsers(dest="group", required=True, metavar="command")
 
     def command(group, name, handler, help):
-        sub = group.add_parser(name, help=help)
-        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of a table")
+        sub = group.add_parser(name, help=help, description=help)
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP)
         sub.set_defaults(handler=handler)
         return sub
 
-    merchant = groups.add_parser("merchant", help="merchants and their secret keys").add_subparsers(required=True)
-    command(merchant, "create", merchant_create, "create a merchant; prints its secret key once").add_argument("name")
+    def subcommands(name, help):
+        return groups.add_parser(name, help=help, description=help).add_subparsers(required=True, metavar="action")
 
-    product = groups.add_parser("product", help="products and their fees").add_subparsers(required=True)
+    def window(sub, what: str) -> None:
+        sub.add_argument("--merchant", metavar="MERCHANT_ID", help=f"only this merchant's {what}")
+        sub.add_argument("--since", type=moment, help="from this ISO 8601 time (inclusive; UTC unless it says)")
+        sub.add_argument("--until", type=moment, help="to this ISO 8601 time (exclusive)")
+
+    merchant = subcommands("merchant", "merchants and their secret keys")
+    sub = command(merchant, "create", merchant_create, "create a merchant; prints its secret key once")
+    sub.add_argument("name", help="the merchant's name, for people")
+
+    product = subcommands("product", "products and their fees")
     sub = command(product, "create", product_create, "create a product; prints its secret once")
-    sub.add_argument("name")
-    sub.add_argument("--merchant", required=True)
+    sub.add_argument("name", help="the product's name, for people")
+    sub.add_argument("--merchant", required=True, metavar="MERCHANT_ID", help="the merchant that sells it")
     sub.add_argument("--fixed-fee", type=amount, default=Decimal(0), help="dollars per request")
     sub.add_argument("--markup-percent", type=amount, default=Decimal(0), help="percent of the provider cost")
     sub.add_argument("--input-token-rate", type=amount, default=Decimal(0), help="dollars per million input tokens")
@@ -208,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
         choices=list(Payer),
         metavar="{wallet,merchant}",
         default=Payer.WALLET,
-        help="who pays the provider cost with a managed key",
+        help="who pays the provider cost with a managed key (default: wallet)",
     )
     sub.add_argument("--rpm", dest="requests_per_minute", type=int, default=0, help="requests a minute per connection")
     sub.add_argument("--tpm", dest="tokens_per_minute", type=int, default=0, help="tokens a minute per connection")
@@ -216,47 +106,61 @@ def parser() -> argparse.ArgumentParser:
         "--cache-ttl", type=int, default=0, help="seconds to keep answers for the same question (0: no cache)"
     )
 
-    wallet = groups.add_parser("wallet", help="wallets and balances").add_subparsers(required=True)
+    wallet = subcommands("wallet", "wallets and balances")
     sub = command(wallet, "create", wallet_create, "create a wallet")
-    sub.add_argument("name")
-    sub.add_argument("--balance", type=amount, default=Decimal(0))
+    sub.add_argument("name", help="the wallet's name, for people (a customer, say)")
+    sub.add_argument("--balance", type=amount, default=Decimal(0), help="dollars to start with (default 0)")
     sub = command(wallet, "top-up", wallet_top_up, "add to a wallet's balance")
-    sub.add_argument("wallet")
-    sub.add_argument("amount", type=amount)
-    command(wallet, "show", wallet_show, "show a wallet").add_argument("wallet")
-
-    connection = groups.add_parser("connection", help="connections of wallets to merchants").add_subparsers(
-        required=True
+    sub.add_argument("wallet", metavar="WALLET_ID", help="the wallet to top up")
+    sub.add_argument("amount", type=amount, help="dollars to add")
+    command(wallet, "show", wallet_show, "show a wallet: balance, held for calls in flight, available").add_argument(
+        "wallet", metavar="WALLET_ID", help="the wallet to show"
     )
+
+    connection = subcommands("connection", "connections of wallets to merchants")
     sub = command(connection, "create", connection_create, "connect a wallet to a merchant; prints its secret once")
-    sub.add_argument("--merchant", required=True)
-    sub.add_argument("--wallet", required=True)
+    sub.add_argument("--merchant", required=True, metavar="MERCHANT_ID", help="the merchant the wallet pays")
+    sub.add_argument("--wallet", required=True, metavar="WALLET_ID", help="the wallet that pays")
     command(connection, "revoke", connection_revoke, "revoke a connection (from its next request on)").add_argument(
-        "connection"
+        "connection", metavar="CONNECTION_ID", help="the connection to revoke"
     )
 
-    token = groups.add_parser("token", help="forward tokens").add_subparsers(required=True)
-    sub = command(token, "mint", token_mint, "encode a forward token from secrets")
-    sub.add_argument("--secret-key", required=True)
-    sub.add_argument("--connection-secret")
-    sub.add_argument("--product-secret")
-    sub.add_argument("--provider-key", help="the customer's own provider key (BYOK or metering-only)")
+    sub = command(groups, "list", list_accounts, "list merchants, products, wallets or connections")
+    sub.add_argument("kind", choices=list(LISTED), help="what to list")
+    sub.add_argument("--merchant", metavar="MERCHANT_ID", help="only this merchant's products or connections")
 
-    sub = command(groups, "requests", requests_list, "list ledger rows, newest first")
-    sub.add_argument("--limit", type=int, default=20)
+    token = subcommands("token", "forward tokens")
+    sub = command(token, "mint", token_mint, "encode a forward token from secrets, checked against the database")
+    sub.add_argument("--secret-key", required=True, metavar="MSK", help="the merchant's secret key (msk_…)")
+    sub.add_argument("--connection-secret", metavar="CSK", help="the connection's secret (csk_…): who pays")
+    sub.add_argument("--product-secret", metavar="PSK", help="the product's secret (psk_…): which fees")
+    sub.add_argument("--provider-key", metavar="KEY", help="the customer's own provider key (BYOK or metering-only)")
+    sub.add_argument(
+        "--no-check", action="store_true", help="do not check the secrets against the database (the gateway will)"
+    )
+
+    sub = command(groups, "requests", requests_list, "list ledger rows, newest first, with their error messages")
+    sub.add_argument("--limit", type=int, default=20, help="how many rows at most (default %(default)s)")
+    sub.add_argument("--status", choices=["pending", "completed", "error"], help="only rows with this status")
+    sub.add_argument("--model", help="only rows of this model")
+    sub.add_argument("--connection", metavar="CONNECTION_ID", help="only this connection's rows")
+    sub.add_argument("--product", metavar="PRODUCT_ID", help="only this product's rows")
+    window(sub, "rows")
 
     sub = command(groups, "report", report, "spend and usage per connection, product, model, metadata key or day")
     sub.add_argument("--by", default="day", help="connection, product, model, day or metadata.<key> (default: day)")
-    sub.add_argument("--merchant", help="only this merchant's requests")
-    sub.add_argument("--since", type=moment, help="from this ISO 8601 time (inclusive; UTC unless it says)")
-    sub.add_argument("--until", type=moment, help="to this ISO 8601 time (exclusive)")
+    window(sub, "requests")
 
-    cache = groups.add_parser("cache", help="the response cache").add_subparsers(required=True)
-    command(cache, "stats", cache_stats, "hit ratio and money saved per product").add_argument("--merchant")
-    command(cache, "purge", cache_purge, "drop a product's kept answers").add_argument("product")
+    cache = subcommands("cache", "the response cache")
+    command(cache, "stats", cache_stats, "hit ratio and money saved per product").add_argument(
+        "--merchant", metavar="MERCHANT_ID", help="only this merchant's products"
+    )
+    command(cache, "purge", cache_purge, "drop a product's kept answers").add_argument(
+        "product", metavar="PRODUCT_ID", help="the product whose answers to drop"
+    )
 
     sub = command(groups, "quickstart", quickstart, "create a development account on a fresh database")
-    sub.add_argument("--gateway", default="http://127.0.0.1:8080")
+    sub.add_argument("--gateway", default="http://127.0.0.1:8080", help="the gateway's URL, for the curl line")
     sub.add_argument("--new", action="store_true", help="create another development account anyway")
     return root
 

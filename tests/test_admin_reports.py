@@ -14,6 +14,7 @@ import pytest
 from meterproxy.ids import new_id
 from meterproxy.store import PRINCIPAL_STALENESS, Store, utc_now
 from pricing.fees import Payer, ProductFees
+from scripts.admin_view import dollars
 from tests.backends import ledger_target
 from tests.harness import make_account, run
 from tests.test_commands import BIN, meterproxy
@@ -58,11 +59,23 @@ def ledger(backend, tmp_path_factory):
     return SimpleNamespace(db=db, a=a, b=b, con2=con2["id"], prd2=prd2["id"], rows=rows)
 
 
+NAMES = {
+    "product": ("name", {"{a.product_id}": "test product", "{prd2}": "second product"}),
+    "connection": ("wallet", {}),  # both connections pay from merchant a's wallet, "test wallet"
+}
+
+
 def expected(ledger, by: str, groups: list[tuple[str | None, list[str]]]) -> list[dict]:
-    """Report lines: each group's key (`{a.connection_id}` etc. filled in) and its rows' totals."""
+    """Report lines: each group's key (`{a.connection_id}` etc. filled in), the name beside it
+    (a product's, a connection's wallet's), and its rows' totals."""
+    column, names = NAMES.get(by, (None, {}))
     return [
-        {by: key and key.format(**vars(ledger)), **totals([ledger.rows[name] for name in names])}
-        for key, names in groups
+        {
+            by: key and key.format(**vars(ledger)),
+            **({column: names.get(key, "test wallet")} if column else {}),
+            **totals([ledger.rows[name] for name in names_]),
+        }
+        for key, names_ in groups
     ]
 
 
@@ -87,11 +100,18 @@ def test_report_json_sums_each_group_exactly(ledger, by):
 def test_report_table_has_the_grouping_and_the_totals(ledger):
     output = meterproxy(ledger.db, "report", "--by", "model", "--merchant", ledger.a.merchant_id)
 
-    header, gpt_4o, gpt_4o_mini = table(output)
+    header, gpt_4o, gpt_4o_mini, total = table(output)
     sums = totals([ledger.rows["a2"], ledger.rows["a4"]])
+    everything = totals([ledger.rows[name] for name in ("a1", "a2", "a3", "a4")])
     assert header == ["model", *REPORT_COLUMNS]
-    assert gpt_4o == ["gpt-4o", *(str(sums[column]) for column in REPORT_COLUMNS)]
+    assert gpt_4o == ["gpt-4o", *(shown(column, sums[column]) for column in REPORT_COLUMNS)]
     assert gpt_4o_mini[:2] == ["gpt-4o-mini", "2"]
+    assert total == ["total", *(shown(column, everything[column]) for column in REPORT_COLUMNS)]
+
+
+def shown(column: str, value) -> str:
+    """A figure as a table shows it: money as dollars."""
+    return dollars(value) if column.endswith("_cost") else str(value)
 
 
 def test_report_covers_every_merchant_unless_one_is_named(ledger):
@@ -100,8 +120,11 @@ def test_report_covers_every_merchant_unless_one_is_named(ledger):
 
     assert everyone == expected(ledger, "model", [("gpt-4o", ["a2", "a4"]), ("gpt-4o-mini", ["a1", "a3", "b1"])])
     assert only_b == expected(ledger, "model", [("gpt-4o-mini", ["b1"])])
-    assert report(ledger, "--merchant", "mer_unknown") == []
-    assert meterproxy(ledger.db, "report", "--merchant", "mer_unknown").strip() == "(none)"
+    unknown = refused(ledger.db, "report", "--merchant", "mer_unknown")
+    assert (unknown.returncode, unknown.stderr) == (1, "meterproxy: no merchant mer_unknown\n")
+    assert report(ledger, "--merchant", ledger.a.merchant_id, "--since", "2030-01-01") == []
+    later = ["--merchant", ledger.a.merchant_id, "--since", "2030-01-01"]
+    assert meterproxy(ledger.db, "report", *later).strip() == "(none)"
 
 
 @pytest.mark.parametrize(
@@ -146,13 +169,13 @@ def test_wallet_show_gives_balance_held_and_available(backend, tmp_path):
         store.open_request(row, Decimal("1.25"))
     store.close()
 
-    [shown] = json.loads(meterproxy(db, "--json", "wallet", "show", wallet["id"]))
+    shown = json.loads(meterproxy(db, "--json", "wallet", "show", wallet["id"]))
     header, line = table(meterproxy(db, "wallet", "show", wallet["id"]))
 
     amounts = {"balance": "5.0000000000", "held": "1.2500000000", "available": "3.7500000000"}
     assert shown == {**wallet, **amounts}
     assert header == ["id", "created_at", "name", "balance", "held", "available"]
-    assert line == [wallet["id"], wallet["created_at"], "Customer", *amounts.values()]
+    assert line == [wallet["id"], wallet["created_at"], "Customer", "$5.00", "$1.25", "$3.75"]
 
 
 def test_a_revoked_connection_is_refused_by_the_running_gateway(gateway, fake):
@@ -162,7 +185,7 @@ def test_a_revoked_connection_is_refused_by_the_running_gateway(gateway, fake):
     assert gateway.row(served.headers["x-lava-request-id"])["status"] == "completed"
     balance = gateway.store.wallet_balance(account.wallet_id)
 
-    [revoked] = json.loads(meterproxy(gateway.db, "--json", "connection", "revoke", account.connection_id))
+    revoked = json.loads(meterproxy(gateway.db, "--json", "connection", "revoke", account.connection_id))
     time.sleep(PRINCIPAL_STALENESS)  # every gateway refuses it within that time (docs/ledger.md)
     with pytest.raises(openai.AuthenticationError) as refusal:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
@@ -197,7 +220,7 @@ def test_token_mint_refuses_a_token_the_gateway_would_refuse(backend, tmp_path, 
 
 def test_product_create_stores_every_rate(backend, tmp_path):
     db = ledger_target(backend, tmp_path)
-    [merchant] = json.loads(meterproxy(db, "--json", "merchant", "create", "Acme"))
+    merchant = json.loads(meterproxy(db, "--json", "merchant", "create", "Acme"))
     rates = {
         "--fixed-fee": "0.002",
         "--markup-percent": "12.5",
@@ -209,7 +232,7 @@ def test_product_create_stores_every_rate(backend, tmp_path):
         "--payer": "merchant",
     }
     flags = [part for flag_and_value in rates.items() for part in flag_and_value]
-    [product] = json.loads(meterproxy(db, "--json", "product", "create", "Voice", "--merchant", merchant["id"], *flags))
+    product = json.loads(meterproxy(db, "--json", "product", "create", "Voice", "--merchant", merchant["id"], *flags))
 
     assert product == {
         **product,

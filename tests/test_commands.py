@@ -74,8 +74,8 @@ def test_the_gateway_command_prints_a_first_request_that_works(tmp_path, fake):
 
 def test_admin_command_creates_accounts_shows_secrets_once_and_stores_them_hashed(tmp_path):
     db = tmp_path / "admin.sqlite"
-    [merchant] = json.loads(meterproxy(db, "--json", "merchant", "create", "Acme"))
-    [product] = json.loads(
+    merchant = json.loads(meterproxy(db, "--json", "merchant", "create", "Acme"))
+    product = json.loads(
         meterproxy(
             db,
             "--json",
@@ -92,11 +92,11 @@ def test_admin_command_creates_accounts_shows_secrets_once_and_stores_them_hashe
             "merchant",
         )
     )
-    [wallet] = json.loads(meterproxy(db, "--json", "wallet", "create", "Customer", "--balance", "5"))
-    [connection] = json.loads(
+    wallet = json.loads(meterproxy(db, "--json", "wallet", "create", "Customer", "--balance", "5"))
+    connection = json.loads(
         meterproxy(db, "--json", "connection", "create", "--merchant", merchant["id"], "--wallet", wallet["id"])
     )
-    [topped] = json.loads(meterproxy(db, "--json", "wallet", "top-up", wallet["id"], "2.5"))
+    topped = json.loads(meterproxy(db, "--json", "wallet", "top-up", wallet["id"], "2.5"))
     token = meterproxy(
         db,
         "token",
