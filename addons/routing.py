@@ -5,6 +5,7 @@ here and every response of a gateway call carries it as `x-lava-request-id`.
 """
 
 import functools
+import logging
 from typing import Optional
 
 from mitmproxy import ctx, exceptions, http
@@ -48,6 +49,10 @@ def retarget(request: http.Request, upstream_url: str) -> None:
 class Routing:
     def __init__(self) -> None:
         self.registry = Registry()
+        self.started = False  # mitmproxy is running: a bad option is refused, not fatal
+
+    def running(self):
+        self.started = True
 
     def load(self, loader):
         loader.add_option(
@@ -62,7 +67,13 @@ class Routing:
             try:
                 self.registry = Registry.from_file(ctx.options.meterproxy_providers)
             except ValueError as error:
-                raise exceptions.OptionsError(str(error)) from None
+                if self.started:
+                    raise exceptions.OptionsError(str(error)) from None  # the change is refused
+                # At start-up, one line (an OptionsError is logged with a traceback), upon which
+                # mitmproxy exits; nothing is served meanwhile.
+                self.registry = Registry([])
+                logging.getLogger("meterproxy").error(str(error))
+                return
             # Where a call goes is decided only when its request is seen: never connect early.
             # Only providers' hosts are intercepted; other traffic passes as raw bytes where the
             # passthrough policy lets it (addons/destinations.py).

@@ -6,6 +6,7 @@ optional providers TOML file adds OpenAI-compatible providers and points any pro
 at another base URL (how tests reach the local fake provider).
 """
 
+import difflib
 import enum
 import functools
 import re
@@ -147,10 +148,15 @@ class Registry:
             return cls()
         try:
             parsed = ProvidersFile.model_validate(tomllib.loads(Path(path).read_text()))
-        except (OSError, tomllib.TOMLDecodeError, pydantic.ValidationError) as error:
+        except pydantic.ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())
+            raise ValueError(f"providers file {path}: {problems}") from None
+        except (OSError, tomllib.TOMLDecodeError) as error:
             raise ValueError(f"providers file {path}: {error}") from None
         providers = {provider.name: provider for provider in BUILT_IN}
         for name, entry in parsed.providers.items():
+            if name not in providers and not entry.base_url:
+                raise ValueError(f"providers file {path}: {unknown_provider(name)}")
             providers[name] = _merge(name, entry, providers.get(name))
         owners: dict[str, str] = {}
         for provider in providers.values():  # a managed key goes only to its own provider
@@ -219,10 +225,23 @@ class Registry:
         return self.resolve(provider.base_url + path_and_query)
 
 
+# What people call providers whose ids are others.
+_ALIASES = {"gemini": "google", "googleai": "google", "claude": "anthropic", "grok": "xai", "x-ai": "xai"}
+
+
+def unknown_provider(name: str) -> str:
+    """One line: the id is not a provider's (with the likely one), and the valid ids."""
+    ids = [provider.name for provider in BUILT_IN]
+    likely = _ALIASES.get(name.lower()) or next(iter(difflib.get_close_matches(name.lower(), ids, n=1)), None)
+    guess = f" (did you mean {likely}?)" if likely else ""
+    return (
+        f"no built-in provider {name!r}{guess}: the built-in providers are {', '.join(ids)};"
+        " a table for a new provider needs a base_url"
+    )
+
+
 def _merge(name: str, entry: ProviderEntry, known: Provider | None) -> Provider:
-    if known is None:
-        if not entry.base_url:
-            raise ValueError(f"providers file: new provider {name!r} needs a base_url")
+    if known is None:  # a new provider (from_file made sure it has a base_url)
         known = Provider(name, "", f"{name.upper()}_API_KEY", entry.auth, entry.wire, name)
     base_url = (entry.base_url or known.base_url).rstrip("/")
     parts = urllib.parse.urlsplit(base_url)

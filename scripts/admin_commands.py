@@ -212,17 +212,9 @@ def requests_list(store: Store, args) -> None:
     emit(args, rows, LEDGER_SUMMARY)
 
 
-def quickstart(store: Store, args) -> None:
-    """On a fresh database (or with --new): a development account and a token ready to use."""
-    command = f"{SHOW_COMMAND} --db {args.db}"
-    if store.db["merchants"].count and not args.new:
-        existing = {"db": args.db, "gateway": args.gateway, "created": False}
-        if args.json:
-            emit(args, existing)
-        else:
-            print(f"meterproxy: ledger {args.db}, gateway {args.gateway}.")
-            print(f"For a new development token: {command} quickstart --new")
-        return
+def development_account(store: Store, gateway: str) -> dict:
+    """A merchant, a product without fees, a wallet of $10 and their connection; their ids,
+    their secrets (to be shown once), a forward token of them and a curl line that uses it."""
     merchant, secret_key = store.create_merchant("development")
     product, product_secret = store.create_product(merchant["id"], "development", ProductFees())
     wallet = store.create_wallet("development", Decimal("10"))
@@ -230,31 +222,52 @@ def quickstart(store: Store, args) -> None:
     token = encode_token(secret_key=secret_key, connection_secret=connection_secret, product_secret=product_secret)
     target = "https://api.openai.com/v1/chat/completions"
     curl = (
-        f"curl '{args.gateway}/v1/forward?u={target}' \\\n"
+        f"curl '{gateway}/v1/forward?u={target}' \\\n"
         f"    -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n"
         """    -d '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}'"""
     )
+    return {
+        "merchant_id": merchant["id"],
+        "product_id": product["id"],
+        "wallet_id": wallet["id"],
+        "connection_id": connection["id"],
+        "secret_key": secret_key,
+        "connection_secret": connection_secret,
+        "product_secret": product_secret,
+        "token": token,
+        "curl": curl,
+    }
+
+
+def quickstart(store: Store, args) -> None:
+    """On a fresh database (or with --new): a development account and a token ready to use."""
+    command = f"{SHOW_COMMAND} --db {args.db}"
+    if store.db["merchants"].count and not args.new:
+        if args.json:
+            emit(args, {"db": args.db, "gateway": args.gateway, "created": False})
+        else:
+            print(f"meterproxy: ledger {args.db}, gateway {args.gateway}.")
+            print(f"For a new development token: {command} quickstart --new")
+        return
+    account = development_account(store, args.gateway)
     if args.json:
-        ids = {"merchant_id": merchant["id"], "product_id": product["id"], "wallet_id": wallet["id"]}
-        ids["connection_id"] = connection["id"]
-        secrets = {"secret_key": secret_key, "connection_secret": connection_secret, "product_secret": product_secret}
-        emit(args, {"db": args.db, "created": True, **ids, **secrets, "token": token, "curl": curl})
+        emit(args, {"db": args.db, "created": True, **account})
         return
     print(f"""
 meterproxy: a development account was created in {args.db}
-  merchant {merchant["id"]}, product {product["id"]} (no fees), wallet {wallet["id"]} with $10.00,
-  connection {connection["id"]}
+  merchant {account["merchant_id"]}, product {account["product_id"]} (no fees), wallet {account["wallet_id"]} \
+with $10.00, connection {account["connection_id"]}
 
 Secrets (shown once; stored hashed; the merchant's also signs in at {args.gateway}/dashboard):
-  merchant secret key  {secret_key}
-  connection secret    {connection_secret}
-  product secret       {product_secret}
+  merchant secret key  {account["secret_key"]}
+  connection secret    {account["connection_secret"]}
+  product secret       {account["product_secret"]}
 
 Forward token (these three secrets, encoded; mint others with: {command} token mint --secret-key …):
-  {token}
+  {account["token"]}
 
 Try it once the gateway is up:
-  {curl}
+  {account["curl"]}
 Then see its ledger row:  {command} requests
 """)
     if not os.environ.get("OPENAI_API_KEY"):

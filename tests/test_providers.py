@@ -264,6 +264,25 @@ def test_an_invalid_providers_file_is_a_value_error(tmp_path, text, mentions):
     assert mentions in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "name, guess",
+    [
+        ("gemini", " (did you mean google?)"),
+        ("opnai", " (did you mean openai?)"),
+        ("Claude", " (did you mean anthropic?)"),
+        ("vllm", ""),
+    ],
+)
+def test_an_unknown_provider_id_is_one_line_naming_the_valid_ones(tmp_path, name, guess):
+    with pytest.raises(ValueError) as caught:
+        write_providers(tmp_path, f'[providers.{name}]\nupstream = "http://127.0.0.1:1"\n')
+    assert str(caught.value).endswith(
+        f"no built-in provider {name!r}{guess}: the built-in providers are openai, anthropic, google, mistral,"
+        " deepseek, xai; a table for a new provider needs a base_url"
+    )
+    assert "\n" not in str(caught.value)
+
+
 def test_a_missing_providers_file_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="providers file"):
         Registry.from_file(tmp_path / "absent.toml")
