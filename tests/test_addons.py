@@ -133,13 +133,31 @@ def test_routing_sends_to_the_configured_upstream(tmp_path):
     assert call_of(flow).target.url == CHAT + "?stream=1"
 
 
-def test_an_invalid_providers_file_is_an_options_error(tmp_path):
+def test_an_invalid_providers_file_is_an_options_error_once_running(tmp_path):
     providers = tmp_path / "providers.toml"
     providers.write_text("[providers.openai]\nbogus = 1\n")
     routing = Routing()
     with taddons.context(routing) as tctx:
+        routing.running()
         with pytest.raises(exceptions.OptionsError, match="bogus"):
             tctx.configure(routing, meterproxy_providers=str(providers))
+    assert "openai" in routing.registry.by_name  # the running providers stay
+
+
+def test_an_invalid_providers_file_at_start_is_one_error_line_and_no_provider(tmp_path, caplog):
+    """mitmproxy stops on an error logged during start-up; an OptionsError would be logged with
+    its traceback."""
+    providers = tmp_path / "providers.toml"
+    providers.write_text("[providers.openai]\nbogus = 1\n")
+    routing = Routing()
+    with taddons.context(routing) as tctx:
+        tctx.configure(routing, meterproxy_providers=str(providers))
+    [record] = [record for record in caplog.records if record.name == "meterproxy"]
+    assert (record.levelname, record.getMessage()) == (
+        "ERROR",
+        f"providers file {providers}: providers.openai.bogus: Extra inputs are not permitted",
+    )
+    assert routing.registry.by_name == {}  # nothing is served meanwhile
 
 
 @pytest.mark.parametrize(
