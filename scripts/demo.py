@@ -49,7 +49,8 @@ Try it with curl:
 Or with the OpenAI SDK:
 {snippet}
 
-Then see the ledger:  {os.environ.get("METERPROXY_COMMAND", "meterproxy")} --db {db} requests
+The token is also in {db.with_name("token")} too. Then see the ledger:
+{os.environ.get("METERPROXY_COMMAND", "meterproxy")} --db {db} requests
 """
 
 
@@ -80,6 +81,7 @@ def main(argv: list[str]) -> int:
             account = development_account(store, gateway)
         finally:
             store.close()
+        (state / "token").write_text(account["token"] + "\n")  # for scripts: TOKEN=$(cat .demo/token)
         print(banner(gateway, fake_url, db, account), flush=True)
         command = [str(Path(sys.executable).with_name("mitmdump")), "--listen-host", host, "--listen-port", port]
         command += ["-s", str(ROOT / "addons" / "gateway.py"), "--set", f"meterproxy_db={db}"]

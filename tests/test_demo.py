@@ -50,6 +50,8 @@ def test_the_demo_works_with_no_key_as_printed(tmp_path):
     try:
         printed = "".join(output)
         assert "no provider key needed" in printed
+        token = (tmp_path / "demo" / "token").read_text().strip()
+        assert f"Bearer {token}'" in printed
         curl = printed_block(printed, "curl ", r"-d '[^\n]*'$")
         answer = json.loads(run_printed(curl))
         assert answer["id"].startswith("chatcmpl-fake")
