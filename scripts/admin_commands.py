@@ -5,6 +5,7 @@ printed once, at creation, and stored only hashed."""
 import os
 import sys
 from decimal import Decimal
+from pathlib import Path
 
 import sqlite_utils
 
@@ -51,7 +52,6 @@ LISTED = {
 }
 # The name shown beside a report's group id: the product's own, the wallet's for a connection.
 NAMES = {"product": ("products", "name", "name"), "connection": ("connections", "wallet", None)}
-SHOW_COMMAND = os.environ.get("METERPROXY_COMMAND", "meterproxy")  # how the wrappers call it
 
 
 def emit(args, value: dict | list, columns: tuple[str, ...] | None = None) -> None:
@@ -212,6 +212,13 @@ def requests_list(store: Store, args) -> None:
     emit(args, rows, LEDGER_SUMMARY)
 
 
+def own_command() -> str:
+    """The admin command as the user can type it again: as the wrappers (scripts/meterproxy,
+    scripts/gateway) name it, else as it was called (`.venv/bin/meterproxy`, say)."""
+    called = sys.argv[0] if Path(sys.argv[0]).name == "meterproxy" else "meterproxy"
+    return os.environ.get("METERPROXY_COMMAND") or called
+
+
 def development_account(store: Store, gateway: str) -> dict:
     """A merchant, a product without fees, a wallet of $10 and their connection; their ids,
     their secrets (to be shown once), a forward token of them and a curl line that uses it."""
@@ -241,7 +248,7 @@ def development_account(store: Store, gateway: str) -> dict:
 
 def quickstart(store: Store, args) -> None:
     """On a fresh database (or with --new): a development account and a token ready to use."""
-    command = f"{SHOW_COMMAND} --db {args.db}"
+    command = f"{own_command()} --db {args.db}"
     if store.db["merchants"].count and not args.new:
         if args.json:
             emit(args, {"db": args.db, "gateway": args.gateway, "created": False})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from meterproxy.providers import BUILT_IN
 from meterproxy.store import Store
-from scripts.admin_commands import development_account
+from scripts.admin_commands import development_account, own_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SNIPPET = '''{python} - <<'EOF'
@@ -50,7 +50,7 @@ Or with the OpenAI SDK:
 {snippet}
 
 The token is also in {db.with_name("token")} too. Then see the ledger:
-{os.environ.get("METERPROXY_COMMAND", "meterproxy")} --db {db} requests
+{own_command()} --db {db} requests
 """
 
 
