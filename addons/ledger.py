@@ -187,12 +187,12 @@ class Ledger:
             return
         started = from_timestamp(flow.request.timestamp_start)
         body, prices, gateway_id = flow.request.raw_content or b"", self.prices, self.gateway["id"]
-        priced_only = self.refuse_unpriced
+        unpriced_refused = self.refuse_unpriced
 
         def admit(store: Store) -> None:
             if call.token is not None:
                 call.principal = store.authorize(call.token)
-            if priced_only:
+            if unpriced_refused:
                 require_price(call, prices)
             rate_tokens = limit_rate(store, call, len(body), started)
             row = {**opening_row(call, started), "gateway_id": gateway_id, "rate_tokens": rate_tokens}
