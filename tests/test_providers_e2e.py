@@ -235,12 +235,28 @@ def test_counting_tokens_is_free(gateway, fake, account):
         assert (tokens(row), row["total_cost"]) == ((0, 0, 0, 0, 0), "0.0000000000")
 
 
-def test_the_token_in_the_query_key_is_accepted_and_removed(gateway, fake, account):
-    url = f"{gateway.url}/google/v1beta/models/{GEMINI}:generateContent?key={account.token()}"
+@pytest.mark.parametrize(
+    "path, query",
+    [
+        (f"/google/v1beta/models/{GEMINI}:generateContent?key={{token}}", ""),
+        # The forward endpoint with the path before the query (SDKs that join as the WHATWG URL
+        # rules do): the parameters that are not the gateway's go to the provider, `key` included.
+        (
+            f"/v1/forward/v1beta/models/{GEMINI}:generateContent?u=https%3A%2F%2Fgenerativelanguage.googleapis.com"
+            "&key={token}&alt=json",
+            "alt=json",
+        ),
+    ],
+    ids=["provider route", "forward path"],
+)
+def test_the_token_in_the_query_key_is_accepted_and_removed(gateway, fake, account, path, query):
+    url = gateway.url + path.format(token=account.token())
     response = httpx2.post(url, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
     assert response.status_code == 200, response.text
     [seen] = fake.requests()
     assert account.token() not in json.dumps(seen) and "key=" not in seen["query"]
+    assert seen["path"] == f"/google/v1beta/models/{GEMINI}:generateContent"
+    assert seen["query"] == query
     assert dict(seen["headers"])["x-goog-api-key"] == MANAGED_KEYS["GEMINI_API_KEY"]
 
 
