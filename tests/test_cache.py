@@ -165,7 +165,7 @@ def test_the_admin_command_shows_hits_and_savings_and_purges(gateway, fake, tmp_
     ]
     assert (stats["entries"], stats["hits"], stats["hit_ratio"]) == (1, 2, "0.667")
     assert Decimal(stats["saved"]) == 2 * saved_each
-    [purged] = json.loads(meterproxy(gateway.db, "--json", "cache", "purge", account.product_id))
+    purged = json.loads(meterproxy(gateway.db, "--json", "cache", "purge", account.product_id))
     assert purged["purged"] == 1
     assert ask(gateway, account, "count my savings").headers["x-meterproxy-cache"] == "miss"
 
