@@ -16,12 +16,12 @@ from meterproxy.store import Store
 from scripts.admin_commands import development_account, own_command
 
 ROOT = Path(__file__).resolve().parents[1]
-SNIPPET = '''{python} - <<'EOF'
+SNIPPET = """{python} - <<'EOF'
 from openai import OpenAI
 client = OpenAI(base_url="{gateway}/openai/v1", api_key="{token}")
 reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hello"}}])
 print(reply.id, reply.choices[0].message.content)
-EOF'''
+EOF"""
 
 
 def providers_file(fake_url: str) -> str:
