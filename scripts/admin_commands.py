@@ -51,7 +51,7 @@ LISTED = {
     "connections": ("id", "merchant_id", "wallet_id", "wallet", "revoked_at", "created_at"),
 }
 # The name shown beside a report's group id: the product's own, the wallet's for a connection.
-NAMES = {"product": ("products", "name", "name"), "connection": ("connections", "wallet", None)}
+NAMES = {"product": "name", "connection": "wallet"}
 
 
 def emit(args, value: dict | list, columns: tuple[str, ...] | None = None) -> None:
@@ -173,27 +173,20 @@ def ledger_filter(store: Store, args) -> LedgerFilter:
 
 
 def report(store: Store, args) -> None:
-    """Spend and usage per connection, product, model, metadata key or day, with a totals row."""
+    """Spend and usage per connection, product, model, metadata key or day (or several of them,
+    comma-separated), with a name beside each product's and connection's id and a totals row."""
     groups = queries.rollup(queries.matching(store.db, ledger_filter(store, args)), args.by)
-    columns = (args.by, *REPORT_COLUMNS)
-    if args.by in NAMES:
-        table_name, name_column, source = NAMES[args.by]
-        names = group_names(store, table_name, source)
-        groups = [{args.by: group[args.by], name_column: names.get(group[args.by]), **group} for group in groups]
-        columns = (args.by, name_column, *REPORT_COLUMNS)
+    keys = args.by.split(",")
+    names = queries.names(store.db, args.merchant)
+    columns = []
+    for key in keys:
+        columns += [key, NAMES[key]] if key in NAMES else [key]
+    groups = [{**group, **{NAMES[key]: names.get(group[key]) for key in keys if key in NAMES}} for group in groups]
     if args.json:
         emit(args, groups)
         return
-    shown = [{**group, args.by: label(args.by, group[args.by])} for group in groups]
-    emit(args, shown + [totals(groups, args.by, queries.FIGURES)] if groups else [], columns)
-
-
-def group_names(store: Store, table_name: str, source: str | None) -> dict[str, str]:
-    """Each id's name: its own (`source`), or for a connection its wallet's."""
-    if source:
-        return {row["id"]: row[source] for row in accounts(store, table_name)}
-    wallets = {wallet["id"]: wallet["name"] for wallet in accounts(store, "wallets")}
-    return {row["id"]: wallets.get(row["wallet_id"]) for row in accounts(store, table_name)}
+    shown = [{**group, **{key: label(key, group[key]) for key in keys}} for group in groups]
+    emit(args, shown + [totals(groups, keys[0], queries.FIGURES)] if groups else [], (*columns, *REPORT_COLUMNS))
 
 
 def cache_stats(store: Store, args) -> None:

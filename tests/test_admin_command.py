@@ -159,6 +159,20 @@ def test_report_shows_names_beside_ids_a_totals_row_and_labels_untagged_rows(boo
     assert [line[0] for line in untagged] == ["metadata.customer", "alice", "bob", "(untagged)", "total"]
 
 
+def test_report_by_several_groupings_names_and_labels_each(books):
+    header, *lines, total = table(
+        meterproxy(books.db, "report", "--by", "connection,model", "--merchant", books.a.merchant_id)
+    )
+    assert header[:4] == ["connection", "wallet", "model", "requests"]
+    assert [line[:5] for line in lines] == [
+        [books.a.connection_id, "test", "wallet", "gpt-4o", "1"],  # a2
+        [books.a.connection_id, "test", "wallet", "gpt-4o-mini", "1"],  # a1
+        [books.con2, "spare", "wallet", "gpt-4o-mini", "1"],  # a3
+        ["(metering", "only)", "gpt-4o-mini", "1", "300"],  # a4: no connection, so no wallet either
+    ]
+    assert total[:2] == ["total", "4"]
+
+
 def test_report_json_keeps_exact_strings_names_and_null_keys(books):
     groups = as_json(books, "report", "--by", "connection", "--merchant", books.a.merchant_id)
     assert [(group["connection"], group["wallet"], group["requests"]) for group in groups] == [
