@@ -148,7 +148,11 @@ def parser() -> argparse.ArgumentParser:
     window(sub, "rows")
 
     sub = command(groups, "report", report, "spend and usage per connection, product, model, metadata key or day")
-    sub.add_argument("--by", default="day", help="connection, product, model, day or metadata.<key> (default: day)")
+    sub.add_argument(
+        "--by",
+        default="day",
+        help="connection, product, model, day or metadata.<key>, or several comma-separated (default: day)",
+    )
     window(sub, "requests")
 
     cache = subcommands("cache", "the response cache")
