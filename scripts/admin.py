@@ -53,7 +53,11 @@ def moment(text: str) -> str:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="meterproxy", description=__doc__)
-    root.add_argument("--db", default=DEFAULT_DB, help="SQLite database (default: %(default)s, or $METERPROXY_DB)")
+    root.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        help="the ledger: a SQLite file or a postgresql:// URL (default: %(default)s, or $METERPROXY_DB)",
+    )
     root.add_argument("--json", action="store_true", help=JSON_HELP)
     groups = root.add_subparsers(dest="group", required=True, metavar="command")
 

@@ -135,9 +135,9 @@ def token_mint(store: Store, args) -> None:
         provider_key=args.provider_key,
     )
     decoded = decode_token(token)  # refuse combinations the gateway would refuse
-    principal = None if args.no_check else checked(store, decoded, args.db)
+    principal = None if args.no_check else checked(store, decoded)
     if args.no_check:
-        print(f"meterproxy: not checked against {args.db}: the gateway checks its secrets on use", file=sys.stderr)
+        print("meterproxy: not checked against the ledger: the gateway checks its secrets on use", file=sys.stderr)
     if not args.json:
         print(token)
         return
@@ -147,12 +147,12 @@ def token_mint(store: Store, args) -> None:
     emit(args, {"token": token, "key_mode": decoded.key_mode.value, **ids, "checked": principal is not None})
 
 
-def checked(store: Store, token, db: str):
+def checked(store: Store, token):
     """The principal the token's secrets name in the database; else a ValueError that says so."""
     try:
         return store.authorize(token)
     except GatewayError as refused:
-        refusal = f"{refused} in {db}: the gateway would refuse this token (--no-check mints it anyway)"
+        refusal = f"{refused} in this ledger: the gateway would refuse this token (--no-check mints it anyway)"
         raise ValueError(refusal) from None
 
 

@@ -13,18 +13,21 @@ import pytest
 from meterproxy.store import Store
 from scripts.admin import parser
 from scripts.admin_view import dollars
+from tests.backends import ledger_target
 from tests.harness import ROOT, make_account
 from tests.test_admin_reports import refused, table
 from tests.test_commands import BIN, meterproxy
 from tests.test_forward_openai import FEES
 from tests.test_metering_api import seed
 
+ON_BOTH_BACKENDS = True  # the ledgers of this module's tests (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
-def books(tmp_path_factory):
+def books(backend, tmp_path_factory):
     """Merchant `a` with two products and two wallets; merchant `b`; a metering-only row and a
     row with an error among a's."""
-    db = tmp_path_factory.mktemp("admin") / "ledger.sqlite"
+    db = ledger_target(backend, tmp_path_factory.mktemp("admin"))
     store = Store(db)
     a, b = make_account(store, FEES), make_account(store, FEES)
     spare = store.create_wallet("spare wallet", Decimal("2.5"))
@@ -189,8 +192,8 @@ COSTS = ["total_cost", "wallet_cost", "merchant_cost"]
 # --- JSON shapes ------------------------------------------------------------------------------------
 
 
-def test_json_is_an_object_for_one_thing_and_an_array_for_lists(tmp_path):
-    db = tmp_path / "shapes.sqlite"
+def test_json_is_an_object_for_one_thing_and_an_array_for_lists(backend, tmp_path):
+    db = ledger_target(backend, tmp_path)
     run = lambda *args: json.loads(meterproxy(db, "--json", *args))  # noqa: E731
     merchant = run("merchant", "create", "Acme")
     product = run("product", "create", "Chat", "--merchant", merchant["id"])
@@ -263,7 +266,7 @@ def test_token_mint_checks_the_secrets_against_the_database(books):
     ]:
         result = refused(books.db, "token", "mint", *secrets)
         assert result.returncode == 2
-        assert result.stderr.startswith(f"meterproxy: {reason} in {books.db}: the gateway would refuse this token")
+        assert result.stderr.startswith(f"meterproxy: {reason} in this ledger: the gateway would refuse this token")
         assert result.stderr.count("\n") == 1 and "msk_nope" not in result.stderr
 
 
