@@ -219,7 +219,7 @@ def migrate(db) -> list[int]:
             db.create("schema_migrations", columns, "version")
             if current == 1:
                 _record(db, 1, utc_now())
-        for number, description, step in MIGRATIONS:
+        for number, _description, step in MIGRATIONS:
             if number > current:
                 step(db)
                 _record(db, number, utc_now())

@@ -419,9 +419,10 @@ def start_meterproxy(fake: Fake, ledger: bool = True, live_page: bool = False) -
 
     target.cleanup = [summarize, work.cleanup] if ledger else [work.cleanup]
     if live_page:
+        from meterproxy.token import decode_token
         from scripts.bench_live import LivePage
 
-        page = LivePage(target.port, secret_key)
+        page = LivePage(target.port, decode_token(token).secret_key)
         target.cleanup.insert(0, lambda: target.notes.append(page.stop()))
     return target
 

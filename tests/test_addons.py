@@ -23,11 +23,11 @@ from addons.resilience import Retries, UpstreamWatch
 from addons.routing import REQUEST_ID_HEADER, Routing, retarget
 from meterproxy.call import Call
 from meterproxy.dialects import OpenAIChat
+from meterproxy.leases import DEFAULT_LEASE, new_gateway
 from meterproxy.providers import Registry
 from meterproxy.store import Store
 from meterproxy.stream import StreamMeter
 from meterproxy.token import encode_token
-from meterproxy.leases import DEFAULT_LEASE, new_gateway
 from meterproxy.writer import LedgerWriter
 from pricing.fees import ProductFees
 

@@ -39,8 +39,8 @@ from addons.auth import KEY_HEADERS, Auth, ManagedKeys
 from addons.calls import call_of
 from addons.ledger import Ledger
 from addons.routing import Routing
-from meterproxy.leases import DEFAULT_LEASE, new_gateway
 from meterproxy.errors import GatewayError
+from meterproxy.leases import DEFAULT_LEASE, new_gateway
 from meterproxy.metadata import MAX_LENGTH, MAX_PAIRS, parse_metadata, validate_metadata
 from meterproxy.providers import BUILT_IN, AuthStyle, Provider, Registry, forward_target
 from meterproxy.store import Principal
