@@ -281,8 +281,10 @@ class Ledger:
         def complete(store: Store) -> dict:
             fields, wallet_cost = closing_fields(call, outcome, prices)
             if not store.complete_request(call.request_id, fields, call.principal.wallet_id, wallet_cost):
-                self.log.error("%s was taken for interrupted while it ran (this gateway's lease had expired): "
-                               "not charged", call.request_id)
+                self.log.error(
+                    "%s was taken for interrupted while it ran (this gateway's lease had expired): not charged",
+                    call.request_id,
+                )
             return fields
 
         self.writer.post(complete, atomic=True, then=lambda fields: self._settled(flow, call, outcome, fields))

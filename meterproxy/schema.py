@@ -171,8 +171,7 @@ def _v2_many_gateways(db) -> None:
         db.execute("UPDATE wallets SET held = money_add(held, ?) WHERE id = ?", [row["held"] or 0, row["wallet_id"]])
     db.execute("UPDATE requests SET gateway_id = ? WHERE status = 'pending'", [BEFORE_UPGRADE])
     db.execute(
-        "CREATE INDEX IF NOT EXISTS requests_rate ON requests (connection_id, created_at) "
-        "WHERE rate_tokens IS NOT NULL"
+        "CREATE INDEX IF NOT EXISTS requests_rate ON requests (connection_id, created_at) WHERE rate_tokens IS NOT NULL"
     )
 
 

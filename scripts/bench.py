@@ -1038,9 +1038,7 @@ def attempt(target: Target, measurement) -> dict:
 PROFILED = {"throughput": "bd", "streams": "cd"}
 
 
-def profile_run(
-    target: Target, fake: Fake, settings: argparse.Namespace, run: str, spec: tuple, work: Path
-) -> dict:
+def profile_run(target: Target, fake: Fake, settings: argparse.Namespace, run: str, spec: tuple, work: Path) -> dict:
     """One more run with py-spy sampling the target: its CPU time per answer by phase
     (scripts/bench_profile.py), the stacks kept in bench-results/profile-<run>-<key>.txt."""
     import bench_profile

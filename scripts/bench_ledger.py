@@ -189,8 +189,7 @@ def main() -> None:
             results["postgresql"]["requests_per_s"] / results["sqlite"]["requests_per_s"], 3
         ),
         "cpu_per_request_2_workers_over_1": round(
-            results["2 workers sqlite"]["gateway_cpu_ms_per_request"]
-            / results["sqlite"]["gateway_cpu_ms_per_request"],
+            results["2 workers sqlite"]["gateway_cpu_ms_per_request"] / results["sqlite"]["gateway_cpu_ms_per_request"],
             3,
         ),
     }

@@ -174,8 +174,10 @@ def two_hosts():
     if binary("initdb") is None:
         pytest.skip("PostgreSQL 15 (initdb) is not installed")
     suffix = os.getpid() % 10000
-    hosts = [(f"mp-ledger-{name}-{suffix}", f"ml{name}{suffix}", f"mn{name}{suffix}", net)
-             for name, net in (("a", "10.31.1"), ("b", "10.31.2"))]
+    hosts = [
+        (f"mp-ledger-{name}-{suffix}", f"ml{name}{suffix}", f"mn{name}{suffix}", net)
+        for name, net in (("a", "10.31.1"), ("b", "10.31.2"))
+    ]
     folder = Path(tempfile.mkdtemp(prefix="meterproxy-pg-"))
     folder.chmod(0o755)  # the cluster inside it belongs to the postgres user
     cluster = None
@@ -217,7 +219,10 @@ def test_two_gateways_on_two_hosts_share_one_postgresql_ledger_over_the_network(
         scenarios = [
             subprocess.Popen(
                 ["ip", "netns", "exec", namespace, sys.executable, "tests/netns_ledger_scenario.py", url, token, "25"],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for namespace, url in hosts
         ]

@@ -17,9 +17,7 @@ from tests.harness import MANAGED_KEYS, Gateway, make_account
 MESSAGES = [{"role": "user", "content": "seen in mitmweb"}]
 # The README's command: a list option takes one value per --set.
 COLUMNS = [
-    arg
-    for name in ("index", "method", "path", "status", "time", "comment")
-    for arg in ("--set", f"web_columns={name}")
+    arg for name in ("index", "method", "path", "status", "time", "comment") for arg in ("--set", f"web_columns={name}")
 ]
 
 

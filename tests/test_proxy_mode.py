@@ -30,7 +30,7 @@ from mitmproxy import io
 
 from meterproxy.token import encode_token
 from pricing.fees import ProductFees
-from tests.harness import MANAGED_KEYS, ROOT, Gateway, make_account, secret
+from tests.harness import MANAGED_KEYS, ROOT, Gateway, make_account, secret, wait_until
 from tests.leaks import HANDOFF
 
 MESSAGES = [{"role": "user", "content": "metered through the proxy"}]
@@ -182,7 +182,8 @@ def trusting_gateway(fake, tmp_path_factory):
 
 
 def test_passthrough_all_is_warned_about_at_start(trusting_gateway):
-    assert "meterproxy_passthrough=all: the proxy relays to any address" in "".join(trusting_gateway.output)
+    warning = "meterproxy_passthrough=all: the proxy relays to any address"
+    wait_until(lambda: warning in "".join(trusting_gateway.output), "the warning, logged once the proxy runs")
 
 
 def test_a_host_that_is_not_a_provider_passes_byte_for_byte(trusting_gateway, fake, tls_echo_server):

@@ -39,9 +39,22 @@ def workers(ledger, fake, tmp_path):
     environment = {key: value for key, value in os.environ.items() if not key.endswith("_API_KEY")}
     environment.update(MANAGED_KEYS, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     process, _, output = _start(
-        [sys.executable, "scripts/workers.py", str(WORKERS), "127.0.0.1", str(port), "--",
-         "--set", f"confdir={tmp_path / 'mitmproxy'}", "-s", str(ROOT / "addons" / "gateway.py"),
-         "--set", f"meterproxy_db={ledger}", "--set", f"meterproxy_providers={providers}"],
+        [
+            sys.executable,
+            "scripts/workers.py",
+            str(WORKERS),
+            "127.0.0.1",
+            str(port),
+            "--",
+            "--set",
+            f"confdir={tmp_path / 'mitmproxy'}",
+            "-s",
+            str(ROOT / "addons" / "gateway.py"),
+            "--set",
+            f"meterproxy_db={ledger}",
+            "--set",
+            f"meterproxy_providers={providers}",
+        ],
         r"meterproxy: \d+ workers serving at",
         environment,
     )
@@ -59,6 +72,7 @@ def test_four_workers_behind_one_port_spend_exactly_what_the_wallet_has(workers,
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
     with httpx2.Client(timeout=120, limits=httpx2.Limits(max_connections=REQUESTS)) as client:
+
         def one_request(_: int) -> tuple[int, str]:
             response = client.post(
                 f"{url}/openai/v1/chat/completions", json=body, headers={"authorization": f"Bearer {token}"}
@@ -103,8 +117,12 @@ def test_a_worker_that_dies_is_restarted_and_the_port_keeps_serving(workers, fak
         time.sleep(0.05)
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     statuses = [
-        httpx2.post(f"{url}/openai/v1/chat/completions", json=body,
-                    headers={"authorization": f"Bearer {account.token()}"}, timeout=30).status_code
+        httpx2.post(
+            f"{url}/openai/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {account.token()}"},
+            timeout=30,
+        ).status_code
         for _ in range(2 * WORKERS)
     ]
     assert statuses == [200] * (2 * WORKERS)
