@@ -12,8 +12,6 @@ a 5xx), metering and the ledger see it as they see any answer. `tests/test_failu
 when mitmproxy changes the wrapped method, so that the wrapper is reviewed again.
 """
 
-import hashlib
-import inspect
 import time
 
 from mitmproxy import http
@@ -74,12 +72,6 @@ def handle_protocol_error(self: HttpStream, event):
 
 
 handle_protocol_error.__wrapped__ = ORIGINAL
-
-
-def wrapped_source_digest() -> str:
-    """What the wrapper was written against: tests/test_failures.py compares it with the digest
-    of mitmproxy 12.3.1's method."""
-    return hashlib.sha256(inspect.getsource(ORIGINAL).encode()).hexdigest()
 
 
 class UpstreamFailures:
